@@ -1,0 +1,36 @@
+"""python -m worker worker_<uuid> [--dir BASE] [--host H] [--port P] [--control-fd N] [--debug]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m worker", description="Run one fn-supervise worker.")
+    ap.add_argument("worker", help="worker_<uuid> (or the bare uuid)")
+    ap.add_argument("--dir", help="FuncNodes config folder (default $FUNCNODES_CONFIG_DIR or ~/.funcnodes)")
+    ap.add_argument("--host", help="bind address (default: config host, else 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="port (default: config port, else a free one from 9382)")
+    ap.add_argument("--control-fd", type=int, help="inherited socket of the supervisor channel")
+    ap.add_argument("--debug", action="store_true", help="full tracebacks in error replies")
+    args = ap.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .config import ConfigError, parse_worker_name
+
+    try:
+        uid = parse_worker_name(args.worker)
+        from .runtime import WorkerRuntime
+
+        rt = WorkerRuntime(uid, base=args.dir, host=args.host, port=args.port, control_fd=args.control_fd, debug=args.debug)
+    except ConfigError as e:
+        print(f"fn-supervise worker: {e}", file=sys.stderr)
+        return 3
+    return asyncio.run(rt.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Wire encoding of the FuncNodes protocol: JSON envelopes, value previews, binary frames.
+
+Byte-compatible with funcnodes-worker 1.6.0 (spec section 1), minus its bugs: empty payloads
+still produce a frame, and header values that would break the `k=v; ` format are escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+import funcnodes_core as fn
+from funcnodes_core import ByteEncoder, JSONDecoder, JSONEncoder
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, cls=JSONEncoder)
+
+
+def loads(text: str | bytes) -> Any:
+    # The core decoder turns "<NoValue>" into the NoValue sentinel, as the stock worker does.
+    return json.loads(text, cls=JSONDecoder)
+
+
+def preview(value: Any) -> Any:
+    """The JSON preview of a value (long strings cut, lists to 10 items, NaN to null)."""
+    return JSONEncoder.apply_custom_encoding(value, preview=True)
+
+
+def to_jsonable(obj: Any) -> Any:
+    return json.loads(dumps(obj))
+
+
+def result(res: Any, msg_id: Any) -> dict:
+    return {"type": "result", "result": res, "id": msg_id}
+
+
+def error(message: str, tb: list[str], msg_id: Any) -> dict:
+    return {"type": "error", "error": message, "tb": tb, "id": msg_id}
+
+
+def nsevent(event: str, data: dict) -> dict:
+    return {"type": "nsevent", "event": event, "data": data}
+
+
+def workerevent(event: str, **kwargs: Any) -> dict:
+    # Nested twice, as the stock worker does and clients expect.
+    return {"type": "workerevent", "event": event, "data": {"data": kwargs}}
+
+
+def progress(message: str, status: str, progress: float, blocking: bool) -> dict:
+    return {
+        "type": "progress",
+        "message": message,
+        "status": status,
+        "progress": progress,
+        "blocking": blocking,
+    }
+
+
+def _header_value(v: Any) -> str:
+    s = str(v)
+    # Node uuids are client-chosen; ';' '=' or CR/LF would corrupt the header.
+    if any(c in s for c in ";=\r\n%"):
+        return quote(s, safe="")
+    return s
+
+
+def binary_frames(header: dict[str, Any], payload: bytes, max_size: int) -> list[bytes]:
+    """Frames `chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<payload part>`."""
+    msgid = str(uuid.uuid4())
+    head = "; ".join(f"{k}={_header_value(v)}" for k, v in header.items())
+    probe = f"chunk=0000/0000;msgid={msgid};{head}\r\n\r\n".encode()
+    chunk = max(1, max_size - len(probe))
+    parts = [payload[i : i + chunk] for i in range(0, len(payload), chunk)] or [b""]
+    n = len(parts)
+    return [
+        f"chunk={i + 1}/{n};msgid={msgid};{head}\r\n\r\n".encode() + part
+        for i, part in enumerate(parts)
+    ]
+
+
+def encode_bytes(value: Any, preview: bool) -> tuple[bytes, str]:
+    enc = ByteEncoder.encode(value, preview=preview)
+    return enc.data, enc.mime
+
+
+def is_bytes_result(obj: Any) -> bool:
+    return isinstance(obj, fn.BytesEncdata)

@@ -1,0 +1,45 @@
+"""Heartbeat bookkeeping: loop lag, declared busy time, the node in flight.
+
+Node code that knowingly blocks the event loop calls `worker.busy(seconds)` first, so the
+supervisor does not take the silence for a hang.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class Health:
+    def __init__(self) -> None:
+        self.seq = 0
+        self.busy_until = 0.0  # monotonic
+        self.in_flight: dict[str, float] = {}  # node uuid -> start (monotonic)
+        self.lag = 0.0
+
+    def declare_busy(self, seconds: float) -> None:
+        self.busy_until = max(self.busy_until, time.monotonic() + max(0.0, float(seconds)))
+
+    def busy_for(self) -> float | None:
+        left = self.busy_until - time.monotonic()
+        return round(left, 3) if left > 0 else None
+
+    def node(self) -> str | None:
+        if not self.in_flight:
+            return None
+        return min(self.in_flight.items(), key=lambda kv: kv[1])[0]
+
+    def beat(self) -> dict:
+        self.seq += 1
+        return {"type": "heartbeat", "seq": self.seq, "lag": round(self.lag, 4), "busy_for": self.busy_for(), "node": self.node()}
+
+
+HEALTH = Health()
+
+
+def busy(seconds: float) -> None:
+    """Declare that this worker will not answer for up to `seconds` (callable from any thread)."""
+    from . import control
+
+    HEALTH.declare_busy(seconds)
+    if control.CURRENT is not None:
+        control.CURRENT.send(HEALTH.beat())

@@ -1,0 +1,145 @@
+"""Local scripts: external worker classes defined in <data>/local_scripts/*.py.
+
+The discovery sidecar reports file changes; here a changed file is (re)imported under a
+name derived from its relative path, its external worker classes replace the old ones, and
+clients hear `lib_update`. A script that fails to import is reported and harms nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+from . import codec
+from .external import ExternalWorker
+
+if TYPE_CHECKING:
+    from .commands import Commands
+
+log = logging.getLogger("fn_supervise.worker.local")
+
+
+def _base_classes() -> tuple[type, ...]:
+    bases: list[type] = [ExternalWorker]
+    try:  # scripts written for the stock worker keep working where it is installed
+        from funcnodes_worker import FuncNodesExternalWorker  # type: ignore
+
+        bases.append(FuncNodesExternalWorker)
+    except Exception:
+        pass
+    return tuple(bases)
+
+
+def _module_name(scripts: Path, path: Path) -> str:
+    rel = path.relative_to(scripts).with_suffix("")
+    return "fn_local_scripts." + ".".join(p.replace("-", "_") for p in rel.parts)
+
+
+def _forget(cmds: "Commands", file: str) -> None:
+    for cid in [cid for cid, info in cmds.local_classes.items() if info["file"] == file]:
+        cmds.local_classes.pop(cid, None)
+
+
+def load_file(cmds: "Commands", path: Path) -> list[str]:
+    scripts = cmds.rt.paths.local_scripts
+    name = _module_name(scripts, path)
+    _forget(cmds, str(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) and not isinstance(e, SystemExit):
+            raise
+        line = getattr(e, "lineno", None)
+        if line is None:
+            tb = traceback.extract_tb(e.__traceback__)
+            frames = [f for f in tb if f.filename == str(path)]
+            line = frames[-1].lineno if frames else None
+        rel = str(path.relative_to(scripts))
+        msg = f"{rel}:{line}: {type(e).__name__}: {e}"
+        log.error("local script failed: %s", msg)
+        cmds.rt.broadcast({"type": "error_event", "error": msg, "tb": [msg], "file": rel, "line": line})
+        return []
+    sys.modules[name] = mod
+    bases = _base_classes()
+    found = []
+    for obj in vars(mod).values():
+        if inspect.isclass(obj) and issubclass(obj, bases) and obj not in bases and obj.__module__ == name:
+            cid = getattr(obj, "NODECLASSID", None) or obj.__name__
+            cmds.local_classes[cid] = {"cls": obj, "file": str(path)}
+            found.append(cid)
+    return found
+
+
+def apply_changes(cmds: "Commands", changes: list[dict]) -> None:
+    scripts = cmds.rt.paths.local_scripts.resolve()
+    touched = False
+    for ch in changes:
+        try:
+            path = Path(ch.get("path", "")).resolve()
+        except (OSError, TypeError):
+            continue
+        if path.suffix != ".py" or not path.is_relative_to(scripts):
+            continue
+        if ch.get("change") == "deleted" or not path.exists():
+            _forget(cmds, str(path))
+        else:
+            load_file(cmds, path)
+        touched = True
+    if touched:
+        cmds.rt.broadcast(codec.workerevent("lib_update"))
+
+
+def scan(cmds: "Commands") -> None:
+    scripts = cmds.rt.paths.local_scripts
+    scripts.mkdir(parents=True, exist_ok=True)
+    apply_changes(cmds, [{"change": "added", "path": str(p)} for p in sorted(scripts.rglob("*.py"))])
+
+
+def describe(cmds: "Commands") -> list[dict[str, Any]]:
+    out = []
+    scripts = cmds.rt.paths.local_scripts.resolve()
+    for cid, info in sorted(cmds.local_classes.items()):
+        cls = info["cls"]
+        out.append({
+            "nodeclassid": cid,
+            "name": getattr(cls, "NAME", "") or cls.__name__,
+            "class_name": cls.__name__,
+            "file": str(Path(info["file"]).relative_to(scripts)) if Path(info["file"]).is_relative_to(scripts) else info["file"],
+            "instances": [i.serialize() if hasattr(i, "serialize") else {"uuid": u} for u, i in cmds.local_instances.get(cid, {}).items()],
+        })
+    return out
+
+
+def start(cmds: "Commands", worker_id: str, name: str | None = None, config: dict | None = None) -> dict:
+    info = cmds.local_classes.get(worker_id)
+    if info is None:
+        raise ValueError(f"No worker with id {worker_id}")
+    cls = info["cls"]
+    iid = uuid4().hex
+    data = cmds.rt.paths.data / "external_workers" / iid
+    inst = cls(workerid=iid, name=name, config=config, data_path=data)
+    if isinstance(inst, ExternalWorker):
+        inst.start()
+    cmds.local_instances.setdefault(worker_id, {})[iid] = inst
+    cmds.rt.broadcast(codec.workerevent("external_worker_update"))
+    return inst.serialize() if hasattr(inst, "serialize") else {"uuid": iid, "nodeclassid": worker_id}
+
+
+async def stop(cmds: "Commands", worker_id: str, instance_id: str) -> bool:
+    inst = cmds.local_instances.get(worker_id, {}).pop(instance_id, None)
+    if inst is None:
+        raise ValueError(f"no running instance {instance_id} of {worker_id}")
+    if hasattr(inst, "stop"):
+        res = inst.stop()
+        if inspect.isawaitable(res):
+            await res
+    cmds.rt.broadcast(codec.workerevent("external_worker_update"))
+    return True

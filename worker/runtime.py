@@ -1,0 +1,450 @@
+"""The worker process: lifecycle, NodeSpace events, saving, and the supervisor channel.
+
+Start: config -> packages -> nodespace -> listen -> ready (first pong possible). Nothing sleeps
+on a fixed timer: execution is event-driven, saves are debounced after each mutation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import funcnodes_core as fn
+
+from . import codec, control, persistence
+from .commands import Commands
+from .config import ConfigError, WorkerPaths, base_dir, load_config, write_config
+from .fsutil import atomic_write, pid_alive, read_pid
+from .health import HEALTH
+from .packages import DependencyError, import_dependency, module_name, shelf_of
+from .server import WorkerServer
+
+log = logging.getLogger("fn_supervise.worker")
+
+# Events the stock worker never forwards (spec 1.8); after_set_value goes out as a binary frame.
+SUPPRESSED = {
+    "before_set_value", "before_request_trigger", "after_request_trigger", "before_disconnect",
+    "before_connect", "before_trigger", "after_trigger", "before_unforward", "before_forward",
+}
+MUTATING = {
+    "node_added", "node_removed", "after_connect", "after_disconnect", "after_forward",
+    "after_unforward", "after_update_value_options",
+}
+
+EXIT_OK = 0
+EXIT_CONFIG = 3
+
+
+class WorkerRuntime:
+    def __init__(self, uuid: str, base: Path | None = None, host: str | None = None,
+                 port: int | None = None, control_fd: int | None = None, debug: bool = False):
+        self.uuid = uuid
+        self.base = base_dir(base)
+        self.config = load_config(self.base, uuid)
+        if debug:
+            self.config["debug"] = True
+        self.paths = WorkerPaths.make(self.base, uuid, self.config.get("data_path"))
+        self.host = host or self.config.get("host") or "127.0.0.1"
+        self.port = port if port is not None else self.config.get("port")
+        self.control_fd = control_fd
+        self.supervised = control_fd is not None
+        self.nodespace = fn.NodeSpace()
+        self.nodespace.on("*", self._on_ns_event)
+        self.view: dict[str, Any] = {"renderoptions": {"typemap": {}, "inputconverter": {}}}
+        self.external_workers: dict = {}
+        self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
+        self.dependencies: dict[str, dict] = {}  # package -> {dep, module, shelf}
+        self.server = WorkerServer(self)
+        self.commands = Commands(self)
+        self.ready = False
+        self.runstate = "undefined"
+        self.saving_enabled = False
+        self.stop_event: asyncio.Event | None = None
+        self.stop_reason = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._save_handle: asyncio.TimerHandle | None = None
+        self._sweep_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.last_heartbeat_cmd = time.monotonic()
+        self.install_waiters: dict[str, asyncio.Future] = {}
+        self.channel: control.ControlChannel | None = None
+
+    # region lifecycle
+    def set_runstate(self, state: str, detail: str = "") -> None:
+        self.runstate = state
+        if self.channel is not None:
+            self.channel.send({"type": "runstate", "state": state, "detail": detail})
+        elif not self.supervised:
+            atomic_write(self.paths.runstate, state + (f"\n{detail}" if detail else ""))
+
+    def _claim_pidfile(self) -> None:
+        pid = read_pid(self.paths.pidfile)
+        if pid and pid != os.getpid() and pid_alive(pid) and _is_our_worker(pid, self.uuid):
+            raise ConfigError(f"worker {self.uuid} is already running as PID {pid}")
+        # Anything else there is stale (a dead run, a reused PID): never a reason to refuse.
+        atomic_write(self.paths.pidfile, str(os.getpid()))
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        if self.supervised:
+            control.set_parent_death_signal()
+            self.channel = control.ControlChannel(
+                self.control_fd,
+                on_message=lambda m: self.loop.call_soon_threadsafe(self._on_control, m),
+                on_eof=lambda: self.loop.call_soon_threadsafe(self.request_stop, "supervisor gone"),
+            )
+            control.CURRENT = self.channel
+            self.channel.start()
+        else:
+            self._claim_pidfile()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig}")
+        try:
+            self.paths.data.mkdir(parents=True, exist_ok=True)
+            self.paths.files.mkdir(exist_ok=True)
+            self.set_runstate("starting", "Loading packages")
+            await self.load_dependencies()
+            self.set_runstate("starting", "Loading nodespace")
+            self.load_nodespace()
+            await self.listen()
+        except ConfigError as e:
+            print(f"fn-supervise worker: {e}", file=sys.stderr, flush=True)
+            self._cleanup_files()
+            return EXIT_CONFIG
+        self.saving_enabled = True
+        self.write_config()
+        self.ready = True
+        self.set_runstate("running")
+        if self.channel is not None:
+            self.channel.send({"type": "ready", "host": self.server.host, "port": self.server.port, "pid": os.getpid()})
+        self._tasks.append(asyncio.ensure_future(self._heartbeat_loop()))
+        self._tasks.append(asyncio.ensure_future(self._sweep_loop()))
+        self._tasks.append(asyncio.ensure_future(self._required_heartbeat_loop()))
+        self.broadcast(codec.workerevent("fullsync"))
+        await self.stop_event.wait()
+        await self.shutdown()
+        return EXIT_OK
+
+    def request_stop(self, reason: str = "") -> None:
+        if self.stop_event is not None and not self.stop_event.is_set():
+            self.stop_reason = reason
+            self.stop_event.set()
+
+    async def shutdown(self) -> None:
+        log.info("stopping: %s", self.stop_reason)
+        self.set_runstate("stopping", self.stop_reason)
+        self.set_progress("Stopping worker", "info", 0.0, False)
+        self.broadcast(codec.workerevent("stopping"))
+        for t in self._tasks:
+            t.cancel()
+        if self.saving_enabled:
+            try:
+                self.save()
+            except Exception:
+                log.exception("final save failed")
+        self.saving_enabled = False
+        self.ready = False
+        await self.server.close()
+        self.set_runstate("stopped")
+        self._cleanup_files()
+        if self.channel is not None:
+            self.channel.close()
+
+    def _cleanup_files(self) -> None:
+        if self.supervised:
+            return
+        for p in (self.paths.pidfile, self.paths.runstate):
+            try:
+                if p == self.paths.pidfile and read_pid(p) not in (None, os.getpid()):
+                    continue  # someone else's now
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def listen(self) -> None:
+        if self.port:
+            try:
+                await self.server.start(self.host, int(self.port))
+            except OSError as e:
+                raise ConfigError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from None
+            return
+        start = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
+        end = int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", 9582))
+        for p in range(start, end + 1):
+            try:
+                await self.server.start(self.host, p)
+                return
+            except OSError:
+                continue
+        raise ConfigError(f"no free port on {self.host} in {start}..{end}")
+    # endregion
+
+    # region supervisor channel
+    def _on_control(self, msg: dict) -> None:
+        t = msg.get("type")
+        if t == "stop":
+            self.request_stop("supervisor stop")
+        elif t == "save":
+            if self.saving_enabled:
+                self.save()
+        elif t == "install_progress":
+            self.set_progress(msg.get("message", ""), "info", float(msg.get("progress") or 0), True)
+        elif t == "install_result":
+            fut = self.install_waiters.pop(msg.get("id"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif t == "local_scripts":
+            self.commands.on_local_scripts(msg.get("changes") or [])
+        elif t == "monitor":
+            self.config["subprocess_monitor"] = {"host": msg.get("host"), "port": msg.get("port")}
+            os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
+            os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
+            os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+
+    async def _heartbeat_loop(self) -> None:
+        interval = float(self.config.get("heartbeat_interval") or 1.0)
+        expected = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            HEALTH.lag = max(0.0, now - expected)
+            expected = now + interval
+            if self.channel is not None:
+                self.channel.send(HEALTH.beat())
+
+    async def _required_heartbeat_loop(self) -> None:
+        required = self.config.get("required_heartbeat")
+        if not required:
+            return
+        required = float(required)
+        self.last_heartbeat_cmd = time.monotonic()  # counted from running, not construction
+        while True:
+            left = self.last_heartbeat_cmd + required - time.monotonic()
+            if left <= 0:
+                if self.channel is not None:
+                    self.channel.send({"type": "stopping", "reason": "required_heartbeat expired"})
+                self.request_stop("no heartbeat command within required_heartbeat")
+                return
+            await asyncio.sleep(min(left, 1.0) + 0.01)
+
+    async def request_install(self, deps: list[dict], timeout: float = 900.0) -> dict:
+        rid = uuid4().hex
+        fut = self.loop.create_future()
+        self.install_waiters[rid] = fut
+        if not self.channel.send({"type": "install", "id": rid, "deps": deps}):
+            self.install_waiters.pop(rid, None)
+            raise RuntimeError("the supervisor channel is closed")
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.install_waiters.pop(rid, None)
+    # endregion
+
+    # region events
+    def broadcast(self, msg: dict) -> None:
+        self.server.broadcast(msg)
+
+    def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
+        self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
+        self.broadcast(codec.progress(message, status, progress, blocking))
+
+    def _on_ns_event(self, event: str, src: Any = None, **data: Any) -> None:
+        if event == "after_set_value":
+            self._send_value(data.get("node"), data.get("io"), data.get("result"))
+            return
+        if event == "after_trigger":
+            self._track_trigger(data.get("node"))
+            return
+        if event in SUPPRESSED:
+            return
+        if event in MUTATING:
+            self.request_save()
+        if event in ("after_add_shelf", "after_remove_shelf"):
+            self.broadcast(codec.workerevent("lib_update"))
+        msg = codec.nsevent(event, data)
+        if event in ("node_trigger_error", "node_error"):
+            err = data.get("error")
+            data["error"] = str(err)
+            if not self.config.get("debug") and isinstance(err, BaseException):
+                from .server import clean_traceback
+                data["tb"] = clean_traceback(err, False)
+        self.broadcast(msg)
+
+    def _send_value(self, nid: str | None, ioid: str | None, value: Any) -> None:
+        if not self.server.clients or nid is None:
+            return
+        try:
+            io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
+            if not io.emit_value_set:
+                return
+        except Exception:
+            return
+        try:
+            payload, mime = codec.encode_bytes(value, preview=True)
+        except Exception:
+            log.exception("cannot encode value of %s/%s", nid, ioid)
+            return
+        frames = codec.binary_frames(
+            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.server.max_data
+        )
+        self.server.broadcast_frames(frames)
+
+    def _track_trigger(self, nid: str | None) -> None:
+        """Event-driven execution: when a run ends, start what was requested meanwhile."""
+        try:
+            node = self.nodespace.get_node_by_id(nid)
+        except Exception:
+            return
+        task = getattr(node, "_trigger_task", None)
+        if task is None:
+            return
+        HEALTH.in_flight[nid] = time.monotonic()
+
+        def done(_t, nid=nid):
+            HEALTH.in_flight.pop(nid, None)
+            self.loop.call_soon(self.trigger_requested)
+
+        task.add_done_callback(done)
+
+    def trigger_requested(self) -> None:
+        for node in self.nodespace.nodes:
+            try:
+                node.trigger_if_requested()
+            except Exception:
+                log.exception("trigger of %s failed", node.uuid)
+
+    async def _sweep_loop(self) -> None:
+        # A safety net only; runs are started by events above, not by this tick.
+        delay = max(0.05, float(self.config.get("nodespace_delay") or 0.5))
+        while True:
+            await asyncio.sleep(delay)
+            self.trigger_requested()
+    # endregion
+
+    # region persistence
+    def request_save(self) -> None:
+        if not self.saving_enabled or self.loop is None:
+            return
+        if self._save_handle is not None:
+            return
+        delay = float(self.config.get("save_delay") or 0.2)
+        self._save_handle = self.loop.call_later(delay, self._debounced_save)
+
+    def _debounced_save(self) -> None:
+        self._save_handle = None
+        try:
+            self.save()
+        except Exception:
+            log.exception("save failed")
+
+    def meta(self) -> dict:
+        return {"id": self.nodespace.id, "version": fn.__version__}
+
+    def state(self, export: bool = False) -> dict:
+        return persistence.worker_state(self.nodespace, self.view, self.meta(), self.external_workers)
+
+    def save(self) -> dict:
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        state = self.state()
+        atomic_write(self.paths.nodespace, persistence.dumps_state(state), mode=0o600)
+        self.write_config()
+        return state
+
+    def write_config(self) -> None:
+        cfg = dict(self.config)
+        cfg["pid"] = os.getpid()
+        if self.server.port:
+            cfg["host"], cfg["port"] = self.server.host, self.server.port
+        self.config["host"], self.config["port"] = cfg["host"], cfg["port"]
+        write_config(self.paths.config, cfg)
+
+    def load_nodespace(self, state: dict | None = None) -> None:
+        if state is None:
+            try:
+                state = persistence.read_state(self.paths.nodespace)
+            except (ValueError, UnicodeDecodeError) as e:
+                # Keep the corrupt file for the user; start empty rather than overwrite it.
+                bad = self.paths.nodespace.with_name(f"nodespace.corrupt-{int(time.time())}.json")
+                os.replace(self.paths.nodespace, bad)
+                log.error("nodespace.json is corrupt (%s); moved to %s", e, bad.name)
+                state = None
+        if not state:
+            return
+        self.apply_state(state)
+
+    def apply_state(self, state: dict) -> None:
+        backend = state.get("backend") or {}
+        meta = state.get("meta") or {}
+        nsid = meta.get("id")
+        if isinstance(nsid, str) and nsid:
+            self.nodespace._id = nsid
+        view = state.get("view") or {}
+        legacy_nodes = view.get("nodes") or {}
+        self.view = {k: v for k, v in view.items() if k != "nodes"} or self.view
+        self.view.setdefault("renderoptions", {"typemap": {}, "inputconverter": {}})
+        self.external_workers = state.get("external_workers") or {}
+        self.nodespace.deserialize(backend)
+        for nid, vs in legacy_nodes.items():
+            try:
+                node = self.nodespace.get_node_by_id(nid)
+            except ValueError:
+                continue
+            if vs.get("pos"):
+                node.set_property("frontend:pos", vs["pos"])
+            if vs.get("size"):
+                node.set_property("frontend:size", vs["size"])
+        for nid, values in persistence.saved_values(state).items():
+            try:
+                node = self.nodespace.get_node_by_id(nid)
+            except ValueError:
+                continue
+            for ioid, value in values.items():
+                try:
+                    node.get_input(ioid).set_value(value)
+                except Exception:
+                    log.warning("could not restore %s.%s", nid, ioid)
+
+    async def load_dependencies(self) -> None:
+        for name, dep in list((self.config.get("package_dependencies") or {}).items()):
+            dep = dict(dep)
+            dep.setdefault("package", name)
+            try:
+                self.add_dependency(dep)
+            except Exception as e:
+                # A broken dependency must not keep the worker (and its graph) down.
+                log.error("dependency %s failed to load: %s", name, e)
+                print(f"fn-supervise worker: dependency {name} failed to load: {e}", file=sys.stderr, flush=True)
+
+    def add_dependency(self, dep: dict) -> fn.Shelf | None:
+        mod = import_dependency(dep)
+        shelf = shelf_of(mod)
+        old = self.dependencies.get(dep["package"])
+        if old and old.get("shelf") is not None:
+            try:
+                self.nodespace.remove_shelf(old["shelf"], with_nodes=False)
+            except Exception:
+                pass
+        if shelf is not None:
+            self.nodespace.add_shelf(shelf)
+        self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf}
+        return shelf
+    # endregion
+
+
+def _is_our_worker(pid: int, uuid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(uuid.encode() in part for part in cmd)

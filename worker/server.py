@@ -1,0 +1,487 @@
+"""The worker's aiohttp server: one port for the WebSocket protocol and the HTTP endpoints.
+
+Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
+check, CORS granted only to loopback origins and an allow-list, bounded upload and message
+stores, and error replies that go to the sender only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import traceback
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aiohttp import WSMsgType, web
+
+from . import codec
+from .config import max_data_size, max_message_size
+
+if TYPE_CHECKING:
+    from .runtime import WorkerRuntime
+
+log = logging.getLogger("fn_supervise.worker.server")
+
+LARGE_MESSAGE_TTL = 60.0
+LARGE_STORE_MAX_BYTES = 512 << 20
+CLIENT_QUEUE_MAX = 10000
+SEND_TIMEOUT = 10.0
+
+
+class ProtocolError(Exception):
+    """A client message that is not valid protocol; answered with an error reply."""
+
+
+_PATH_RE = re.compile(r'File "([^"]+)"')
+
+
+def clean_traceback(exc: BaseException, debug: bool) -> list[str]:
+    tb = traceback.format_exception(exc)
+    if debug:
+        return tb
+
+    def short(m: re.Match) -> str:
+        p = m.group(1)
+        if not p.startswith("/"):
+            return m.group(0)
+        parts = PurePosixPath(p).parts
+        # Keep the package-relative tail: enough to read, no server layout.
+        if "site-packages" in parts:
+            parts = parts[parts.index("site-packages") + 1 :]
+        else:
+            parts = parts[-2:]
+        return f'File "<server>/{"/".join(parts)}"'
+
+    return [_PATH_RE.sub(short, line) for line in tb]
+
+
+def is_loopback_origin(origin: str) -> bool:
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Client:
+    """One WebSocket connection with its own outbound queue, so a slow client stalls only itself."""
+
+    def __init__(self, ws: web.WebSocketResponse):
+        self.ws = ws
+        self.id = uuid.uuid4().hex
+        self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
+        self.writer: asyncio.Task | None = None
+
+    def put(self, item: str | bytes) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # A client that cannot keep up is told so and dropped, never silently starved.
+            log.warning("client %s too slow, closing", self.id)
+            asyncio.ensure_future(self.ws.close(code=1013, message=b"client too slow"))
+
+    async def write_loop(self) -> None:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            try:
+                if isinstance(item, bytes):
+                    await asyncio.wait_for(self.ws.send_bytes(item), SEND_TIMEOUT)
+                else:
+                    await asyncio.wait_for(self.ws.send_str(item), SEND_TIMEOUT)
+            except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+                await self.ws.close(code=1011)
+                return
+
+
+class WorkerServer:
+    def __init__(self, runtime: "WorkerRuntime"):
+        self.rt = runtime
+        self.clients: dict[str, Client] = {}
+        self.large: dict[str, tuple[str, float]] = {}
+        self.large_bytes = 0
+        self.runner: web.AppRunner | None = None
+        self.host = ""
+        self.port = 0
+        self.max_msg = max_message_size()
+        self.max_data = max_data_size()
+
+    # region setup
+    def make_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.max_data,
+            middlewares=[self.cors_middleware, self.auth_middleware],
+        )
+        r = app.router
+        r.add_get("/", self.handle_ws)
+        r.add_get("/healthz", self.handle_healthz)
+        r.add_get("/readyz", self.handle_readyz)
+        r.add_get("/message/{msg_id}", self.handle_get_message)
+        r.add_post("/message/", self.handle_post_message)
+        r.add_post("/message", self.handle_post_message)
+        r.add_post("/upload/", self.handle_upload)
+        r.add_post("/upload", self.handle_upload)
+        r.add_get("/node/{nid}/io/{ioid}/value", self.handle_io_value)
+        r.add_route("OPTIONS", "/{tail:.*}", self.handle_options)
+        return app
+
+    async def start(self, host: str, port: int | None) -> tuple[str, int]:
+        app = self.make_app()
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port or 0, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self.runner.cleanup()
+            self.runner = None
+            raise
+        sock = site._server.sockets[0]  # the real port when 0 was asked for
+        self.host, self.port = host, sock.getsockname()[1]
+        return self.host, self.port
+
+    async def close(self, timeout: float = 2.0) -> None:
+        clients = list(self.clients.values())
+        for c in clients:
+            c.put(None)
+        async def close_one(c: Client):
+            if c.writer:
+                try:
+                    await asyncio.wait_for(c.writer, timeout / 2)
+                except (asyncio.TimeoutError, Exception):
+                    c.writer.cancel()
+            await c.ws.close(code=1001, message=b"Server shutting down")
+        if clients:
+            await asyncio.wait([asyncio.ensure_future(close_one(c)) for c in clients], timeout=timeout)
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+    # endregion
+
+    # region auth and CORS
+    def origin_allowed(self, origin: str) -> bool:
+        allowed = self.rt.config.get("cors_origins") or []
+        return is_loopback_origin(origin) or origin in allowed or "*" in allowed
+
+    def token(self) -> str | None:
+        return self.rt.config.get("auth_token") or os.environ.get("FN_SUPERVISE_TOKEN") or None
+
+    def authorized(self, request: web.Request) -> bool:
+        token = self.token()
+        if not token:
+            return True
+        given = ""
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        else:
+            given = request.query.get("token", "")
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    @web.middleware
+    async def cors_middleware(self, request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            resp = e
+        if origin and self.origin_allowed(origin) and not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Vary"] = "Origin"
+            resp.headers["Access-Control-Allow-Credentials"] = "true"
+            resp.headers["Access-Control-Expose-Headers"] = "*"
+        if isinstance(resp, web.HTTPException) and not isinstance(resp, web.HTTPSuccessful):
+            raise resp
+        return resp
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler):
+        if request.method == "OPTIONS" or request.path in ("/healthz", "/readyz"):
+            return await handler(request)
+        if not self.authorized(request):
+            raise web.HTTPUnauthorized(
+                text=json.dumps({"error": "authentication required: Authorization: Bearer <token> or ?token=<token>"}),
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+
+    async def handle_options(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin")
+        if not origin or not self.origin_allowed(origin):
+            return web.Response(status=403, text="origin not allowed")
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Authorization, Content-Type"
+                ),
+                "Access-Control-Max-Age": "600",
+            },
+        )
+    # endregion
+
+    # region websocket
+    async def handle_ws(self, request: web.Request):
+        origin = request.headers.get("Origin")
+        if origin and not self.origin_allowed(origin):
+            # Cross-site WebSocket hijacking: a foreign page must not drive the worker.
+            return web.Response(status=403, text=f"origin {origin} not allowed")
+        # Frames up to 16x the protocol limit are read and answered with an error;
+        # only beyond that does aiohttp close with 1009.
+        ws = web.WebSocketResponse(max_msg_size=max(self.max_msg * 16, 64 << 20), autoping=True)
+        await ws.prepare(request)
+        client = Client(ws)
+        client.writer = asyncio.ensure_future(client.write_loop())
+        self.clients[client.id] = client
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self.on_text(client, msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self.reply(client, codec.error("binary frames are not accepted from clients; send JSON text", [], None))
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self.clients.pop(client.id, None)
+            client.put(None)
+        return ws
+
+    async def on_text(self, client: Client | None, text: str) -> dict | None:
+        """Handle one client message; returns the reply (also sent to client when given)."""
+        msg_id = None
+        try:
+            if len(text.encode("utf-8", "surrogatepass")) > self.max_msg:
+                raise ProtocolError(
+                    f"message of {len(text)} bytes exceeds the limit of {self.max_msg} bytes; "
+                    "send large requests with POST /message/"
+                )
+            try:
+                data = codec.loads(text)
+            except ValueError as e:
+                raise ProtocolError(f"message is not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise ProtocolError(f"message must be a JSON object, got {type(data).__name__}")
+            msg_id = data.get("id")
+            mtype = data.get("type")
+            if mtype == "ping":
+                pong = {"type": "pong"}
+                self.reply(client, pong)
+                return pong
+            if mtype is None:
+                raise ProtocolError("message has no 'type'; expected 'cmd' or 'ping'")
+            if mtype != "cmd":
+                raise ProtocolError(f"unknown message type {mtype!r}; expected 'cmd' or 'ping'")
+            cmd = data.get("cmd")
+            if not isinstance(cmd, str):
+                raise ProtocolError("'cmd' is missing or not a string")
+            kwargs = data.get("kwargs", {})
+            if kwargs is None:
+                kwargs = {}
+            if not isinstance(kwargs, dict):
+                raise ProtocolError(f"'kwargs' must be an object, got {type(kwargs).__name__}")
+        except ProtocolError as e:
+            err = codec.error(str(e), [], msg_id)
+            self.reply(client, err)
+            return err
+        try:
+            res = await self.rt.commands.run(cmd, kwargs)
+        except Exception as e:
+            err = codec.error(str(e) or type(e).__name__, clean_traceback(e, bool(self.rt.config.get("debug"))), msg_id)
+            self.reply(client, err)
+            return err
+        if data.get("as_bytes"):
+            if codec.is_bytes_result(res):
+                payload, mime = res.data, res.mime
+            else:
+                payload, mime = codec.encode_bytes(res, preview=False)
+            if client is not None:
+                for frame in codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.max_data):
+                    client.put(frame)
+            return {"type": "result", "id": msg_id, "bytes": len(payload)}
+        reply = codec.result(res, msg_id)
+        self.reply(client, reply)
+        return reply
+
+    def _text(self, msg: dict) -> str:
+        text = codec.dumps(msg)
+        if len(text) * 1.1 > self.max_msg:
+            msg_id = str(uuid.uuid4())
+            self.store_large(msg_id, text)
+            return json.dumps(
+                {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
+            )
+        return text
+
+    def url_host(self) -> str:
+        h = self.host
+        if h in ("0.0.0.0", "::", ""):
+            return "127.0.0.1"
+        return f"[{h}]" if ":" in h else h
+
+    def reply(self, client: Client | None, msg: dict) -> None:
+        if client is None:  # an HTTP-submitted command: everyone may be waiting for it
+            self.broadcast(msg)
+            return
+        client.put(self._text(msg))
+
+    def broadcast(self, msg: dict) -> None:
+        if not self.clients:
+            return
+        text = self._text(msg)
+        for c in list(self.clients.values()):
+            c.put(text)
+
+    def broadcast_frames(self, frames: list[bytes]) -> None:
+        for c in list(self.clients.values()):
+            for f in frames:
+                c.put(f)
+    # endregion
+
+    # region large messages
+    def store_large(self, msg_id: str, text: str) -> None:
+        self.expire_large()
+        size = len(text)
+        while self.large and self.large_bytes + size > LARGE_STORE_MAX_BYTES:
+            old_id = next(iter(self.large))
+            self.large_bytes -= len(self.large.pop(old_id)[0])
+        self.large[msg_id] = (text, time.monotonic() + LARGE_MESSAGE_TTL)
+        self.large_bytes += size
+
+    def expire_large(self) -> None:
+        now = time.monotonic()
+        for k in [k for k, (_, exp) in self.large.items() if exp < now]:
+            self.large_bytes -= len(self.large.pop(k)[0])
+
+    async def handle_get_message(self, request: web.Request) -> web.Response:
+        self.expire_large()
+        item = self.large.get(request.match_info["msg_id"])
+        if item is None:
+            return web.Response(status=404, text="Message not found")
+        return web.Response(text=item[0], content_type="application/json")
+
+    async def handle_post_message(self, request: web.Request) -> web.Response:
+        try:
+            text = (await request.read()).decode("utf-8")
+        except UnicodeDecodeError:
+            return web.Response(status=400, text="Error processing message: body is not UTF-8")
+        saved, self.max_msg = self.max_msg, self.max_data  # HTTP is the route for big requests
+        try:
+            reply = await self.on_text(None, text)
+        finally:
+            self.max_msg = saved
+        if reply and reply.get("type") == "error":
+            return web.json_response(reply, status=400, dumps=codec.dumps)
+        return web.Response(text="Message received")
+    # endregion
+
+    # region other HTTP
+    async def handle_healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "uuid": self.rt.uuid})
+
+    async def handle_readyz(self, request: web.Request) -> web.Response:
+        if self.rt.ready:
+            return web.json_response({"status": "ready", "uuid": self.rt.uuid})
+        return web.json_response({"status": "starting", "uuid": self.rt.uuid}, status=503)
+
+    async def handle_io_value(self, request: web.Request) -> web.Response:
+        try:
+            node = self.rt.nodespace.get_node_by_id(request.match_info["nid"])
+            io = node.get_input_or_output(request.match_info["ioid"])
+        except Exception as e:
+            return web.json_response({"error": str(e)}, status=404)
+        payload, mime = codec.encode_bytes(io.value, preview=False)
+        return web.Response(body=payload, content_type=mime.split(";")[0] if mime else "application/octet-stream")
+
+    async def handle_upload(self, request: web.Request) -> web.Response:
+        try:
+            reader = await request.multipart()
+        except Exception:
+            return web.json_response({"error": "expected a multipart/form-data body"}, status=400)
+        files_dir = self.rt.paths.files
+        limit = int(self.rt.config.get("max_upload_size") or (1 << 30))
+        staged: list[tuple[Path, Path]] = []
+        names: list[str] = []
+        total = 0
+        try:
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if part.name != "file" or not part.filename:
+                    await part.release()
+                    continue
+                rel = safe_relative(part.filename)
+                target = files_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
+                staged.append((Path(tmp), target))
+                with os.fdopen(fd, "wb") as f:
+                    while True:
+                        chunk = await part.read_chunk(1 << 16)
+                        if not chunk:
+                            break
+                        total += len(chunk)
+                        if total > limit:
+                            raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes")
+                        f.write(chunk)
+                names.append(str(rel))
+            if not staged:
+                return web.json_response({"error": "No files uploaded"}, status=400)
+            # All parts arrived: only now do they become visible, so a failed upload leaves nothing.
+            for tmp, target in staged:
+                os.replace(tmp, target)
+            staged = []
+        except UploadTooLarge as e:
+            return web.json_response({"error": str(e)}, status=413)
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        finally:
+            for tmp, _ in staged:
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
+        self.rt.nodespace.set_secret_property("files_dir", str(files_dir))
+        if len(names) == 1:
+            common = names[0]
+        else:
+            common = os.path.commonpath(names) or "."
+        return web.json_response({"file": common})
+    # endregion
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+def safe_relative(name: str) -> PurePosixPath:
+    """A client path as a plain relative path inside files/, or ValueError."""
+    if "\x00" in name or "\\" in name:
+        raise ValueError(f"filename {name!r} contains forbidden characters")
+    p = PurePosixPath(name)
+    if p.is_absolute() or not p.parts or any(part in ("..", "") for part in p.parts):
+        raise ValueError(f"filename {name!r} must be a relative path inside files/")
+    parts = [x for x in p.parts if x != "."]
+    if not parts:
+        raise ValueError(f"filename {name!r} names no file")
+    return PurePosixPath(*parts)
