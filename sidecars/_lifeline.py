@@ -1,0 +1,64 @@
+"""Parent-death plumbing shared by the sidecars (Linux prctl via ctypes; no-ops elsewhere).
+
+A sidecar has two lifelines to the supervisor: EOF on its pipe (the primary one, handled by
+each sidecar's own loop) and PR_SET_PDEATHSIG (a second line that also fires when the sidecar
+is stuck and not reading its pipe). PR_SET_PDEATHSIG is tied to the *thread* that created the
+child: the supervisor must start sidecars from a long-lived thread (its event-loop thread).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = None
+
+
+def _prctl(option: int, arg: int) -> bool:
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM, expected_parent: int | None = None) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent (thread) dies.
+
+    If the parent is already gone (we were reparented before the prctl took effect), exit at
+    once: the signal would never come. Returns whether the prctl is in force.
+    """
+    ok = _prctl(PR_SET_PDEATHSIG, int(sig))
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(1)
+    return ok
+
+
+def set_child_subreaper() -> bool:
+    """Orphaned descendants get reparented to this process instead of init."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def arm_sidecar() -> None:
+    """Common start-up for a sidecar process: parent-death signal, and ignore SIGINT.
+
+    SIGINT from a terminal reaches the whole foreground process group; the supervisor handles
+    it and stops its sidecars in order, so a sidecar must not die of it on its own.
+    """
+    expected = None
+    try:
+        import multiprocess
+
+        parent = multiprocess.parent_process()
+        expected = parent.pid if parent is not None else None
+    except Exception:  # pragma: no cover - run outside multiprocess
+        expected = None
+    set_parent_death_signal(signal.SIGTERM, expected)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

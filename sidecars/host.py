@@ -1,0 +1,370 @@
+"""Supervision of one sidecar process from the supervisor's asyncio loop.
+
+`SidecarHost` starts the sidecar as a `multiprocess` process, learns of its messages and of its
+death from file descriptors registered with the loop (the pipe and the process sentinel; no
+polling), restarts it one-for-one with capped backoff while it stays within its own crash budget,
+and otherwise leaves it FATAL: a sidecar never takes the worker or the supervisor down with it.
+
+The restart decision is `RestartPolicy`, a plain class driven by an injectable clock.
+
+Host-level messages (consumed here, not passed to `on_message`):
+  {"type": "pgroup", "op": "add"|"remove", "pgid": int}
+      a process group the sidecar owns; if the sidecar dies without removing it (SIGKILL,
+      crash), the host SIGKILLs the group, so a command the monitor spawned (and whatever that
+      command forked into its group) does not outlive the monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import deque
+from typing import Any, Callable
+
+import multiprocess
+
+log = logging.getLogger(__name__)
+
+# Start method: "spawn", deliberately. The supervisor runs an asyncio loop with signal handlers
+# (signal.set_wakeup_fd on a socket pair), threads (the default executor, watchers) and open
+# sockets. A forked child inherits all of that: a signal delivered to the child is written into
+# the *supervisor's* wakeup socket pair, locks held by other threads stay locked forever, and the
+# child holds copies of every listening socket and pipe end (which also defeats EOF lifelines).
+# "forkserver" avoids that but leaves a long-lived fork server process that must itself be
+# supervised and would outlive a test. "spawn" costs a fresh interpreter start (~0.1-0.3 s) per
+# (re)start, which is irrelevant at sidecar restart rates, and gives a clean child whose only
+# inherited descriptors are the ones multiprocess passes explicitly.
+START_METHOD = "spawn"
+_CTX = multiprocess.get_context(START_METHOD)
+
+
+class RestartPolicy:
+    """Crash budget and capped exponential backoff; pure (the clock is injected).
+
+    At most `budget` restarts within any `window` seconds; the crash after that is fatal.
+    Delay before restart n (n = crashes in the window, 1-based) = min(cap, base * 2**(n-1)).
+    """
+
+    def __init__(self, budget: int = 5, window: float = 60.0, backoff_base: float = 0.2,
+                 backoff_cap: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        if budget < 0 or window <= 0 or backoff_base < 0 or backoff_cap < 0:
+            raise ValueError("budget/window/backoff must be non-negative (window > 0)")
+        self.budget = budget
+        self.window = window
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.clock = clock
+        self._crashes: deque[float] = deque()
+        self.fatal = False
+
+    def _trim(self, now: float) -> None:
+        while self._crashes and now - self._crashes[0] > self.window:
+            self._crashes.popleft()
+
+    def crashes_in_window(self) -> int:
+        self._trim(self.clock())
+        return len(self._crashes)
+
+    def on_crash(self) -> float | None:
+        """Record a crash now; return the delay before restarting, or None when fatal."""
+        if self.fatal:
+            return None
+        now = self.clock()
+        self._trim(now)
+        self._crashes.append(now)
+        n = len(self._crashes)
+        if n > self.budget:
+            self.fatal = True
+            return None
+        return min(self.backoff_cap, self.backoff_base * (2 ** (n - 1)))
+
+    def reset(self) -> None:
+        self._crashes.clear()
+        self.fatal = False
+
+
+def _describe_exit(exitcode: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": None, "signal": None, "at": time.time()}
+    if exitcode is None:
+        return out
+    if exitcode < 0:
+        try:
+            out["signal"] = signal.Signals(-exitcode).name
+        except ValueError:
+            out["signal"] = str(-exitcode)
+    else:
+        out["code"] = exitcode
+    return out
+
+
+def kill_process_groups(pgids) -> None:
+    """SIGKILL each process group (best effort; a group already empty is fine)."""
+    for pgid in list(pgids):
+        if pgid <= 1 or pgid == os.getpgid(0):
+            continue  # never our own group, never init's
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class SidecarHost:
+    """One supervised sidecar process.
+
+    States: idle -> running -> (crash) backoff -> running ... -> fatal;
+            any -> stopping -> stopped.
+
+    `target(conn, *args)` runs in the child; `on_message(name, msg)` is called on the loop
+    for each message the sidecar sends. `args` is a public attribute: change it (e.g. to pin
+    the monitor's port after its first start) and the next restart uses the new value.
+    Must be used from the loop's thread (start() is also where PR_SET_PDEATHSIG's "parent
+    thread" is decided: call it from the long-lived loop thread).
+    """
+
+    def __init__(self, name: str, target: Callable[..., Any], args: tuple = (), *,
+                 on_message: Callable[[str, dict], Any] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 budget: int = 5, window: float = 60.0,
+                 backoff_base: float = 0.2, backoff_cap: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.name = name
+        self.target = target
+        self.args = tuple(args)
+        self.on_message = on_message
+        self._loop = loop
+        self.policy = RestartPolicy(budget, window, backoff_base, backoff_cap, clock)
+        self.state = "idle"
+        self.restarts = 0
+        self.last_exit: dict[str, Any] | None = None
+        self.fatal_reason: str | None = None
+        self.pgroups: set[int] = set()
+        self._proc = None
+        self._conn = None
+        self._restart_handle: asyncio.TimerHandle | None = None
+        self._eof_kill_handle: asyncio.TimerHandle | None = None
+        self._exited: asyncio.Event | None = None
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._exited is not None \
+            and not self._exited.is_set() else None
+
+    def start(self) -> None:
+        """Start the sidecar (no-op if it is running or fatal)."""
+        if self.state in ("running", "fatal", "stopping"):
+            return
+        self._spawn()
+
+    def send(self, msg: dict) -> bool:
+        """Send a message to the sidecar; False if it is not reachable right now."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            conn.send(msg)
+            return True
+        except (OSError, EOFError, ValueError):
+            return False
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the sidecar: stop message, then SIGTERM, then SIGKILL; bounded by ~timeout."""
+        self._cancel_restart()
+        if self._proc is None or self._exited is None or self._exited.is_set():
+            self.state = "stopped"
+            kill_process_groups(self.pgroups)
+            self.pgroups.clear()
+            return
+        self.state = "stopping"
+        timeout = max(0.3, timeout)
+        stages = [
+            (lambda: self.send({"type": "stop"}), timeout * 0.5),
+            (self._terminate, timeout * 0.3),
+            (self._kill, timeout * 0.2),
+        ]
+        for action, wait in stages:
+            try:
+                action()
+            except Exception:  # pragma: no cover - defensive
+                log.exception("sidecar %s: stop stage failed", self.name)
+            try:
+                await asyncio.wait_for(self._exited.wait(), wait)
+                break
+            except asyncio.TimeoutError:
+                continue
+        if not self._exited.is_set():  # SIGKILLed and still not reaped: (D state) give up
+            log.error("sidecar %s (pid %s) did not exit after SIGKILL", self.name, self._proc.pid)
+            self._teardown(exitcode=None)
+        self.state = "stopped"
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "crashes_in_window": self.policy.crashes_in_window(),
+            "last_exit": self.last_exit,
+            "fatal_reason": self.fatal_reason,
+        }
+
+    # -- process handling -------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        loop = self.loop
+        parent_conn, child_conn = _CTX.Pipe(duplex=True)
+        proc = _CTX.Process(target=self.target, args=(child_conn, *self.args), daemon=True,
+                            name=f"fn-supervise-sidecar-{self.name}")
+        self._exited = asyncio.Event()
+        try:
+            proc.start()
+        except Exception as exc:
+            parent_conn.close()
+            child_conn.close()
+            log.exception("sidecar %s: failed to start", self.name)
+            self._proc = None
+            self._exited.set()
+            self.last_exit = {"code": None, "signal": None, "at": time.time(),
+                              "error": f"start failed: {exc}"}
+            self._after_exit()
+            return
+        child_conn.close()  # the child's end lives only in the child: its death = our EOF
+        self._proc = proc
+        self._conn = parent_conn
+        self.state = "running"
+        loop.add_reader(parent_conn.fileno(), self._on_readable)
+        loop.add_reader(proc.sentinel, self._on_sentinel)
+        log.info("sidecar %s started, pid %s", self.name, proc.pid)
+
+    def _on_readable(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while conn.poll(0):
+                msg = conn.recv()
+                self._dispatch(msg)
+                if self._conn is not conn:
+                    return
+        except (EOFError, OSError):
+            # The sidecar closed its end: it is exiting. The sentinel tells us when; if it
+            # lingers without its pipe it is useless, so kill it after a grace period.
+            self._close_conn()
+            if self._exited is not None and not self._exited.is_set():
+                self._eof_kill_handle = self.loop.call_later(2.0, self._kill)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, dict) and msg.get("type") == "pgroup":
+            pgid = msg.get("pgid")
+            if isinstance(pgid, int) and pgid > 1:
+                if msg.get("op") == "add":
+                    self.pgroups.add(pgid)
+                elif msg.get("op") == "remove":
+                    self.pgroups.discard(pgid)
+            return
+        if self.on_message is None:
+            return
+        try:
+            result = self.on_message(self.name, msg)
+            if asyncio.iscoroutine(result):
+                self.loop.create_task(result)
+        except Exception:
+            log.exception("sidecar %s: on_message failed for %r", self.name, msg)
+
+    def _on_sentinel(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        proc.join(0)  # reap
+        if proc.exitcode is None:  # spurious wake-up
+            return
+        # drain anything it managed to say before dying
+        if self._conn is not None:
+            self._on_readable()
+        self._teardown(proc.exitcode)
+
+    def _teardown(self, exitcode: int | None) -> None:
+        loop = self.loop
+        proc = self._proc
+        if proc is not None:
+            try:
+                loop.remove_reader(proc.sentinel)
+            except Exception:
+                pass
+            try:
+                proc.close()
+            except Exception:
+                pass
+        self._close_conn()
+        if self._eof_kill_handle is not None:
+            self._eof_kill_handle.cancel()
+            self._eof_kill_handle = None
+        # Whatever it owned dies with it (after a clean exit it has removed its groups).
+        kill_process_groups(self.pgroups)
+        self.pgroups.clear()
+        self.last_exit = _describe_exit(exitcode)
+        if self._exited is not None:
+            self._exited.set()
+        log.info("sidecar %s exited: %s", self.name, self.last_exit)
+        self._after_exit()
+
+    def _after_exit(self) -> None:
+        if self.state in ("stopping", "stopped"):
+            return
+        delay = self.policy.on_crash()
+        if delay is None:
+            self.state = "fatal"
+            self.fatal_reason = (f"crashed {self.policy.budget + 1} times within "
+                                 f"{self.policy.window:g}s")
+            log.error("sidecar %s is FATAL: %s", self.name, self.fatal_reason)
+            return
+        self.state = "backoff"
+        self._restart_handle = self.loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_handle = None
+        if self.state != "backoff":
+            return
+        self.restarts += 1
+        self._spawn()
+
+    def _cancel_restart(self) -> None:
+        if self._restart_handle is not None:
+            self._restart_handle.cancel()
+            self._restart_handle = None
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            self.loop.remove_reader(conn.fileno())
+        except Exception:
+            pass
+        conn.close()
+
+    def _signal(self, sig: int) -> None:
+        proc = self._proc
+        if proc is None or self._exited is None or self._exited.is_set():
+            return
+        try:
+            os.kill(proc.pid, sig)  # not yet reaped (we reap on the sentinel): pid is ours
+        except ProcessLookupError:
+            pass
+
+    def _terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def _kill(self) -> None:
+        self._eof_kill_handle = None
+        self._signal(signal.SIGKILL)
