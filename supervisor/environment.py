@@ -349,17 +349,23 @@ def copy_worker(site_packages: Path, src: Path) -> None:
 class _Lock:
     """flock on ``<data>/.venv.lock``: one builder per data folder (released if we die)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, block: bool = True) -> None:
         self.path = path
+        self.block = block
         self.fd: int | None = None
+        self.held = False
 
     def __enter__(self) -> "_Lock":
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except ImportError:  # no flock (Windows): single builder is the caller's job
+        except ImportError:  # no flock (Windows): a single builder is the caller's job
+            self.held = True
+            return self
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.block else fcntl.LOCK_NB))
+            self.held = True
+        except BlockingIOError:
             pass
         return self
 
@@ -388,7 +394,9 @@ def _child_env() -> dict[str, str]:
     return env  # UV_CACHE_DIR passes through only if the caller set it: share the user's cache
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def _set_pdeathsig() -> None:
+    # Runs in the child between fork and exec. The signal fires when the forking *thread*
+    # exits; that thread waits in communicate() for the child, so it outlives it.
     if _PRCTL is not None:
         _PRCTL(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the supervisor
 
@@ -485,12 +493,15 @@ def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, 
     top = venv / "fn-supervise-core.txt"
     top.write_text("".join(r + "\n" for r in core))
     base = [uv, "pip", "install", "--python", str(py), "--no-progress"]
+    online = [*base, "-c", str(top)]
+    offline = [*base, "--offline", "-c", str(closure)]
     if any(d.kind == "index" for d in deps):
         # The user asked for packages from the index: resolve fresh; cache only without network.
-        attempts = [[*base, "-c", str(top)], [*base, "--offline", "-c", str(closure)]]
+        attempts = [online, offline]
     else:
-        attempts = [[*base, "--offline", "-c", str(closure)], [*base, "-c", str(top)]]
-    errors: list[InstallError] = []
+        # Only the core (and local projects): the warm cache has it all, no network round trips.
+        attempts = [offline, online]
+    failed: InstallError | None = None
     for argv in attempts:
         try:
             _run([*argv, "--", *reqs], stage="install", timeout=timeout, cwd=cwd, env=env)
@@ -498,10 +509,11 @@ def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, 
         except InstallError as e:
             if e.timed_out:
                 raise  # not retried: the time bound is the caller's
-            errors.append(e)
-    first = errors[0]
+            if argv is online or failed is None:
+                failed = e  # the online answer says what is really wrong (not "not in cache")
+    assert failed is not None
     raise InstallError(
-        f"installing {', '.join(reqs)} failed:\n{_tail(first.output)}", stage="install", output=first.output
+        f"installing {', '.join(reqs)} failed:\n{_tail(failed.output)}", stage="install", output=failed.output
     )
 
 
@@ -572,6 +584,24 @@ def _recover_and_clean(data_dir: Path, wanted: str) -> None:
             _rmtree(left)
 
 
+def _clean_if_idle(data_dir: Path) -> None:
+    """Hot path: drop leftovers of a killed run, but only if no builder holds the lock now."""
+    try:
+        names = os.listdir(data_dir)
+    except OSError:
+        return
+    if not any(n.startswith((".venv.new-", ".venv.old-")) for n in names):
+        return
+    try:
+        with _Lock(data_dir / ".venv.lock", block=False) as lock:
+            if lock.held:
+                for n in names:
+                    if n.startswith((".venv.new-", ".venv.old-")):
+                        _rmtree(data_dir / n)
+    except OSError:  # a read-only data folder: the venv is still usable
+        pass
+
+
 def _ensure(
     data_dir: Path,
     deps: dict | Iterable | None,
@@ -593,6 +623,7 @@ def _ensure(
     # Hot path: no lock, no subprocess. The swap is by rename, so what we read is whole.
     m = read_marker(venv)
     if m is not None and m.get("fingerprint") == wanted:
+        _clean_if_idle(data_dir)
         return EnvInfo(venv_python(venv), venv, wanted)
 
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -196,16 +196,22 @@ def test_timeout_kills_uv(data_dir, worker_src, monkeypatch):
 
 def test_venv_without_marker_is_rebuilt(built, data_dir, worker_src):
     (built.venv / MARKER_NAME).unlink()  # killed before the marker: never used
+    (data_dir / ".venv.new-dead1" / "bin").mkdir(parents=True)  # half a build
+    (data_dir / ".venv.old-dead2").mkdir()
     inode = built.venv.stat().st_ino
     info = ensure_environment(data_dir, {}, worker_src=worker_src)
     assert info.venv.stat().st_ino != inode and marker(info.venv)["fingerprint"] == info.fingerprint
+    assert leftovers(data_dir) == []
+    run_py(info, "import worker, funcnodes_core, aiohttp")
 
 
-def test_leftovers_from_killed_run_are_removed(built, data_dir, worker_src):
-    (data_dir / ".venv.new-dead1" / "bin").mkdir(parents=True)  # half a build
+def test_leftovers_removed_on_hot_path_unless_a_build_runs(built, data_dir, worker_src, no_subprocess):
+    (data_dir / ".venv.new-dead1" / "bin").mkdir(parents=True)
     (data_dir / ".venv.old-dead2").mkdir()
-    (built.venv / MARKER_NAME).unlink()  # forces the locked path
-    ensure_environment(data_dir, {}, worker_src=worker_src)
+    with envmod._Lock(data_dir / ".venv.lock"):  # a builder at work: its .venv.new-* is not ours
+        assert ensure_environment(data_dir, {}, worker_src=worker_src) == built
+        assert leftovers(data_dir) == [".venv.new-dead1", ".venv.old-dead2"]
+    assert ensure_environment(data_dir, {}, worker_src=worker_src) == built
     assert leftovers(data_dir) == []
 
 
