@@ -1,0 +1,494 @@
+"""`fn-supervise`: create, run, inspect and control supervised FuncNodes workers.
+
+  fn-supervise [--dir D] new [--name N] [--uuid U] [--host H] [--port P] [--no-venv] [--dep SPEC]...
+  fn-supervise [--dir D] worker_<uuid>            same as `run worker_<uuid>` (foreground)
+  fn-supervise [--dir D] run worker_<uuid> [--no-venv]
+  fn-supervise [--dir D] list
+  fn-supervise [--dir D] status worker_<uuid> [--json]
+  fn-supervise [--dir D] stop worker_<uuid> [--timeout S]
+  fn-supervise [--dir D] restart worker_<uuid>
+  fn-supervise [--dir D] logs worker_<uuid> [-n N] [-f]
+  fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
+
+<base> = --dir, else $FUNCNODES_CONFIG_DIR, else ~/.funcnodes.
+
+`run` stays in the foreground (what systemd and supervisord expect). SIGTERM/SIGINT stop the
+worker gracefully and exit 0; SIGHUP restarts the worker with its config re-read.
+Exit codes: 0 ok, 1 error (or a stop that timed out), 2 usage / unknown worker,
+3 already running, 4 FATAL (the worker kept failing), 5 environment could not be prepared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+from .config import SupervisorConfig
+from .files import (AlreadyRunning, WorkerPaths, base_dir, identity_alive, list_workers, lock_held,
+                    parse_worker_id)
+from .progress import Progress
+from .runner import EXIT_ENV, EXIT_ERROR, EXIT_OK, EXIT_RUNNING, EXIT_USAGE, run_supervisor
+
+log = logging.getLogger("fn-supervise")
+
+PORT_RANGE = (int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", "9382")),
+              int(os.environ.get("FUNCNODES_WS_WORKER_ENDPORT", "9582")))
+
+
+def _err(msg: str) -> None:
+    print(f"fn-supervise: {msg}", file=sys.stderr)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(host: str, taken: set[int]) -> int:
+    for p in range(PORT_RANGE[0], PORT_RANGE[1] + 1):
+        if p not in taken and _port_free(host, p):
+            return p
+    raise RuntimeError(f"no free port in {PORT_RANGE[0]}..{PORT_RANGE[1]}")
+
+
+def parse_dep(spec: str) -> tuple[str, dict[str, Any]]:
+    """'pkg', 'pkg==1.2', 'pkg>=1' or a local path -> (name, {"package", "version"[, "path"]})."""
+    p = Path(spec).expanduser()
+    if ("/" in spec or spec.startswith(".")) and p.exists():
+        p = p.resolve()
+        name = p.stem if p.is_file() else p.name
+        return name, {"package": name, "version": None, "path": str(p)}
+    m = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", spec)
+    if not m:
+        raise ValueError(f"bad dependency: {spec!r}")
+    name, ver = m.group(1), m.group(2).strip() or None
+    return name, {"package": name, "version": ver}
+
+
+def seed_nodespace(data_dir: Path, seed: Path | None) -> bool:
+    """Demo hook: put a seed nodespace.json into a worker's data folder (only if it has none)."""
+    if seed is None:
+        return False
+    target = Path(data_dir) / "nodespace.json"
+    if target.exists():
+        return False
+    from worker.fsutil import atomic_write
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, Path(seed).read_bytes())
+    return True
+
+
+def _env_available() -> bool:
+    try:
+        from . import environment  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def create_worker(base: Path, *, name: str | None = None, uuid: str | None = None, host: str = "127.0.0.1",
+                  port: int | None = None, no_venv: bool = False, deps: list[str] = (),
+                  supervisor: dict[str, Any] | None = None, progress: Progress | None = None) -> WorkerPaths:
+    uuid = uuid or uuidlib.uuid4().hex
+    paths = WorkerPaths(base, parse_worker_id(uuid))
+    if paths.config.exists():
+        raise FileExistsError(f"{paths.name} exists already ({paths.config})")
+    taken = {int(c.get("port")) for c in (w.read_config_or_empty() for w in list_workers(base))
+             if isinstance(c.get("port"), int)}
+    if port is None:
+        port = pick_port(host, taken)
+    package_deps: dict[str, Any] = {}
+    for spec in deps:
+        n, d = parse_dep(spec)
+        package_deps[n] = d
+    cfg: dict[str, Any] = {
+        "type": "WSWorker", "uuid": paths.uuid, "name": name or paths.uuid,
+        "data_path": None, "env_path": None,
+        "worker_dependencies": {}, "package_dependencies": package_deps,
+        "autostart": "never",  # the supervisor restarts; a manager autostart would race it
+        "host": host, "port": port, "ssl": False,
+        "supervisor": dict(supervisor or {}),
+    }
+    if no_venv:
+        cfg["supervisor"]["venv"] = False
+    data = paths.data_dir(cfg)
+    created_data = not data.exists()
+    data.mkdir(parents=True, exist_ok=True)
+    for sub in ("files", "local_scripts"):
+        (data / sub).mkdir(exist_ok=True)
+    try:
+        if not no_venv:
+            from . import environment  # noqa: PLC0415
+            info = environment.ensure_environment(data, package_deps, python=sys.executable, progress=progress)
+            cfg["env_path"] = str(Path(info.python).parent.parent)
+            if progress is not None:
+                progress.done(f"environment ready ({info.fingerprint})")
+    except BaseException:
+        if created_data:
+            shutil.rmtree(data, ignore_errors=True)
+        raise
+    paths.write_config(cfg)
+    return paths
+
+
+def _resolve(base: Path, wid: str) -> WorkerPaths | None:
+    try:
+        uuid = parse_worker_id(wid)
+    except ValueError:
+        uuid = None
+    if uuid is not None:
+        p = WorkerPaths(base, uuid)
+        if p.config.exists():
+            return p
+    for p in list_workers(base):  # also accept a name
+        if p.read_config_or_empty().get("name") == wid:
+            return p
+    return None
+
+
+def live_status(paths: WorkerPaths) -> dict[str, Any]:
+    st = paths.read_state() or {}
+    cfg = paths.read_config_or_empty()
+    alive = identity_alive(st.get("supervisor")) and lock_held(paths.lock)
+    out = dict(st)
+    out["id"] = paths.name
+    out["name"] = cfg.get("name")
+    out["supervisor_alive"] = alive
+    if not alive:
+        if not st:
+            out["state"] = "STOPPED"
+        elif st.get("state") not in ("FATAL", "STOPPED"):
+            out["state"] = "STOPPED"
+            out["reason"] = f"supervisor gone (was {st.get('state')})"
+        out["worker"] = None
+    out.setdefault("port", cfg.get("port"))
+    out.setdefault("host", cfg.get("host"))
+    if out.get("port") is None:
+        out["port"] = cfg.get("port")
+    ready_at = out.get("ready_at")
+    out["uptime"] = (time.time() - ready_at) if (alive and ready_at) else None
+    return out
+
+
+def _fmt_status(s: dict[str, Any]) -> str:
+    lines = [f"{s['id']} ({s.get('name')})",
+             f"  state:       {s.get('state')}" + (f"  ({s.get('reason')})" if s.get("reason") else "")]
+    sup = s.get("supervisor") or {}
+    wk = s.get("worker") or {}
+    lines.append(f"  supervisor:  {sup.get('pid') if s.get('supervisor_alive') else '-'}")
+    lines.append(f"  worker:      {wk.get('pid', '-') if wk else '-'}")
+    lines.append(f"  address:     {s.get('host')}:{s.get('port')}")
+    up = s.get("uptime")
+    lines.append(f"  uptime:      {f'{up:.1f}s' if up is not None else '-'}")
+    lines.append(f"  restarts:    {s.get('restarts', 0)}")
+    env = s.get("env") or {}
+    lines.append(f"  environment: {env.get('fingerprint') or '-'}  ({env.get('python') or '-'})")
+    crashes = s.get("crashes") or []
+    lines.append(f"  crashes:     {len(crashes)} recorded")
+    from .crash import CrashRecord  # noqa: PLC0415
+    for c in crashes[-5:]:
+        try:
+            lines.append("    " + CrashRecord(**c).summary())
+        except TypeError:
+            lines.append(f"    {c}")
+    if s.get("log"):
+        lines.append(f"  log:         {s['log']}")
+    return "\n".join(lines)
+
+
+def _signal_supervisor(paths: WorkerPaths, sig: int) -> dict[str, Any] | None:
+    st = paths.read_state() or {}
+    ident = st.get("supervisor")
+    if not (identity_alive(ident) and lock_held(paths.lock)):
+        return None
+    os.kill(int(ident["pid"]), sig)  # identity verified by PID + start time + boot id
+    return ident
+
+
+# ---------------------------------------------------------------- commands
+def cmd_new(a: argparse.Namespace, base: Path) -> int:
+    prog = Progress()
+    try:
+        paths = create_worker(base, name=a.name, uuid=a.uuid, host=a.host, port=a.port, no_venv=a.no_venv,
+                              deps=a.dep or [], progress=prog)
+    except FileExistsError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except ImportError as e:
+        _err(f"venv support is not available ({e}); use --no-venv")
+        return EXIT_ENV
+    except Exception as e:  # noqa: BLE001 (InstallError and friends)
+        prog.done()
+        _err(f"environment could not be prepared: {type(e).__name__}: {e}")
+        return EXIT_ENV
+    print(paths.name)
+    return EXIT_OK
+
+
+def _setup_logging() -> None:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("fn-supervise[%(process)d] %(levelname)s %(message)s"))
+    root = logging.getLogger("fn-supervise")
+    root.handlers[:] = [h]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def cmd_run(a: argparse.Namespace, base: Path, on_ready=None) -> int:
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r} in {base / 'workers'}")
+        return EXIT_USAGE
+    _setup_logging()
+    try:
+        return run_supervisor(paths, no_venv=getattr(a, "no_venv", False), on_ready=on_ready)
+    except AlreadyRunning:
+        st = paths.read_state() or {}
+        pid = (st.get("supervisor") or {}).get("pid")
+        _err(f"{paths.name} is already supervised" + (f" by PID {pid}" if pid else "")
+             + f" (lock {paths.lock}); use `fn-supervise stop {paths.name}` first")
+        return EXIT_RUNNING
+
+
+def cmd_list(a: argparse.Namespace, base: Path) -> int:
+    rows = []
+    for p in list_workers(base):
+        s = live_status(p)
+        wk = s.get("worker") or {}
+        rows.append((p.name, str(s.get("name") or ""), str(s.get("state")), str(s.get("port") or "-"),
+                     str(wk.get("pid") or "-")))
+    if a.json:
+        print(json.dumps([dict(zip(("id", "name", "state", "port", "pid"), r)) for r in rows], indent=2))
+        return EXIT_OK
+    for r in rows:
+        print("\t".join(r))
+    return EXIT_OK
+
+
+def cmd_status(a: argparse.Namespace, base: Path) -> int:
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r}")
+        return EXIT_USAGE
+    s = live_status(paths)
+    print(json.dumps(s, indent=2, default=str) if a.json else _fmt_status(s))
+    return EXIT_OK
+
+
+def cmd_stop(a: argparse.Namespace, base: Path) -> int:
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r}")
+        return EXIT_USAGE
+    ident = _signal_supervisor(paths, signal.SIGTERM)
+    if ident is None:
+        print(f"{paths.name} is not running")
+        return EXIT_OK
+    cfg = SupervisorConfig.from_worker_config(paths.read_config_or_empty())
+    timeout = a.timeout if a.timeout is not None else cfg.stop_deadline() + 5.0
+    deadline = time.monotonic() + timeout
+    while identity_alive(ident):
+        if time.monotonic() > deadline:
+            _err(f"supervisor {ident['pid']} did not stop within {timeout:g}s")
+            return EXIT_ERROR
+        time.sleep(0.05)
+    print(f"{paths.name} stopped")
+    return EXIT_OK
+
+
+def cmd_restart(a: argparse.Namespace, base: Path) -> int:
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r}")
+        return EXIT_USAGE
+    if _signal_supervisor(paths, signal.SIGHUP) is None:
+        _err(f"{paths.name} is not running; start it with `fn-supervise run {paths.name}`")
+        return EXIT_ERROR
+    print(f"{paths.name} restarting")
+    return EXIT_OK
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-n:] if n > 0 else []
+
+
+def cmd_logs(a: argparse.Namespace, base: Path) -> int:
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r}")
+        return EXIT_USAGE
+    path = paths.log_file()
+    for line in _tail(path, a.lines):
+        print(line)
+    sys.stdout.flush()
+    if not a.follow:
+        return EXIT_OK
+    try:
+        f = open(path, "rb")
+        f.seek(0, os.SEEK_END)
+    except OSError:
+        f = None
+    try:
+        while True:
+            if f is None:
+                try:
+                    f = open(path, "rb")
+                except OSError:
+                    time.sleep(0.2)
+                    continue
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+                continue
+            try:  # rotated: a new file under the same name
+                if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+                    f.close()
+                    f = open(path, "rb")
+                    continue
+            except OSError:
+                pass
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if f is not None:
+            f.close()
+
+
+def default_demo_seed() -> Path | None:
+    root = Path(__file__).resolve().parent.parent
+    for cand in (root / "examples" / "demo" / "nodespace.json", root / "examples" / "demo_nodespace.json"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def cmd_demo(a: argparse.Namespace, base: Path) -> int:
+    paths = None
+    for p in list_workers(base):
+        if p.read_config_or_empty().get("name") == "demo":
+            paths = p
+            break
+    if paths is None:
+        no_venv = a.no_venv or not _env_available()
+        try:
+            paths = create_worker(base, name="demo", host="127.0.0.1", port=a.port, no_venv=no_venv,
+                                  progress=Progress())
+        except Exception as e:  # noqa: BLE001
+            _err(f"cannot create the demo worker: {type(e).__name__}: {e}")
+            return EXIT_ENV
+        print(f"created {paths.name}")
+    seed = Path(a.seed) if a.seed else default_demo_seed()
+    if seed_nodespace(paths.data_dir(), seed):
+        print(f"seeded {paths.data_dir() / 'nodespace.json'} from {seed}")
+
+    def ready(host: str, port: int) -> None:
+        print(f"demo worker {paths.name} serving at ws://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+
+    a.worker = paths.name
+    return cmd_run(a, base, on_ready=ready)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fn-supervise", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", help="FuncNodes base folder (default $FUNCNODES_CONFIG_DIR or ~/.funcnodes)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("new", parents=[common], help="create a worker (config, data folder, venv)")
+    p.add_argument("--name")
+    p.add_argument("--uuid")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int)
+    p.add_argument("--no-venv", action="store_true", help="run with this interpreter, no venv")
+    p.add_argument("--dep", action="append", metavar="SPEC", help="package dependency (repeatable)")
+
+    p = sub.add_parser("run", parents=[common], help="supervise a worker in the foreground")
+    p.add_argument("worker")
+    p.add_argument("--no-venv", action="store_true")
+
+    p = sub.add_parser("list", parents=[common], help="list workers")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", parents=[common], help="show a worker's supervisor state")
+    p.add_argument("worker")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("stop", parents=[common], help="stop a supervised worker (and its supervisor)")
+    p.add_argument("worker")
+    p.add_argument("--timeout", type=float, default=None)
+
+    p = sub.add_parser("restart", parents=[common], help="restart the worker (SIGHUP to its supervisor)")
+    p.add_argument("worker")
+
+    p = sub.add_parser("logs", parents=[common], help="show the worker's log")
+    p.add_argument("worker")
+    p.add_argument("-n", "--lines", type=int, default=50)
+    p.add_argument("-f", "--follow", action="store_true")
+
+    p = sub.add_parser("demo", parents=[common], help="create (if needed) and run a demo worker on loopback")
+    p.add_argument("--port", type=int)
+    p.add_argument("--seed", help="nodespace.json to seed the demo worker with")
+    p.add_argument("--no-venv", action="store_true")
+    return ap
+
+
+COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
+            "restart": cmd_restart, "logs": cmd_logs, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `fn-supervise worker_<uuid>` == `fn-supervise run worker_<uuid>`
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--dir":
+            i += 2
+            continue
+        if argv[i].startswith("--dir="):
+            i += 1
+            continue
+        if argv[i].startswith("worker_"):
+            argv.insert(i, "run")
+        break
+    ap = build_parser()
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as e:
+        return EXIT_USAGE if e.code else EXIT_OK
+    base = base_dir(a.dir)
+    return COMMANDS[a.cmd](a, base)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

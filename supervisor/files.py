@@ -1,0 +1,208 @@
+"""Paths and files of one worker. Every write is atomic (worker.fsutil.atomic_write).
+
+<base>/workers/worker_<uuid>.json              config (FuncNodes fields + `supervisor`); unknown keys kept
+<base>/workers/worker_<uuid>.p                 worker PID, written only once it is ready, removed when it goes
+<base>/workers/worker_<uuid>.runstate          line 1 starting|running|stopping|stopped, line 2 detail
+<base>/workers/worker_<uuid>.supervisor.json   our state file (schema STATE_SCHEMA), read by `status`
+<base>/workers/worker_<uuid>.lock              flock held by the live supervisor (one per worker)
+<data>/worker.log (+ .1 .. .N)                 worker output and supervisor events, rotating
+
+<base> = --dir, else $FUNCNODES_CONFIG_DIR, else ~/.funcnodes. <data> = config `data_path`,
+else <base>/workers/worker_<uuid>/.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from worker.fsutil import atomic_write, atomic_write_json, boot_id, process_start_time, same_process
+
+STATE_SCHEMA = 1
+_UUID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def base_dir(cli_dir: str | os.PathLike | None = None) -> Path:
+    if cli_dir:
+        return Path(cli_dir).expanduser().resolve()
+    env = os.environ.get("FUNCNODES_CONFIG_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path("~/.funcnodes").expanduser().resolve()
+
+
+def parse_worker_id(text: str) -> str:
+    """'worker_<uuid>' or '<uuid>' -> '<uuid>'."""
+    uuid = text[len("worker_"):] if text.startswith("worker_") else text
+    if not uuid or not _UUID_RE.match(uuid):
+        raise ValueError(f"not a worker id: {text!r}")
+    return uuid
+
+
+class WorkerPaths:
+    def __init__(self, base: Path, uuid: str):
+        self.base = Path(base)
+        self.uuid = uuid
+        self.workers = self.base / "workers"
+        stem = self.workers / f"worker_{uuid}"
+        self.config = self.workers / f"worker_{uuid}.json"
+        self.pidfile = self.workers / f"worker_{uuid}.p"
+        self.runstate = self.workers / f"worker_{uuid}.runstate"
+        self.state = self.workers / f"worker_{uuid}.supervisor.json"
+        self.lock = self.workers / f"worker_{uuid}.lock"
+        self.default_data = stem
+
+    @property
+    def name(self) -> str:
+        return f"worker_{self.uuid}"
+
+    def data_dir(self, cfg: dict[str, Any] | None = None) -> Path:
+        if cfg is None:
+            cfg = self.read_config_or_empty()
+        dp = cfg.get("data_path")
+        return Path(dp) if dp else self.default_data
+
+    def log_file(self, cfg: dict[str, Any] | None = None) -> Path:
+        return self.data_dir(cfg) / "worker.log"
+
+    # config -------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        with open(self.config, "r", encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{self.config}: not a JSON object")
+        return cfg
+
+    def read_config_or_empty(self) -> dict[str, Any]:
+        try:
+            return self.read_config()
+        except (OSError, ValueError):
+            return {}
+
+    def write_config(self, cfg: dict[str, Any]) -> None:
+        atomic_write_json(self.config, cfg)
+
+    def update_config(self, **changes: Any) -> dict[str, Any]:
+        """Read-modify-write that keeps every key it does not know."""
+        cfg = self.read_config_or_empty()
+        cfg.update(changes)
+        self.write_config(cfg)
+        return cfg
+
+    # .p / .runstate -------------------------------------------------------------
+    def write_pid(self, pid: int) -> None:
+        atomic_write(self.pidfile, f"{pid}")
+
+    def remove_pid(self) -> None:
+        _unlink(self.pidfile)
+
+    def write_runstate(self, state: str, detail: str = "") -> None:
+        atomic_write(self.runstate, state + ("\n" + detail.replace("\n", " ") if detail else ""))
+
+    def remove_runstate(self) -> None:
+        _unlink(self.runstate)
+
+    # state file -------------------------------------------------------------------
+    def write_state(self, data: dict[str, Any]) -> None:
+        data = dict(data)
+        data["schema"] = STATE_SCHEMA
+        data["updated"] = time.time()
+        atomic_write_json(self.state, data)
+
+    def read_state(self) -> dict[str, Any] | None:
+        try:
+            with open(self.state, "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("schema") != STATE_SCHEMA:
+            return None
+        return data
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def process_identity(pid: int) -> dict[str, Any]:
+    return {"pid": pid, "start_time": process_start_time(pid), "boot_id": boot_id()}
+
+
+def identity_alive(ident: dict[str, Any] | None) -> bool:
+    """True only for the very process recorded (PID + start time + boot id): reuse-proof."""
+    if not ident or not ident.get("pid"):
+        return False
+    return same_process(int(ident["pid"]), ident.get("start_time"), ident.get("boot_id"))
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class SupervisorLock:
+    """flock on worker_<uuid>.lock: held for the supervisor's life, released by the kernel on death."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise AlreadyRunning(str(self.path)) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_held(path: Path) -> bool:
+    """Is some live supervisor holding this lock? (Tries it and lets go at once.)"""
+    if not path.exists():
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def list_workers(base: Path) -> list[WorkerPaths]:
+    wd = base / "workers"
+    out = []
+    if not wd.is_dir():
+        return out
+    for p in sorted(wd.glob("worker_*.json")):
+        if p.name.endswith(".supervisor.json"):
+            continue
+        try:
+            uuid = parse_worker_id(p.stem)
+        except ValueError:
+            continue
+        out.append(WorkerPaths(base, uuid))
+    return out

@@ -1,0 +1,644 @@
+"""The supervisor's one asyncio loop (gunicorn arbiter style: signals are queued, never
+handled inside the handler; every child is accounted for).
+
+Events reach one queue: signals (loop.add_signal_handler), control frames from the worker,
+channel EOF, and the worker's exit (pidfd readable, no polling). The main loop walks the
+state machine (states.py), asks the restart policy (policy.py) and the hang detector
+(health.py) for decisions, and keeps .p, .runstate and the state file (files.py) in step.
+
+Exit codes of `fn-supervise run` (also in cli.py):
+  0  stopped gracefully (SIGTERM/SIGINT, or the worker was stopped with stop_worker)
+  1  unexpected error
+  2  usage error / unknown worker
+  3  another supervisor already runs this worker
+  4  FATAL: the worker kept failing (start budget or run budget exhausted)
+  5  the worker's environment could not be prepared (venv / install failure)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import SupervisorConfig
+from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
+from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
+from .health import HeartbeatMonitor
+from .policy import RestartPolicy
+from .process import RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
+from .states import RUNSTATE, IllegalTransition, State, StateMachine
+
+log = logging.getLogger("fn-supervise")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_RUNNING = 3
+EXIT_FATAL = 4
+EXIT_ENV = 5
+
+WORKER_START_FAILURE = 3  # the worker's own "cannot start" exit code (bad config, port busy)
+
+
+class PrepareError(Exception):
+    """The environment could not be prepared (its own error class: never a crash)."""
+
+
+class Environment:
+    """Seam around supervisor.environment (imported lazily; it may not be installed)."""
+
+    def __init__(self, no_venv: bool = False):
+        self.no_venv = no_venv
+
+    def prepare(self, data_dir: Path, cfg: dict[str, Any], scfg: SupervisorConfig,
+                progress: Callable[[str, float | None], None] | None = None) -> tuple[str, str]:
+        """-> (python, fingerprint). Runs in a thread."""
+        if scfg.python:
+            return scfg.python, f"python:{scfg.python}"
+        if self.no_venv or not scfg.venv:
+            return sys.executable, f"system:{sys.executable}"
+        deps = cfg.get("package_dependencies") or {}
+        try:
+            from . import environment  # noqa: PLC0415 (lazy on purpose)
+        except ImportError as e:
+            raise PrepareError(f"venv support is not available ({e}); use --no-venv") from None
+        try:
+            info = environment.ensure_environment(data_dir, deps, python=sys.executable, progress=progress)
+        except environment.InstallError as e:
+            old = data_dir / ".venv" / "bin" / "python"
+            if old.exists():
+                log.warning("install failed, keeping the old environment: %s", e)
+                return str(old), f"stale:{e}"
+            raise PrepareError(f"environment could not be built: {e}") from None
+        return str(info.python), str(info.fingerprint)
+
+    def install(self, data_dir: Path, deps: dict[str, Any],
+                progress: Callable[[str, float | None], None] | None = None) -> tuple[str, str]:
+        from . import environment  # noqa: PLC0415
+        info = environment.install_into(data_dir, deps, progress)
+        return str(info.python), str(info.fingerprint)
+
+
+def sd_notify(msg: str) -> None:
+    """systemd notification (READY=1, STATUS=..., STOPPING=1); silent without NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(msg.encode())
+    except OSError:
+        pass
+
+
+def project_root() -> str:
+    import worker  # the package our own `worker.channel` came from
+    return str(Path(worker.__file__).resolve().parent.parent)
+
+
+class Supervisor:
+    def __init__(self, paths: WorkerPaths, *, no_venv: bool = False, environment: Environment | None = None,
+                 on_ready: Callable[[str, int], None] | None = None, install_signals: bool = True,
+                 sidecar_factory: Callable[["Supervisor"], Any] | None = None):
+        self.paths = paths
+        self.env = environment or Environment(no_venv=no_venv)
+        self.on_ready_cb = on_ready
+        self.install_signals = install_signals
+        self.sidecar_factory = sidecar_factory
+        self.sidecars: Any = None
+        self.sm = StateMachine(on_change=self._on_transition)
+        self.cfg = SupervisorConfig()
+        self.policy = RestartPolicy(self.cfg)
+        self.lock = SupervisorLock(paths.lock)
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.worker: WorkerProcess | None = None
+        self.logfile: RotatingLog | None = None
+        self.python = sys.executable
+        self.fingerprint = ""
+        self.worker_cfg: dict[str, Any] = {}
+        self.crashes: list[dict[str, Any]] = []
+        self.pgids: set[int] = set()
+        self.host: str | None = None
+        self.port: int | None = None
+        self.ready_wall: float | None = None
+        self.started_wall = time.time()
+        self.backoff_until: float | None = None
+        self.exit_code: int | None = None
+        self.ready_once = False
+        self._installs: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ plumbing
+    def _event(self, *ev: Any) -> None:
+        self.q.put_nowait(ev)
+
+    def _on_transition(self, old: State, new: State, name: str, reason: str) -> None:
+        msg = f"{old.value} -> {new.value} ({name})" + (f": {reason}" if reason else "")
+        log.info("%s: %s", self.paths.name, msg)
+        if self.logfile is not None:
+            self.logfile.event(msg)
+        detail = reason if new in (State.PREPARING, State.STARTING, State.BACKOFF, State.FATAL) else ""
+        try:
+            self.paths.write_runstate(RUNSTATE[new], detail)
+        except OSError as e:
+            log.warning("cannot write runstate: %s", e)
+        self.write_state()
+        sd_notify(f"STATUS={new.value}" + (f": {reason}" if reason else ""))
+
+    def write_state(self) -> None:
+        w = self.worker
+        data = {
+            "uuid": self.paths.uuid,
+            "state": self.sm.state.value,
+            "reason": self.sm.reason,
+            "since": time.time() - (time.monotonic() - self.sm.since),
+            "supervisor": process_identity(os.getpid()),
+            "supervisor_started": self.started_wall,
+            "worker": process_identity(w.pid) if (w is not None and w.alive) else None,
+            "ready_at": self.ready_wall if (w is not None and w.alive and self.sm.state == State.RUNNING) else None,
+            "host": self.host,
+            "port": self.port,
+            "restarts": self.policy.total_restarts,
+            "consecutive_crashes": self.policy.consecutive,
+            "start_failures": self.policy.start_failures,
+            "crashes": self.crashes[-self.cfg.crash_history:],
+            "env": {"python": self.python, "fingerprint": self.fingerprint},
+            "backoff_until": (time.time() + max(0.0, self.backoff_until - time.monotonic()))
+            if self.backoff_until else None,
+            "stop_deadline": self.cfg.stop_deadline(),
+            "exit_code": self.exit_code,
+            "log": str(self.paths.log_file(self.worker_cfg)),
+        }
+        try:
+            self.paths.write_state(data)
+        except OSError as e:
+            log.warning("cannot write state file: %s", e)
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._event, "signal", sig)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+
+    def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            try:
+                loop.remove_signal_handler(sig)
+            except (ValueError, RuntimeError):
+                pass
+
+    def _reap(self) -> None:
+        for pid, status in reap_orphans(self.pgids):
+            log.info("reaped orphan %d of a worker group (%s)", pid, ExitStatus.from_wait_status(status).describe())
+
+    async def _next(self, timeout: float | None) -> tuple | None:
+        if timeout is not None and timeout <= 0:
+            try:
+                return self.q.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+        try:
+            return await asyncio.wait_for(self.q.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    # ------------------------------------------------------------------ startup checks
+    async def _clear_leftovers(self) -> None:
+        """A previous supervisor that was SIGKILLed may have left a worker that has not yet
+        noticed the lifeline EOF. Only the very process recorded (PID + start time + boot id)
+        is touched; stale .p / .runstate are simply replaced."""
+        old = self.paths.read_state()
+        ident = (old or {}).get("worker")
+        if ident and identity_alive(ident):
+            deadline = time.monotonic() + 2.0
+            while identity_alive(ident) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if identity_alive(ident):
+                log.warning("killing leftover worker %s of a dead supervisor", ident["pid"])
+                try:
+                    os.killpg(int(ident["pid"]), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.paths.remove_pid()
+
+    # ------------------------------------------------------------------ main
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.lock.acquire()  # raises AlreadyRunning
+        try:
+            return await self._run(loop)
+        finally:
+            self.lock.release()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
+        set_child_subreaper()
+        if self.install_signals:
+            self._install_signal_handlers(loop)
+        try:
+            try:
+                self.worker_cfg = self.paths.read_config()
+            except (OSError, ValueError) as e:
+                log.error("cannot read %s: %s", self.paths.config, e)
+                return EXIT_USAGE
+            self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
+            self.policy.cfg = self.cfg
+            self._open_log()
+            await self._clear_leftovers()
+            if self.sidecar_factory is not None:
+                # Sidecars (sidecars/host.py SidecarHost): started here, messages are routed
+                # through self.on_sidecar_message, stopped in the finally below.
+                self.sidecars = self.sidecar_factory(self)
+                await _maybe_await(self.sidecars.start())
+            self.sm.fire("start")
+            return await self._main()
+        finally:
+            if self.sidecars is not None:
+                try:
+                    await _maybe_await(self.sidecars.stop())
+                except Exception as e:  # noqa: BLE001
+                    log.warning("sidecar stop failed: %s", e)
+            for t in list(self._installs):
+                t.cancel()
+            if self.install_signals:
+                self._remove_signal_handlers(loop)
+            if self.worker is not None and self.worker.alive:  # never leave it behind
+                await self.worker.kill(self.cfg.kill_timeout)
+            if self.worker is not None:
+                self.worker.close()
+            self.paths.remove_pid()
+            if self.sm.state in (State.STOPPED, State.STOPPING):
+                self.paths.remove_runstate()
+            self.write_state()
+            if self.logfile is not None:
+                self.logfile.close()
+
+    def _open_log(self) -> None:
+        if self.logfile is not None:
+            self.logfile.close()
+        self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
+                                   self.cfg.log_backups, self.cfg.log_tail_lines)
+
+    async def _main(self) -> int:
+        while True:
+            st = self.sm.state
+            if st == State.PREPARING:
+                await self._prepare()
+            elif st == State.STARTING:
+                await self._run_worker()
+            elif st == State.BACKOFF:
+                await self._backoff()
+            elif st == State.STOPPING:
+                if self.worker is not None and self.worker.alive:
+                    await self._stop_worker("stop")
+                self.sm.fire("stopped")
+            elif st == State.STOPPED:
+                self.exit_code = EXIT_OK
+                sd_notify("STOPPING=1")
+                return EXIT_OK
+            elif st == State.FATAL:
+                if self.exit_code is None:
+                    self.exit_code = EXIT_FATAL
+                log.error("%s: FATAL: %s", self.paths.name, self.sm.reason)
+                return self.exit_code
+
+    def _signal_intent(self, sig: int) -> str:
+        return "restart" if sig == signal.SIGHUP else "stop"
+
+    def _handle_control(self, ev: tuple) -> bool:
+        """Signals outside a running worker. True if the state changed."""
+        if ev[0] != "signal":
+            return False
+        intent = self._signal_intent(ev[1])
+        name = signal.Signals(ev[1]).name
+        if intent == "stop":
+            self.sm.fire("stop", f"{name} received")
+        else:
+            self.policy.reset()
+            if self.sm.state == State.PREPARING:
+                return False  # already (re)preparing
+            self.sm.fire("restart", f"{name}: restart with re-read config")
+        return True
+
+    async def _prepare(self) -> None:
+        try:
+            self.worker_cfg = self.paths.read_config()
+        except (OSError, ValueError) as e:
+            self.exit_code = EXIT_USAGE
+            self.sm.fire("prepare_failed", f"cannot read config: {e}")
+            return
+        self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
+        self.policy.cfg = self.cfg
+        data_dir = self.paths.data_dir(self.worker_cfg)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+
+        def progress(message: str, fraction: float | None = None) -> None:
+            loop.call_soon_threadsafe(self._prepare_progress, message, fraction)
+
+        task = asyncio.ensure_future(asyncio.to_thread(self.env.prepare, data_dir, self.worker_cfg, self.cfg, progress))
+        while not task.done():
+            getter = asyncio.ensure_future(self.q.get())
+            done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                ev = getter.result()
+                if ev[0] == "signal" and self._signal_intent(ev[1]) == "stop":
+                    # The install thread cannot be interrupted safely; environment.py builds
+                    # beside the live venv, so abandoning it leaves nothing half-used.
+                    self.sm.fire("stop", f"{signal.Signals(ev[1]).name} received while preparing")
+                    return
+            else:
+                getter.cancel()
+        try:
+            self.python, self.fingerprint = task.result()
+        except PrepareError as e:
+            self.exit_code = EXIT_ENV
+            self.sm.fire("prepare_failed", str(e))
+            return
+        except Exception as e:  # noqa: BLE001
+            self.exit_code = EXIT_ENV
+            self.sm.fire("prepare_failed", f"environment error: {type(e).__name__}: {e}")
+            return
+        self.sm.fire("prepared", f"python {self.python}")
+
+    def _prepare_progress(self, message: str, fraction: float | None) -> None:
+        detail = message if fraction is None else f"{message} ({fraction * 100:.0f}%)"
+        try:
+            self.paths.write_runstate("starting", detail)
+        except OSError:
+            pass
+        if self.logfile is not None:
+            self.logfile.event(detail)
+
+    def _worker_argv(self) -> tuple[list[str], dict[str, str]]:
+        argv = [self.python, "-m", self.cfg.worker_module, self.paths.name, "--dir", str(self.paths.base)]
+        if self.port:
+            argv += ["--port", str(self.port)]  # back on the same port after a restart
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["FUNCNODES_CONFIG_DIR"] = str(self.paths.base)
+        env["FN_SUPERVISE_PID"] = str(os.getpid())
+        if os.path.realpath(self.python) == os.path.realpath(sys.executable):
+            pp = env.get("PYTHONPATH")
+            root = project_root()
+            env["PYTHONPATH"] = root + (os.pathsep + pp if pp else "")
+        return argv, env
+
+    async def _run_worker(self) -> None:
+        argv, env = self._worker_argv()
+        w = WorkerProcess(argv, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)), logfile=self.logfile,
+                          on_frame=lambda m, _w=None: None, on_exit=lambda wp: self._event("exit", wp),
+                          on_eof=lambda wp: self._event("eof", wp))
+        w.on_frame = lambda m: self._event("frame", w, m)
+        oom_before = oom_kill_count()
+        try:
+            w.spawn()
+        except OSError as e:
+            self.logfile.event(f"spawn failed: {e}")
+            self._after_exit(None, was_ready=False, reason="start_failed", detail=f"spawn failed: {e}",
+                             status=ExitStatus(code=127), oom_before=None)
+            return
+        self.worker = w
+        self.pgids.add(w.pgid)
+        self.policy.on_spawn()
+        self.logfile.event(f"worker spawned: pid {w.pid}: {' '.join(argv)}")
+        self.paths.write_runstate("starting", f"worker process {w.pid} started")
+        self.write_state()
+        health = HeartbeatMonitor(self.cfg.heartbeat_timeout)
+        ready = False
+        start_deadline = time.monotonic() + self.cfg.start_timeout
+        eof_at: float | None = None
+        kill_reason: tuple[str, str] | None = None
+        deliberate: str | None = None
+        stable_noted = False
+        while True:
+            now = time.monotonic()
+            if kill_reason is not None:
+                deadline = now + self.cfg.kill_timeout + 1.0
+            else:
+                deadline = health.deadline() if ready else start_deadline
+                if eof_at is not None:
+                    deadline = min(deadline, eof_at + self.cfg.eof_grace)
+                if ready and not stable_noted:
+                    deadline = min(deadline, (self.policy.ready_at or now) + self.cfg.stable_after + 0.01)
+            ev = await self._next(deadline - now)
+            if ev is None:
+                now = time.monotonic()
+                if kill_reason is not None:
+                    # SIGKILL did not end it (uninterruptible sleep?): abandon, never hang here.
+                    log.error("worker %s did not die after SIGKILL; abandoning it", w.pid)
+                    w.close()
+                    self._after_exit(w, was_ready=ready, reason=kill_reason[0], detail=kill_reason[1] + "; unkillable",
+                                     status=ExitStatus(), oom_before=oom_before, node=health.node)
+                    return
+                if eof_at is not None and now >= eof_at + self.cfg.eof_grace:
+                    kill_reason = ("crashed", "control channel closed without exit")
+                elif ready and now >= health.deadline():
+                    kill_reason = ("hung", health.describe())
+                elif not ready and now >= start_deadline:
+                    kill_reason = ("start_timeout", f"not ready within {self.cfg.start_timeout:g}s")
+                else:
+                    if ready and self.policy.check_stable():
+                        stable_noted = True
+                        self.write_state()  # counters were reset after a stable period
+                    continue
+                self.logfile.event(f"killing worker {w.pid}: {kill_reason[1]}")
+                w.signal(signal.SIGKILL)
+                continue
+            kind = ev[0]
+            if kind == "signal":
+                intent = self._signal_intent(ev[1])
+                name = signal.Signals(ev[1]).name
+                if intent == "stop":
+                    self.sm.fire("stop", f"{name} received")
+                    await self._stop_worker("stop")
+                else:
+                    self.sm.fire("stop", f"{name}: restart with re-read config")
+                    await self._stop_worker("restart")
+                    self.policy.reset()
+                    self.sm.fire("restart", f"{name}: restart with re-read config")
+                return
+            if kind == "sidecar":
+                self._route_sidecar(ev[1])
+                continue
+            if len(ev) > 1 and ev[1] is not w:
+                continue  # stale event of an earlier worker
+            if kind == "frame":
+                msg = ev[2]
+                t = msg.get("type")
+                if t == "heartbeat":
+                    health.beat(msg)
+                elif t == "ready" and not ready:
+                    ready = True
+                    self._on_worker_ready(w, msg)
+                    health.arm()
+                elif t == "runstate" and not ready:
+                    detail = str(msg.get("detail") or "")
+                    self.paths.write_runstate("starting", detail)
+                elif t == "stopping":
+                    deliberate = str(msg.get("reason") or "stopping")
+                    self.logfile.event(f"worker is stopping on its own: {deliberate}")
+                elif t == "install":
+                    self._start_install(w, msg)
+                else:
+                    log.debug("unhandled frame %s", t)
+            elif kind == "eof":
+                if w.alive and eof_at is None:
+                    eof_at = time.monotonic()
+            elif kind == "exit":
+                status: ExitStatus = w.status  # type: ignore[assignment]
+                self.paths.remove_pid()
+                if deliberate is not None and status.code == 0:
+                    self.logfile.event(f"worker exited 0 after a deliberate stop ({deliberate})")
+                    self.sm.fire("stop", f"worker stopped: {deliberate}")
+                    self.worker = None
+                    return
+                if kill_reason is not None:
+                    reason, detail = kill_reason
+                else:
+                    reason = "crashed" if ready else "start_failed"
+                    detail = status.describe()
+                    if not ready and status.code == WORKER_START_FAILURE:
+                        detail += " (worker start failure)"
+                self._after_exit(w, was_ready=ready, reason=reason, detail=detail, status=status,
+                                 oom_before=oom_before, node=health.node)
+                return
+
+    def _on_worker_ready(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
+        host = msg.get("host")
+        port = msg.get("port")
+        self.host = str(host) if host else self.host
+        if isinstance(port, int):
+            self.port = port
+        self.ready_wall = time.time()
+        self.policy.on_ready()
+        self.paths.write_pid(w.pid)
+        self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        if not self.ready_once:
+            sd_notify("READY=1")
+        self.ready_once = True
+        if self.on_ready_cb is not None:
+            try:
+                self.on_ready_cb(self.host or "127.0.0.1", self.port or 0)
+            except Exception as e:  # noqa: BLE001
+                log.warning("on_ready callback failed: %s", e)
+
+    def _after_exit(self, w: WorkerProcess | None, *, was_ready: bool, reason: str, detail: str,
+                    status: ExitStatus, oom_before: int | None, node: str | None = None) -> None:
+        self.paths.remove_pid()
+        uptime = None
+        if w is not None and w.spawned_at is not None:
+            uptime = time.monotonic() - w.spawned_at
+        rec: CrashRecord = make_record(
+            status=status, reason=reason, phase="run" if was_ready else "start",
+            we_signalled=w.signalled if w is not None else set(),
+            oom_before=oom_before, oom_after=oom_kill_count(), uptime=uptime, node=node,
+            pid=w.pid if w is not None else None,
+            last_lines=list(self.logfile.tail) if self.logfile else [], detail=detail)
+        self.crashes.append(rec.to_json())
+        del self.crashes[:-max(1, self.cfg.crash_history)]
+        self.logfile.event(f"worker {rec.pid} {rec.summary()}")
+        self.worker = None
+        decision = self.policy.on_exit(was_ready=was_ready, reason=f"{reason}: {detail}")
+        if decision.action == "fatal":
+            self.exit_code = EXIT_FATAL
+            self.sm.fire("give_up", decision.reason)
+            return
+        self.backoff_until = time.monotonic() + decision.delay
+        self.sm.fire("crashed" if was_ready else "start_failed",
+                     f"{reason}: {detail}; restart in {decision.delay:.2f}s")
+
+    async def _backoff(self) -> None:
+        while True:
+            remaining = (self.backoff_until or 0) - time.monotonic()
+            ev = await self._next(remaining)
+            if ev is None:
+                self.backoff_until = None
+                self.sm.fire("retry", f"restart #{self.policy.total_restarts}")
+                return
+            if self._handle_control(ev):
+                self.backoff_until = None
+                return
+
+    async def _stop_worker(self, why: str) -> str:
+        w = self.worker
+        if w is None or not w.alive:
+            return "exited"
+        self.logfile.event(f"stopping worker {w.pid} ({why})")
+        stage = await w.stop(self.cfg.stop_grace, self.cfg.term_timeout, self.cfg.kill_timeout, reason=why)
+        self.logfile.event(f"worker {w.pid} stopped at stage {stage}"
+                           + (f" ({w.status.describe()})" if w.status else ""))
+        if stage == "unkillable":
+            log.error("worker %s survived SIGKILL for %ss; abandoning", w.pid, self.cfg.kill_timeout)
+            w.close()
+        self.paths.remove_pid()
+        self.worker = None
+        self.last_stop_stage = stage
+        return stage
+
+    # ------------------------------------------------------------------ installs
+    def _start_install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
+        t = asyncio.ensure_future(self._install(w, msg))
+        self._installs.add(t)
+        t.add_done_callback(self._installs.discard)
+
+    async def _install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
+        rid = msg.get("id")
+        if self.env.no_venv or not self.cfg.venv or self.cfg.python:
+            w.send({"type": "install_result", "id": rid, "ok": False,
+                    "error": "this worker runs without a venv of its own (--no-venv): installs are disabled"})
+            return
+        deps = dict(self.worker_cfg.get("package_dependencies") or {})
+        for d in msg.get("deps") or []:
+            if isinstance(d, dict) and d.get("package"):
+                deps[str(d["package"])] = {k: v for k, v in d.items() if v is not None}
+        loop = asyncio.get_running_loop()
+
+        def progress(message: str, fraction: float | None = None) -> None:
+            loop.call_soon_threadsafe(w.send, {"type": "install_progress", "id": rid, "message": message,
+                                               "progress": fraction})
+
+        try:
+            self.python, self.fingerprint = await asyncio.to_thread(
+                self.env.install, self.paths.data_dir(self.worker_cfg), deps, progress)
+        except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
+            self.logfile.event(f"install failed: {e}")
+            w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+            return
+        self.write_state()
+        w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
+
+    # ------------------------------------------------------------------ sidecars
+    def on_sidecar_message(self, msg: dict[str, Any]) -> None:
+        """Callback for SidecarHost (any thread): queued, handled in the loop."""
+        self._loop.call_soon_threadsafe(self._event, "sidecar", msg)
+
+    def _route_sidecar(self, msg: dict[str, Any]) -> None:
+        """Discovery events and the monitor address go to the worker as channel frames."""
+        if self.worker is not None and self.worker.alive and isinstance(msg, dict) and "type" in msg:
+            self.worker.send(msg)
+
+
+async def _maybe_await(x: Any) -> Any:
+    if asyncio.iscoroutine(x) or isinstance(x, asyncio.Future):
+        return await x
+    return x
+
+
+def run_supervisor(paths: WorkerPaths, **kw: Any) -> int:
+    sup = Supervisor(paths, **kw)
+    try:
+        return asyncio.run(sup.run())
+    except AlreadyRunning:
+        raise
+    except IllegalTransition:
+        log.exception("internal state error")
+        return EXIT_ERROR
