@@ -63,7 +63,7 @@ class Commands:
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
         res = func(**kwargs)
-        if inspect.isawaitable(res):
+        if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
             res = await res
         if getattr(func, "_fn_saves", False):
             self.rt.request_save()

@@ -260,9 +260,8 @@ class WorkerRuntime:
         if event == "after_set_value":
             self._send_value(data.get("node"), data.get("io"), data.get("result"))
             return
-        if event == "after_trigger":
+        if event in ("triggerstart", "triggerfast"):
             self._track_trigger(data.get("node"))
-            return
         if event in SUPPRESSED:
             return
         if event in MUTATING:
@@ -282,12 +281,6 @@ class WorkerRuntime:
         if not self.server.clients or nid is None:
             return
         try:
-            io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
-            if not io.emit_value_set:
-                return
-        except Exception:
-            return
-        try:
             payload, mime = codec.encode_bytes(value, preview=True)
         except Exception:
             log.exception("cannot encode value of %s/%s", nid, ioid)
@@ -304,7 +297,7 @@ class WorkerRuntime:
         except Exception:
             return
         task = getattr(node, "_trigger_task", None)
-        if task is None:
+        if task is None or nid in HEALTH.in_flight:
             return
         HEALTH.in_flight[nid] = time.monotonic()
 
