@@ -502,9 +502,11 @@ def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, 
         # Only the core (and local projects): the warm cache has it all, no network round trips.
         attempts = [offline, online]
     failed: InstallError | None = None
+    deadline = time.monotonic() + timeout  # one bound for both tries
     for argv in attempts:
+        left = max(1.0, deadline - time.monotonic())
         try:
-            _run([*argv, "--", *reqs], stage="install", timeout=timeout, cwd=cwd, env=env)
+            _run([*argv, "--", *reqs], stage="install", timeout=left, cwd=cwd, env=env)
             return
         except InstallError as e:
             if e.timed_out:
@@ -612,7 +614,7 @@ def _ensure(
     timeout: float,
     recopy: bool,
 ) -> EnvInfo:
-    data_dir = Path(data_dir)
+    data_dir = Path(os.path.abspath(data_dir))  # absolute: argv paths never look like options
     venv = data_dir / ".venv"
     norm = normalize_deps(deps)  # validation first: a bad name never reaches a subprocess
     src = worker_src or worker_source()

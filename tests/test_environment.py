@@ -235,3 +235,14 @@ def test_worker_code_change_only_recopies(built, data_dir, worker_src, no_subpro
     assert not list(sp.glob(".fn-worker-*"))
     assert marker(info.venv)["worker_hash"] == envmod.worker_hash(worker_src)
     assert ensure_environment(data_dir, {}, worker_src=worker_src) == info  # and now the hot path
+
+
+def test_new_venv_is_ready_offline_from_a_warm_cache(built, config_dir, worker_src, monkeypatch):
+    # `built` warmed the cache; now every network request would fail (a dead proxy).
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    info = ensure_environment(config_dir / "workers" / "worker_offline", {}, worker_src=worker_src)
+    assert info.fingerprint == built.fingerprint
+    run_py(info, "import worker, funcnodes_core, aiohttp")
