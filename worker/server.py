@@ -20,7 +20,7 @@ import traceback
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
@@ -430,7 +430,8 @@ class WorkerServer:
                 if part.name != "file" or not part.filename:
                     await part.release()
                     continue
-                rel = safe_relative(part.filename)
+                # Browsers send 'dir/a.txt' raw; aiohttp clients percent-encode it.
+                rel = safe_relative(unquote(part.filename))
                 target = files_dir / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
