@@ -25,6 +25,7 @@ from collections import deque
 from typing import Any, Callable
 
 import multiprocess
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,45 @@ log = logging.getLogger(__name__)
 # supervised and would outlive a test. "spawn" costs a fresh interpreter start (~0.1-0.3 s) per
 # (re)start, which is irrelevant at sidecar restart rates, and gives a clean child whose only
 # inherited descriptors are the ones multiprocess passes explicitly.
+# "spawn" also starts multiprocess's resource-tracker helper (one per supervisor, at the first
+# sidecar start). It holds nothing for us (we use no named semaphores or shared memory) and exits
+# by itself on EOF once the supervisor and every sidecar are gone; stop_helper_processes() ends
+# it at once for a clean supervisor exit.
 START_METHOD = "spawn"
 _CTX = multiprocess.get_context(START_METHOD)
+_live_hosts: set["SidecarHost"] = set()
+
+
+def stop_helper_processes(timeout: float = 2.0) -> bool:
+    """Stop multiprocess's resource tracker, if no sidecar of any host is alive.
+
+    Returns False (and does nothing) while a sidecar still runs: it holds the tracker's pipe,
+    so the tracker could not see EOF yet. Bounded: a tracker that does not exit is SIGKILLed.
+    """
+    if _live_hosts:
+        return False
+    try:
+        from multiprocess import resource_tracker
+        tracker = resource_tracker._resource_tracker
+        with tracker._lock:
+            fd, pid = tracker._fd, tracker._pid
+            tracker._fd = tracker._pid = None
+    except (ImportError, AttributeError):  # pragma: no cover - other multiprocess versions
+        return True
+    if fd is None:
+        return True
+    os.close(fd)  # EOF: the tracker exits
+    if pid is not None:
+        try:
+            proc = psutil.Process(pid)
+            try:
+                proc.wait(timeout)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        except psutil.Error:
+            pass
+    return True
 
 
 class RestartPolicy:
@@ -118,14 +156,16 @@ class SidecarHost:
             any -> stopping -> stopped.
 
     `target(conn, *args)` runs in the child; `on_message(name, msg)` is called on the loop
-    for each message the sidecar sends. `args` is a public attribute: change it (e.g. to pin
-    the monitor's port after its first start) and the next restart uses the new value.
+    for each message the sidecar sends (a coroutine result is scheduled as a task). `args` and
+    `kwargs` are public attributes: change them (e.g. to pin the monitor's port after its first
+    start, so the worker's copy of the address stays valid) and the next restart uses them.
     Must be used from the loop's thread (start() is also where PR_SET_PDEATHSIG's "parent
     thread" is decided: call it from the long-lived loop thread).
     """
 
     def __init__(self, name: str, target: Callable[..., Any], args: tuple = (), *,
                  on_message: Callable[[str, dict], Any] | None = None,
+                 kwargs: dict | None = None,
                  loop: asyncio.AbstractEventLoop | None = None,
                  budget: int = 5, window: float = 60.0,
                  backoff_base: float = 0.2, backoff_cap: float = 5.0,
@@ -133,6 +173,7 @@ class SidecarHost:
         self.name = name
         self.target = target
         self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
         self.on_message = on_message
         self._loop = loop
         self.policy = RestartPolicy(budget, window, backoff_base, backoff_cap, clock)
@@ -223,7 +264,8 @@ class SidecarHost:
     def _spawn(self) -> None:
         loop = self.loop
         parent_conn, child_conn = _CTX.Pipe(duplex=True)
-        proc = _CTX.Process(target=self.target, args=(child_conn, *self.args), daemon=True,
+        proc = _CTX.Process(target=self.target, args=(child_conn, *self.args),
+                            kwargs=self.kwargs, daemon=True,
                             name=f"fn-supervise-sidecar-{self.name}")
         self._exited = asyncio.Event()
         try:
@@ -239,6 +281,7 @@ class SidecarHost:
             self._after_exit()
             return
         child_conn.close()  # the child's end lives only in the child: its death = our EOF
+        _live_hosts.add(self)
         self._proc = proc
         self._conn = parent_conn
         self.state = "running"
@@ -296,6 +339,7 @@ class SidecarHost:
     def _teardown(self, exitcode: int | None) -> None:
         loop = self.loop
         proc = self._proc
+        _live_hosts.discard(self)
         if proc is not None:
             try:
                 loop.remove_reader(proc.sentinel)
