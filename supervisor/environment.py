@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 MARKER_NAME = "fn-supervise-env.json"
 MARKER_SCHEMA = 1
@@ -44,6 +44,10 @@ VERIFY_TIMEOUT = 120.0
 
 Progress = Callable[[str, "float | None"], None]
 
+
+class Cancel(Protocol):  # threading.Event fits: set it from another thread to stop a build
+    def is_set(self) -> bool: ...
+
 # PEP 508 name; a version clause is an operator and a version made of version characters only.
 _NAME_RE = re.compile(r"^([A-Z0-9]|[A-Z0-9][A-Z0-9._-]*[A-Z0-9])$", re.IGNORECASE)
 _CLAUSE_RE = re.compile(r"^\s*(===|~=|==|!=|<=|>=|<|>)\s*([A-Za-z0-9][A-Za-z0-9.*+!_-]*)\s*$")
@@ -54,11 +58,14 @@ _REQ_NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 class InstallError(RuntimeError):
     """Creating or installing into a worker venv failed. The venv in use (if any) is untouched."""
 
-    def __init__(self, message: str, *, stage: str = "install", output: str = "", timed_out: bool = False) -> None:
+    def __init__(
+        self, message: str, *, stage: str = "install", output: str = "", timed_out: bool = False, cancelled: bool = False
+    ) -> None:
         super().__init__(message)
         self.stage = stage  # validate | venv | install | worker | verify
         self.output = output  # uv's (or the interpreter's) combined output, for logs
         self.timed_out = timed_out
+        self.cancelled = cancelled
 
 
 class InvalidDependency(InstallError, ValueError):
@@ -419,8 +426,12 @@ def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _run(argv: list[str], *, stage: str, timeout: float, cwd: Path, env: dict[str, str]) -> str:
-    """Run argv (never a shell) in its own process group; kill the group past the timeout."""
+def _run(
+    argv: list[str], *, stage: str, timeout: float, cwd: Path, env: dict[str, str], cancel: Cancel | None = None
+) -> str:
+    """Run argv (never a shell) in its own process group; kill the group past the timeout or on cancel."""
+    if cancel is not None and cancel.is_set():
+        raise InstallError(f"{stage}: cancelled", stage=stage, cancelled=True)
     try:
         proc = subprocess.Popen(
             argv,
@@ -434,8 +445,19 @@ def _run(argv: list[str], *, stage: str, timeout: float, cwd: Path, env: dict[st
         )
     except OSError as e:
         raise InstallError(f"{stage}: cannot run {argv[0]}: {e}", stage=stage) from e
+    deadline = time.monotonic() + timeout
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        while True:  # short slices so a cancel is seen; communicate() keeps what it read
+            try:
+                out, _ = proc.communicate(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    _killpg(proc)
+                    out = _drain(proc)
+                    raise InstallError(f"{stage}: cancelled", stage=stage, output=out, cancelled=True) from None
+                if time.monotonic() >= deadline:
+                    raise
     except subprocess.TimeoutExpired:
         _killpg(proc)
         out = _drain(proc)
@@ -482,7 +504,7 @@ def _report(progress: Progress | None, message: str, fraction: float | None) -> 
             pass
 
 
-def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, env, cwd) -> None:
+def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, env, cwd, cancel) -> None:
     pins = core_versions()
     core = [f"{n}=={pins[n]}" if n in pins else n for n in CORE_PACKAGES]
     reqs = core + [d.requirement() for d in deps if d.installed]
@@ -506,10 +528,10 @@ def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, 
     for argv in attempts:
         left = max(1.0, deadline - time.monotonic())
         try:
-            _run([*argv, "--", *reqs], stage="install", timeout=left, cwd=cwd, env=env)
+            _run([*argv, "--", *reqs], stage="install", timeout=left, cwd=cwd, env=env, cancel=cancel)
             return
         except InstallError as e:
-            if e.timed_out:
+            if e.timed_out or e.cancelled:
                 raise  # not retried: the time bound is the caller's
             if argv is online or failed is None:
                 failed = e  # the online answer says what is really wrong (not "not in cache")
@@ -527,6 +549,7 @@ def _build(
     worker_src: Path,
     progress: Progress | None,
     timeout: float,
+    cancel: Cancel | None,
 ) -> Path:
     """Build a complete venv in ``.venv.new-<rand>``; return it (marker written) or raise."""
     for d in deps:
@@ -543,16 +566,24 @@ def _build(
             timeout=VENV_TIMEOUT,
             cwd=data_dir,
             env=env,
+            cancel=cancel,
         )
         py = venv_python(new)
         n = len(CORE_PACKAGES) + sum(d.installed for d in deps)
         _report(progress, f"installing {n} packages", 0.15)
-        _install(uv, py, new, deps, timeout=timeout, env=env, cwd=data_dir)
+        _install(uv, py, new, deps, timeout=timeout, env=env, cwd=data_dir, cancel=cancel)
         _report(progress, "copying worker code", 0.8)
         sp = _site_packages(new)
         copy_worker(sp, worker_src)
         _report(progress, "verifying", 0.9)
-        _run([str(py), "-I", "-c", VERIFY_IMPORTS], stage="verify", timeout=VERIFY_TIMEOUT, cwd=data_dir, env=env)
+        _run(
+            [str(py), "-I", "-c", VERIFY_IMPORTS],
+            stage="verify",
+            timeout=VERIFY_TIMEOUT,
+            cwd=data_dir,
+            env=env,
+            cancel=cancel,
+        )
         _write_marker(new, {**marker, "site_packages": sp.relative_to(new).as_posix(), "created": time.time()})
         return new
     except BaseException:
@@ -613,6 +644,7 @@ def _ensure(
     worker_src: Path | None,
     timeout: float,
     recopy: bool,
+    cancel: Cancel | None,
 ) -> EnvInfo:
     data_dir = Path(os.path.abspath(data_dir))  # absolute: argv paths never look like options
     venv = data_dir / ".venv"
@@ -650,7 +682,7 @@ def _ensure(
             _write_marker(venv, {**m, **marker, "updated": time.time()})
             _report(progress, "done", 1.0)
             return EnvInfo(venv_python(venv), venv, wanted)
-        new = _build(data_dir, norm, python, marker, src, progress, timeout)
+        new = _build(data_dir, norm, python, marker, src, progress, timeout, cancel)
         _swap(data_dir, new)
     _report(progress, "done", 1.0)
     return EnvInfo(venv_python(venv), venv, wanted)
@@ -664,10 +696,17 @@ def ensure_environment(
     progress: Progress | None = None,
     worker_src: Path | None = None,
     timeout: float = INSTALL_TIMEOUT,
+    cancel: Cancel | None = None,
 ) -> EnvInfo:
-    """Return the worker venv for these deps, building (beside, then swapping) only if needed."""
+    """Return the worker venv for these deps, building (beside, then swapping) only if needed.
+
+    Raises InstallError (InvalidDependency for bad input, before any subprocess). ``timeout``
+    bounds the package install; setting ``cancel`` (a threading.Event) from another thread
+    kills the running uv and raises InstallError(cancelled=True); nothing half-built is kept.
+    """
     return _ensure(
-        data_dir, deps, python=python, progress=progress, worker_src=worker_src, timeout=timeout, recopy=True
+        data_dir, deps, python=python, progress=progress, worker_src=worker_src, timeout=timeout, recopy=True,
+        cancel=cancel,
     )
 
 
@@ -679,11 +718,13 @@ def install_into(
     progress: Progress | None = None,
     worker_src: Path | None = None,
     timeout: float = INSTALL_TIMEOUT,
+    cancel: Cancel | None = None,
 ) -> EnvInfo:
     """For a live worker: build a new venv with the full dep set beside, verify, swap.
 
     Nothing is changed in place: on InstallError the old ``.venv`` stays as it was, in use.
     """
     return _ensure(
-        data_dir, deps, python=python, progress=progress, worker_src=worker_src, timeout=timeout, recopy=False
+        data_dir, deps, python=python, progress=progress, worker_src=worker_src, timeout=timeout, recopy=False,
+        cancel=cancel,
     )

@@ -191,6 +191,44 @@ def test_timeout_kills_uv(data_dir, worker_src, monkeypatch):
     # the leak check (conftest) proves the killed uv is gone
 
 
+def test_cancel_kills_the_build_and_keeps_the_old_venv(built, data_dir, worker_src):
+    import threading
+
+    cancel = threading.Event()
+    deps = {"my-nodes": {"package": "my-nodes", "path": str(worker_src)}}  # any change: a rebuild
+
+    def progress(message, fraction):
+        if message == "verifying":  # the slowest stage (~0.8 s): cancel while it runs
+            cancel.set()
+
+    before = (built.venv.stat().st_ino, (built.venv / MARKER_NAME).read_bytes())
+    with pytest.raises(InstallError) as ei:
+        install_into(data_dir, deps, worker_src=worker_src, progress=progress, cancel=cancel)
+    assert ei.value.cancelled and ei.value.stage == "verify"
+    assert (built.venv.stat().st_ino, (built.venv / MARKER_NAME).read_bytes()) == before
+    assert leftovers(data_dir) == []
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_run_kills_the_whole_process_group(tmp_path, how):
+    import threading
+    import time
+
+    cancel = threading.Event()
+    if how == "cancel":
+        threading.Timer(0.3, cancel.set).start()
+    # a child that starts a grandchild: both must go (the leak check in conftest proves it)
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    t0 = time.monotonic()
+    with pytest.raises(InstallError) as ei:
+        envmod._run(
+            [sys.executable, "-c", code], stage="x", timeout=0.5 if how == "timeout" else 60,
+            cwd=tmp_path, env=dict(os.environ), cancel=cancel,
+        )
+    assert time.monotonic() - t0 < 5
+    assert (ei.value.cancelled, ei.value.timed_out) == ((True, False) if how == "cancel" else (False, True))
+
+
 # --------------------------------------------------------------------------- half-written, crashes
 
 
