@@ -190,3 +190,24 @@ def test_required_heartbeat_counts_from_running(config_dir, port):
     run(go())
     w.proc.wait(10)  # without heartbeats it stops itself
     assert w.stop() == 0
+
+
+def test_uuid_and_ping_answer_while_a_node_blocks_the_loop(worker):
+    """The Workermanager probes with `uuid` on a fresh connection and gives it 1 s."""
+    import asyncio, time
+
+    async def go():
+        async with Client(worker.url) as c:
+            await c.cmd("add_node", id="demo.block", uuid="blk")
+            await c.request({"type": "cmd", "cmd": "set_io_value", "kwargs": {"nid": "blk", "ioid": "seconds", "value": 3.0}})
+            await asyncio.sleep(0.3)  # the node now holds the main loop for 3 s
+            t0 = time.monotonic()
+            async with Client(worker.url) as fresh:
+                assert await fresh.cmd("uuid", timeout=5) == "w1"
+                await fresh.send_raw('{"type": "ping"}')
+                await fresh.wait_for(lambda e: e == {"type": "pong"}, timeout=5)
+            answered = time.monotonic() - t0
+            status = await c.cmd("get_node_status", nid="blk", timeout=10)  # queued until the node ends
+            assert answered < 2.0, answered  # well before the node releases the loop
+            assert status["in_trigger"] is False
+    run(go())

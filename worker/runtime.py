@@ -250,7 +250,26 @@ class WorkerRuntime:
 
     # region events
     def broadcast(self, msg: dict) -> None:
-        self.server.broadcast(msg)
+        self.server.post_broadcast(msg)
+
+    def error_text(self, e: BaseException, msg_id: Any) -> str:
+        from .server import clean_traceback
+
+        return codec.dumps(codec.error(str(e) or type(e).__name__, clean_traceback(e, bool(self.config.get("debug"))), msg_id))
+
+    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
+        try:
+            res = await self.commands.run(cmd, kwargs)
+            if as_bytes:
+                if codec.is_bytes_result(res):
+                    payload, mime = res.data, res.mime
+                else:
+                    payload, mime = codec.encode_bytes(res, preview=False)
+                return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
+            return codec.dumps(codec.result(res, msg_id))
+        except Exception as e:
+            return self.error_text(e, msg_id)
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
         self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
@@ -288,7 +307,7 @@ class WorkerRuntime:
         frames = codec.binary_frames(
             {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.server.max_data
         )
-        self.server.broadcast_frames(frames)
+        self.server.post_frames(frames)
 
     def _track_trigger(self, nid: str | None) -> None:
         """Event-driven execution: when a run ends, start what was requested meanwhile."""

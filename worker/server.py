@@ -1,5 +1,10 @@
 """The worker's aiohttp server: one port for the WebSocket protocol and the HTTP endpoints.
 
+It runs on its own thread and event loop ("fn-io"); the NodeSpace and every command run on the
+main loop. So a node that blocks the main loop cannot starve the network: pings, `uuid` (the
+Workermanager's liveness probe) and `heartbeat` are still answered, and events queue up.
+Everything that touches the NodeSpace is marshalled to the main loop and encoded there.
+
 Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
 check, CORS granted only to loopback origins and an allow-list, bounded upload and message
 stores, and error replies that go to the sender only.
@@ -15,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -87,6 +93,7 @@ class Client:
         self.ws = ws
         self.id = uuid.uuid4().hex
         self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
+        self.cmds: asyncio.Queue = asyncio.Queue()
         self.writer: asyncio.Task | None = None
 
     def put(self, item: str | bytes) -> None:
@@ -112,9 +119,35 @@ class Client:
                 return
 
 
+# Answered on the I/O thread without touching the NodeSpace, so they work while a node blocks.
+FAST_COMMANDS = {"uuid", "name", "get_runstate", "heartbeat"}
+
+
+class IOThread:
+    """A daemon thread running its own asyncio loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="fn-io", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def call(self, coro):
+        """Await coro on the I/O loop from another loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(2.0)
+
+
 class WorkerServer:
     def __init__(self, runtime: "WorkerRuntime"):
         self.rt = runtime
+        self.io: IOThread | None = None
         self.clients: dict[str, Client] = {}
         self.large: dict[str, tuple[str, float]] = {}
         self.large_bytes = 0
@@ -144,6 +177,11 @@ class WorkerServer:
         return app
 
     async def start(self, host: str, port: int | None) -> tuple[str, int]:
+        if self.io is None:
+            self.io = IOThread()
+        return await self.io.call(self._start(host, port))
+
+    async def _start(self, host: str, port: int | None) -> tuple[str, int]:
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
@@ -159,6 +197,16 @@ class WorkerServer:
         return self.host, self.port
 
     async def close(self, timeout: float = 2.0) -> None:
+        if self.io is None:
+            return
+        try:
+            await asyncio.wait_for(self.io.call(self._close(timeout)), timeout + 2.0)
+        except (asyncio.TimeoutError, Exception):
+            log.warning("server did not close cleanly")
+        self.io.stop()
+        self.io = None
+
+    async def _close(self, timeout: float) -> None:
         clients = list(self.clients.values())
         for c in clients:
             c.put(None)
@@ -252,21 +300,28 @@ class WorkerServer:
         await ws.prepare(request)
         client = Client(ws)
         client.writer = asyncio.ensure_future(client.write_loop())
+        runner = asyncio.ensure_future(self.cmd_loop(client))
         self.clients[client.id] = client
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
-                    await self.on_text(client, msg.data)
+                    await self.on_text(client, msg.data, inline=False)
                 elif msg.type == WSMsgType.BINARY:
                     self.reply(client, codec.error("binary frames are not accepted from clients; send JSON text", [], None))
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
             self.clients.pop(client.id, None)
+            runner.cancel()
             client.put(None)
         return ws
 
-    async def on_text(self, client: Client | None, text: str) -> dict | None:
+    async def cmd_loop(self, client: Client) -> None:
+        while True:
+            cmd, kwargs, msg_id, as_bytes = await client.cmds.get()
+            await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
+
+    async def on_text(self, client: Client | None, text: str, inline: bool = True) -> dict | None:
         """Handle one client message; returns the reply (also sent to client when given)."""
         msg_id = None
         try:
@@ -303,27 +358,42 @@ class WorkerServer:
             err = codec.error(str(e), [], msg_id)
             self.reply(client, err)
             return err
-        try:
-            res = await self.rt.commands.run(cmd, kwargs)
-        except Exception as e:
-            err = codec.error(str(e) or type(e).__name__, clean_traceback(e, bool(self.rt.config.get("debug"))), msg_id)
-            self.reply(client, err)
-            return err
-        if data.get("as_bytes"):
-            if codec.is_bytes_result(res):
-                payload, mime = res.data, res.mime
-            else:
-                payload, mime = codec.encode_bytes(res, preview=False)
+        as_bytes = bool(data.get("as_bytes"))
+        if cmd in FAST_COMMANDS and not as_bytes:
+            try:
+                res = self.rt.commands.registry[cmd](**kwargs)
+                out = codec.dumps(codec.result(res, msg_id))
+            except Exception as e:
+                out = self.rt.error_text(e, msg_id)
+            return self.deliver(client, out, msg_id)
+        if client is not None and not inline:
+            # Commands of one connection run in order, but behind the reader: pings still pass.
+            client.cmds.put_nowait((cmd, kwargs, msg_id, as_bytes))
+            return None
+        return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
+
+    async def run_cmd(self, client: Client | None, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> dict:
+        out = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self.rt.execute(cmd, kwargs, msg_id, as_bytes), self.rt.loop)
+        )
+        return self.deliver(client, out, msg_id)
+
+    def deliver(self, client: Client | None, out: str | list, msg_id: Any) -> str | dict:
+        if isinstance(out, list):  # binary result frames
             if client is not None:
-                for frame in codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.max_data):
+                for frame in out:
                     client.put(frame)
-            return {"type": "result", "id": msg_id, "bytes": len(payload)}
-        reply = codec.result(res, msg_id)
-        self.reply(client, reply)
-        return reply
+            return {"type": "result", "id": msg_id, "binary": True}
+        if client is None:
+            self.broadcast_text(out)
+        else:
+            client.put(self._stub_if_large(out))
+        return out
 
     def _text(self, msg: dict) -> str:
-        text = codec.dumps(msg)
+        return self._stub_if_large(codec.dumps(msg))
+
+    def _stub_if_large(self, text: str) -> str:
         if len(text) * 1.1 > self.max_msg:
             msg_id = str(uuid.uuid4())
             self.store_large(msg_id, text)
@@ -345,9 +415,12 @@ class WorkerServer:
         client.put(self._text(msg))
 
     def broadcast(self, msg: dict) -> None:
+        self.broadcast_text(codec.dumps(msg))
+
+    def broadcast_text(self, text: str) -> None:
         if not self.clients:
             return
-        text = self._text(msg)
+        text = self._stub_if_large(text)
         for c in list(self.clients.values()):
             c.put(text)
 
@@ -355,6 +428,16 @@ class WorkerServer:
         for c in list(self.clients.values()):
             for f in frames:
                 c.put(f)
+
+    # Called from the main loop: encode there (the NodeSpace is not thread-safe), send here.
+    def post_broadcast(self, msg: dict) -> None:
+        if self.io is None or not self.clients:
+            return
+        self.io.loop.call_soon_threadsafe(self.broadcast_text, codec.dumps(msg))
+
+    def post_frames(self, frames: list[bytes]) -> None:
+        if self.io is not None:
+            self.io.loop.call_soon_threadsafe(self.broadcast_frames, frames)
     # endregion
 
     # region large messages
@@ -389,8 +472,10 @@ class WorkerServer:
             reply = await self.on_text(None, text)
         finally:
             self.max_msg = saved
-        if reply and reply.get("type") == "error":
-            return web.json_response(reply, status=400, dumps=codec.dumps)
+        if isinstance(reply, str) and reply.startswith('{"type": "error"'):
+            reply = json.loads(reply)
+        if isinstance(reply, dict) and reply.get("type") == "error":
+            return web.json_response(reply, status=400)
         return web.Response(text="Message received")
     # endregion
 
@@ -404,12 +489,15 @@ class WorkerServer:
         return web.json_response({"status": "starting", "uuid": self.rt.uuid}, status=503)
 
     async def handle_io_value(self, request: web.Request) -> web.Response:
-        try:
+        async def full_value():
             node = self.rt.nodespace.get_node_by_id(request.match_info["nid"])
             io = node.get_input_or_output(request.match_info["ioid"])
+            return codec.encode_bytes(io.value, preview=False)
+
+        try:
+            payload, mime = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(full_value(), self.rt.loop))
         except Exception as e:
             return web.json_response({"error": str(e)}, status=404)
-        payload, mime = codec.encode_bytes(io.value, preview=False)
         return web.Response(body=payload, content_type=mime.split(";")[0] if mime else "application/octet-stream")
 
     async def handle_upload(self, request: web.Request) -> web.Response:
@@ -462,7 +550,7 @@ class WorkerServer:
                     tmp.unlink()
                 except FileNotFoundError:
                     pass
-        self.rt.nodespace.set_secret_property("files_dir", str(files_dir))
+        self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(files_dir))
         if len(names) == 1:
             common = names[0]
         else:
