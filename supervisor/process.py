@@ -79,6 +79,65 @@ def reap_orphans(pgids: set[int]) -> list[tuple[int, int]]:
     return reaped
 
 
+class GroupReaper:
+    """Ray-style dead-man's switch for the worker's process group.
+
+    The worker dies with us (lifeline EOF, its own PR_SET_PDEATHSIG), but what *it* started
+    (node subprocesses, in its process group) would outlive a SIGKILLed supervisor: we are
+    their subreaper and we are gone. A tiny `/bin/sh` in a session of its own reads the
+    current worker pgid from a pipe whose only write end we hold; when we die the pipe
+    closes and it SIGKILLs that group. "-" clears it (the group is gone, or we stop cleanly).
+    """
+
+    SCRIPT = 'g=-; while read -r l; do g=$l; done; [ "$g" != - ] && kill -s KILL -- "-$g" 2>/dev/null; exit 0'
+
+    def __init__(self) -> None:
+        self._w: int | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> bool:
+        if not os.path.exists("/bin/sh"):
+            return False
+        r, w = os.pipe()
+        try:
+            self._proc = subprocess.Popen(["/bin/sh", "-c", self.SCRIPT], stdin=r, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        except OSError:
+            os.close(w)
+            return False
+        finally:
+            os.close(r)
+        self._w = w
+        return True
+
+    def _send(self, line: str) -> None:
+        if self._w is None:
+            return
+        try:
+            os.write(self._w, (line + "\n").encode())
+        except OSError:
+            pass
+
+    def watch(self, pgid: int) -> None:
+        self._send(str(int(pgid)))
+
+    def clear(self) -> None:
+        self._send("-")
+
+    def close(self) -> None:
+        if self._w is None:
+            return
+        self.clear()
+        os.close(self._w)
+        self._w = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(2.0)
+
+
 class RotatingLog:
     """Size-rotated line log (<path>, <path>.1 .. .<backups>). Keeps a tail of worker lines."""
 
@@ -136,8 +195,9 @@ class WorkerProcess:
 
     def __init__(self, argv: list[str], *, env: dict[str, str], cwd: str | None, logfile: RotatingLog,
                  on_frame: Callable[[dict[str, Any]], None], on_exit: Callable[["WorkerProcess"], None],
-                 on_eof: Callable[["WorkerProcess"], None] | None = None):
+                 on_eof: Callable[["WorkerProcess"], None] | None = None, reaper: GroupReaper | None = None):
         self.argv = list(argv)
+        self.reaper = reaper
         self.env = env
         self.cwd = cwd
         self.logfile = logfile
@@ -186,6 +246,8 @@ class WorkerProcess:
         os.set_blocking(out_r, False)
         self._out = out_r
         self._pidfd = os.pidfd_open(self.pid)
+        if self.reaper is not None:
+            self.reaper.watch(self.pgid)
         self._loop.add_reader(self._pidfd, self._on_pidfd)
         self._loop.add_reader(out_r, self._on_output)
         if control:
@@ -298,6 +360,8 @@ class WorkerProcess:
             os.killpg(self.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.reaper is not None:
+            self.reaper.clear()
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:

@@ -32,7 +32,7 @@ from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
 from .health import HeartbeatMonitor
 from .policy import RestartPolicy
-from .process import RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
+from .process import GroupReaper, RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
 from .states import RUNSTATE, IllegalTransition, State, StateMachine
 
 log = logging.getLogger("fn-supervise")
@@ -136,6 +136,7 @@ class Supervisor:
         self.exit_code: int | None = None
         self.ready_once = False
         self._installs: set[asyncio.Task] = set()
+        self.reaper = GroupReaper()
 
     # ------------------------------------------------------------------ plumbing
     def _event(self, *ev: Any) -> None:
@@ -241,6 +242,7 @@ class Supervisor:
 
     async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
         set_child_subreaper()
+        self.reaper.start()
         if self.install_signals:
             self._install_signal_handlers(loop)
         try:
@@ -274,6 +276,7 @@ class Supervisor:
                 await self.worker.kill(self.cfg.kill_timeout)
             if self.worker is not None:
                 self.worker.close()
+            self.reaper.close()
             self.paths.remove_pid()
             if self.sm.state in (State.STOPPED, State.STOPPING):
                 self.paths.remove_runstate()
@@ -396,7 +399,7 @@ class Supervisor:
         argv, env = self._worker_argv()
         w = WorkerProcess(argv, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)), logfile=self.logfile,
                           on_frame=lambda m, _w=None: None, on_exit=lambda wp: self._event("exit", wp),
-                          on_eof=lambda wp: self._event("eof", wp))
+                          on_eof=lambda wp: self._event("eof", wp), reaper=self.reaper)
         w.on_frame = lambda m: self._event("frame", w, m)
         oom_before = oom_kill_count()
         try:

@@ -1,0 +1,388 @@
+"""The supervisor with real processes: the real worker (`python -m worker`) where the test is
+about serving, the fault-injecting fake (tests/fixtures_supervisor/fakeworker.py) where it
+is about misbehaviour. Timers are shrunk through the worker config; every wait has a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+
+from conftest import marked_processes, poll_until
+from supervisor.cli import create_worker
+from supervisor.files import WorkerPaths
+from supervisor.process import RotatingLog, WorkerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures_supervisor"
+HAVE_WORKER = (REPO / "worker" / "__main__.py").exists()
+
+FAST = {"heartbeat_timeout": 1.5, "stop_grace": 1.0, "term_timeout": 1.0, "kill_timeout": 1.0,
+        "backoff_base": 0.05, "backoff_cap": 0.5, "start_timeout": 20.0, "eof_grace": 0.5}
+
+
+def make_worker(config_dir: Path, port: int, *, fake: bool = False, hb: float = 0.2, **sup) -> WorkerPaths:
+    opts = dict(FAST)
+    opts.update(sup)
+    if fake:
+        opts["worker_module"] = "fakeworker"
+    paths = create_worker(config_dir, name="t", host="127.0.0.1", port=port, no_venv=True, supervisor=opts)
+    cfg = paths.read_config()
+    cfg["heartbeat_interval"] = hb
+    paths.write_config(cfg)
+    return paths
+
+
+def start_supervisor(paths: WorkerPaths, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO), env.get("PYTHONPATH", "")])
+    out = open(tmp_path / f"supervisor-{time.monotonic_ns()}.out", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(paths.base), *extra, paths.name],
+                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    p.outfile = out.name  # type: ignore[attr-defined]
+    return p
+
+
+def output(p: subprocess.Popen) -> str:
+    return Path(p.outfile).read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+def state(paths: WorkerPaths) -> dict:
+    return paths.read_state() or {}
+
+
+def running_worker(paths: WorkerPaths, not_pid: int | None = None):
+    st = state(paths)
+    w = st.get("worker")
+    if st.get("state") == "RUNNING" and w and w["pid"] != not_pid and paths.pidfile.exists():
+        return w["pid"]
+    return None
+
+
+def stop_supervisor(p: subprocess.Popen, timeout: float = 10.0) -> int:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+    try:
+        return p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
+        raise AssertionError("supervisor did not stop on SIGTERM:\n" + output(p))
+
+
+async def _ws_uuid(port: int) -> str:
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"ws://127.0.0.1:{port}/", timeout=aiohttp.ClientWSTimeout(ws_close=2)) as ws:
+            await ws.send_str(json.dumps({"type": "cmd", "cmd": "uuid", "kwargs": {}, "id": "u1"}))
+            msg = await asyncio.wait_for(ws.receive(), 3)
+            return json.loads(msg.data)["result"]
+
+
+def ws_uuid(port: int) -> str | None:
+    try:
+        return asyncio.run(_ws_uuid(port))
+    except (OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
+        return None
+
+
+@pytest.fixture
+def sup_procs():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+# ---------------------------------------------------------------------- real worker
+@pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
+def test_kill9_worker_comes_back_on_same_port(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid1 = poll_until(lambda: running_worker(paths), 20, what="worker ready")
+    assert paths.pidfile.read_text().strip() == str(pid1)
+    assert paths.runstate.read_text().splitlines()[0] == "running"
+    assert ws_uuid(port) == paths.uuid
+    os.kill(pid1, signal.SIGKILL)
+    t0 = time.monotonic()
+    pid2 = poll_until(lambda: running_worker(paths, not_pid=pid1), 20, what="replacement")
+    assert poll_until(lambda: ws_uuid(port), 10, what="uuid answer") == paths.uuid
+    took = time.monotonic() - t0
+    st = state(paths)
+    assert st["port"] == port and st["restarts"] == 1
+    crash = st["crashes"][-1]
+    assert crash["reason"] == "crashed" and crash["signal_name"] == "SIGKILL" and not crash["signal_by_supervisor"]
+    assert crash["phase"] == "run" and crash["pid"] == pid1
+    assert paths.pidfile.read_text().strip() == str(pid2)
+    assert stop_supervisor(sup) == 0
+    assert not paths.pidfile.exists() and not paths.runstate.exists()
+    assert state(paths)["state"] == "STOPPED"
+    print(f"kill -9 to serving again: {took:.2f}s")
+
+
+@pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
+def test_busy_port_makes_every_start_fail_then_fatal(config_dir, port, tmp_path, sup_procs):
+    """The real worker exits 3 when it cannot bind; the supervisor gives up within its budget."""
+    paths = make_worker(config_dir, port, start_budget=3)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        sup = start_supervisor(paths, tmp_path)
+        sup_procs.append(sup)
+        code = sup.wait(60)
+    finally:
+        blocker.close()
+    assert code == 4, output(sup)
+    st = state(paths)
+    assert st["state"] == "FATAL" and "start_budget 3" in st["reason"]
+    assert len(st["crashes"]) == 3
+    assert all(c["exit_code"] == 3 and c["phase"] == "start" for c in st["crashes"])
+    assert "cannot listen" in "\n".join(st["crashes"][-1]["last_log_lines"])
+    assert not paths.pidfile.exists()
+    assert paths.runstate.read_text().splitlines()[0] == "stopped"
+
+
+# ---------------------------------------------------------------------- fake worker
+def test_worker_failing_every_start_ends_fatal_with_no_more_starts(config_dir, port, tmp_path, sup_procs,
+                                                                   monkeypatch):
+    starts = tmp_path / "starts"
+    monkeypatch.setenv("FAKE_FAIL_ON_START", "1")
+    monkeypatch.setenv("FAKE_STARTS_FILE", str(starts))
+    paths = make_worker(config_dir, port, fake=True, start_budget=4)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    assert sup.wait(30) == 4, output(sup)
+    assert len(starts.read_text().split()) == 4
+    st = state(paths)
+    assert st["state"] == "FATAL" and st["exit_code"] == 4
+    assert [c["exit_code"] for c in st["crashes"]] == [1, 1, 1, 1]
+    assert "failing on purpose" in st["crashes"][-1]["last_log_lines"][-1]
+    # the supervisor is gone: nothing can start it again
+    assert len(starts.read_text().split()) == 4
+    # status still explains it
+    r = subprocess.run([sys.executable, "-m", "supervisor", "status", paths.name, "--json"],
+                       capture_output=True, text=True, cwd=str(REPO), timeout=30)
+    js = json.loads(r.stdout)
+    assert js["state"] == "FATAL" and not js["supervisor_alive"] and len(js["crashes"]) == 4
+
+
+def test_sigstop_is_detected_as_hung_and_replaced(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, fake=True, heartbeat_timeout=1.0)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid1 = poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    os.kill(pid1, signal.SIGSTOP)
+    t0 = time.monotonic()
+    poll_until(lambda: running_worker(paths, not_pid=pid1), 10, what="replacement")
+    took = time.monotonic() - t0
+    assert took < 1.0 + 1.0 + 0.5, took  # timeout + 1 s (+ slack for a 2-core box)
+    crash = state(paths)["crashes"][-1]
+    assert crash["reason"] == "hung" and crash["signal_name"] == "SIGKILL" and crash["signal_by_supervisor"]
+    assert "no heartbeat" in crash["detail"] and not crash["suspected_oom"]
+    assert not psutil.pid_exists(pid1) or psutil.Process(pid1).status() == psutil.STATUS_ZOMBIE
+    assert ws_uuid(port) == paths.uuid
+    assert stop_supervisor(sup) == 0
+
+
+def test_worker_ignoring_stop_and_sigterm_is_sigkilled_at_deadline(config_dir, port, tmp_path, sup_procs,
+                                                                    monkeypatch):
+    monkeypatch.setenv("FAKE_IGNORE_SIGTERM", "1")
+    monkeypatch.setenv("FAKE_IGNORE_STOP", "1")
+    paths = make_worker(config_dir, port, fake=True, stop_grace=0.5, term_timeout=0.7, kill_timeout=1.0)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid = poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    t0 = time.monotonic()
+    assert stop_supervisor(sup) == 0
+    took = time.monotonic() - t0
+    assert 1.2 <= took < 1.2 + 1.5, took
+    assert not psutil.pid_exists(pid)
+    log = paths.log_file().read_text()
+    assert "stopped at stage sigkill" in log
+
+
+def test_stop_escalation_stages_with_real_children(tmp_path):
+    """process.WorkerProcess without a supervisor: which stage ended the child, and when."""
+
+    async def run(code: str, grace: float, term: float):
+        lg = RotatingLog(tmp_path / "w.log")
+        w = WorkerProcess([sys.executable, "-c", code], env=dict(os.environ), cwd=str(tmp_path), logfile=lg,
+                          on_frame=lambda m: None, on_exit=lambda wp: None)
+        w.spawn(control=False)
+        await asyncio.sleep(0.3)  # let it install its handler (bounded by the stop deadlines below)
+        t0 = time.monotonic()
+        stage = await w.stop(grace, term, 2.0)
+        took = time.monotonic() - t0
+        lg.close()
+        return stage, took, w.status
+
+    ignore = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    obey = "import time; time.sleep(60)"
+    stage, took, status = asyncio.run(run(ignore, 0.0, 0.5))
+    assert stage == "sigkill" and status.signal == signal.SIGKILL and 0.5 <= took < 1.5
+    stage, took, status = asyncio.run(run(obey, 0.0, 2.0))
+    assert stage == "sigterm" and status.signal == signal.SIGTERM and took < 1.0
+    assert "up" in (tmp_path / "w.log").read_text()
+
+
+def test_sigkill_of_supervisor_leaves_nothing(config_dir, port, tmp_path, sup_procs, monkeypatch,
+                                              no_leaked_processes):
+    monkeypatch.setenv("FAKE_GRANDCHILD", "1")
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    assert len(marked_processes(no_leaked_processes)) >= 3  # supervisor, worker, grandchild
+    sup.kill()
+    sup.wait(5)
+    t0 = time.monotonic()
+    poll_until(lambda: not marked_processes(no_leaked_processes), 2.0, what="no process left")
+    print(f"all gone {time.monotonic() - t0:.2f}s after SIGKILL of the supervisor")
+
+
+def test_stale_files_and_unrelated_pid_do_not_block_or_get_signalled(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, fake=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        # a .p pointing at an unrelated live process, a stale runstate, and a state file whose
+        # worker record has the sleeper's PID but another start time (a reused PID)
+        paths.write_pid(sleeper.pid)
+        paths.write_runstate("running")
+        paths.write_state({"state": "RUNNING", "supervisor": {"pid": sleeper.pid, "start_time": 1.0, "boot_id": ""},
+                           "worker": {"pid": sleeper.pid, "start_time": 1.0, "boot_id": ""}})
+        sup = start_supervisor(paths, tmp_path)
+        sup_procs.append(sup)
+        pid = poll_until(lambda: running_worker(paths, not_pid=sleeper.pid), 15, what="worker ready")
+        assert paths.pidfile.read_text().strip() == str(pid)
+        assert stop_supervisor(sup) == 0
+        assert sleeper.poll() is None, "the unrelated process was signalled"
+        # `stop` with a state file that names the sleeper must not signal it either
+        paths.write_state({"state": "RUNNING", "supervisor": {"pid": sleeper.pid, "start_time": 1.0,
+                                                              "boot_id": ""}})
+        r = subprocess.run([sys.executable, "-m", "supervisor", "stop", paths.name], capture_output=True, text=True,
+                           cwd=str(REPO), timeout=30)
+        assert r.returncode == 0 and "not running" in r.stdout
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait(5)
+
+
+def test_second_supervisor_refuses(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid = poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    second = start_supervisor(paths, tmp_path)
+    sup_procs.append(second)
+    assert second.wait(20) == 3
+    assert "already supervised" in output(second) and str(sup.pid) in output(second)
+    assert running_worker(paths) == pid  # undisturbed
+    assert stop_supervisor(sup) == 0
+
+
+def test_stop_worker_from_a_client_stops_the_supervisor(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    poll_until(lambda: running_worker(paths), 15, what="worker ready")
+
+    async def stop():
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send_str(json.dumps({"type": "cmd", "cmd": "stop_worker", "id": 1}))
+                await asyncio.wait_for(ws.receive(), 5)
+
+    asyncio.run(stop())
+    assert sup.wait(15) == 0, output(sup)
+    st = state(paths)
+    assert st["state"] == "STOPPED" and st["restarts"] == 0 and not st["crashes"]
+    assert not paths.pidfile.exists() and not paths.runstate.exists()
+
+
+def test_sighup_restarts_with_reread_config_and_cli_controls(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid1 = poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    cfg = paths.read_config()
+    cfg["supervisor"]["heartbeat_timeout"] = 4.0
+    paths.write_config(cfg)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
+                              cwd=str(REPO), timeout=30)
+
+    assert cli("restart", paths.name).returncode == 0
+    pid2 = poll_until(lambda: running_worker(paths, not_pid=pid1), 15, what="restarted worker")
+    assert "no heartbeat for" not in paths.log_file().read_text()
+    assert "heartbeat_timeout" in json.dumps(paths.read_config())
+    st = state(paths)
+    assert st["restarts"] == 0 and not st["crashes"]  # a requested restart is no crash
+    r = cli("status", paths.name)
+    assert "RUNNING" in r.stdout and str(pid2) in r.stdout and f":{port}" in r.stdout
+    r = cli("list")
+    assert paths.name in r.stdout and "RUNNING" in r.stdout
+    r = cli("logs", paths.name, "-n", "200")
+    assert "fake worker ready" in r.stdout and "SIGHUP" in r.stdout
+    r = cli("stop", paths.name)
+    assert r.returncode == 0 and "stopped" in r.stdout
+    assert sup.wait(5) == 0
+    assert cli("status", paths.name, "--json").returncode == 0
+
+
+def test_start_timeout_counts_as_failed_start(config_dir, port, tmp_path, sup_procs, monkeypatch):
+    monkeypatch.setenv("FAKE_STARTUP_DELAY", "30")
+    paths = make_worker(config_dir, port, fake=True, start_timeout=0.8, start_budget=2)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    assert sup.wait(20) == 4, output(sup)
+    st = state(paths)
+    assert [c["reason"] for c in st["crashes"]] == ["start_timeout", "start_timeout"]
+    assert all(c["signal_by_supervisor"] for c in st["crashes"])
+
+
+def test_sigterm_during_backoff_stops_at_once(config_dir, port, tmp_path, sup_procs, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL_ON_START", "1")
+    paths = make_worker(config_dir, port, fake=True, backoff_base=30.0, backoff_cap=30.0, start_budget=5)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    poll_until(lambda: state(paths).get("state") == "BACKOFF", 15, what="backoff")
+    t0 = time.monotonic()
+    assert stop_supervisor(sup) == 0
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_cli_new_and_unknown_worker(config_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "supervisor", "new", "--no-venv", "--name", "n1", "--dep", "numpy>=1"],
+                       capture_output=True, text=True, cwd=str(REPO), timeout=30)
+    assert r.returncode == 0, r.stderr
+    wid = r.stdout.strip().splitlines()[-1]
+    assert wid.startswith("worker_")
+    cfg = json.loads((config_dir / "workers" / f"{wid}.json").read_text())
+    assert cfg["type"] == "WSWorker" and cfg["name"] == "n1" and cfg["supervisor"]["venv"] is False
+    assert cfg["package_dependencies"] == {"numpy": {"package": "numpy", "version": ">=1"}}
+    assert (config_dir / "workers" / wid).is_dir()
+    r = subprocess.run([sys.executable, "-m", "supervisor", "worker_nope"], capture_output=True, text=True,
+                       cwd=str(REPO), timeout=30)
+    assert r.returncode == 2 and "unknown worker" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "supervisor", "frobnicate"], capture_output=True, text=True,
+                       cwd=str(REPO), timeout=30)
+    assert r.returncode == 2
