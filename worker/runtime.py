@@ -112,6 +112,10 @@ class WorkerRuntime:
             self.paths.files.mkdir(exist_ok=True)
             self.set_runstate("starting", "Loading packages")
             await self.load_dependencies()
+            if not self.supervised:  # supervised, the discovery sidecar sends the listing
+                from .localworkers import scan
+
+                scan(self.commands)
             self.set_runstate("starting", "Loading nodespace")
             self.load_nodespace()
             await self.listen()
