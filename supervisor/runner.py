@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -58,7 +59,8 @@ class Environment:
         self.no_venv = no_venv
 
     def prepare(self, data_dir: Path, cfg: dict[str, Any], scfg: SupervisorConfig,
-                progress: Callable[[str, float | None], None] | None = None) -> tuple[str, str]:
+                progress: Callable[[str, float | None], None] | None = None,
+                cancel: threading.Event | None = None) -> tuple[str, str]:
         """-> (python, fingerprint). Runs in a thread."""
         if scfg.python:
             return scfg.python, f"python:{scfg.python}"
@@ -70,10 +72,13 @@ class Environment:
         except ImportError as e:
             raise PrepareError(f"venv support is not available ({e}); use --no-venv") from None
         try:
-            info = environment.ensure_environment(data_dir, deps, python=sys.executable, progress=progress)
+            info = environment.ensure_environment(data_dir, deps, python=sys.executable, progress=progress,
+                                                  cancel=cancel)
         except environment.InstallError as e:
+            if getattr(e, "cancelled", False):
+                raise PrepareError("cancelled") from None
             old = data_dir / ".venv" / "bin" / "python"
-            if old.exists():
+            if environment.read_marker(data_dir / ".venv") is not None and old.exists():
                 log.warning("install failed, keeping the old environment: %s", e)
                 return str(old), f"stale:{e}"
             raise PrepareError(f"environment could not be built: {e}") from None
@@ -82,7 +87,7 @@ class Environment:
     def install(self, data_dir: Path, deps: dict[str, Any],
                 progress: Callable[[str, float | None], None] | None = None) -> tuple[str, str]:
         from . import environment  # noqa: PLC0415
-        info = environment.install_into(data_dir, deps, progress)
+        info = environment.install_into(data_dir, deps, python=sys.executable, progress=progress)
         return str(info.python), str(info.fingerprint)
 
 
@@ -347,15 +352,19 @@ class Supervisor:
         def progress(message: str, fraction: float | None = None) -> None:
             loop.call_soon_threadsafe(self._prepare_progress, message, fraction)
 
-        task = asyncio.ensure_future(asyncio.to_thread(self.env.prepare, data_dir, self.worker_cfg, self.cfg, progress))
+        cancel = threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(self.env.prepare, data_dir, self.worker_cfg, self.cfg,
+                                                       progress, cancel))
         while not task.done():
             getter = asyncio.ensure_future(self.q.get())
             done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 ev = getter.result()
                 if ev[0] == "signal" and self._signal_intent(ev[1]) == "stop":
-                    # The install thread cannot be interrupted safely; environment.py builds
-                    # beside the live venv, so abandoning it leaves nothing half-used.
+                    # environment.py kills its uv on cancel and builds beside the live venv,
+                    # so nothing half-built is ever used. Bounded wait for it to unwind.
+                    cancel.set()
+                    await asyncio.wait({task}, timeout=self.cfg.stop_grace + self.cfg.term_timeout)
                     self.sm.fire("stop", f"{signal.Signals(ev[1]).name} received while preparing")
                     return
             else:

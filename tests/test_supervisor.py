@@ -386,3 +386,85 @@ def test_cli_new_and_unknown_worker(config_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "supervisor", "frobnicate"], capture_output=True, text=True,
                        cwd=str(REPO), timeout=30)
     assert r.returncode == 2
+
+
+@pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
+def test_failed_install_keeps_old_venv_and_worker_serving(config_dir, port, tmp_path, sup_procs, monkeypatch):
+    monkeypatch.setenv("UV_OFFLINE", "1")  # the package cannot be found: a fast, certain install failure
+    paths = create_worker(config_dir, name="v", host="127.0.0.1", port=port, no_venv=False, supervisor=FAST)
+    venv_marker = paths.data_dir() / ".venv" / "fn-supervise-env.json"
+    marker_before = venv_marker.read_text()
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid = poll_until(lambda: running_worker(paths), 30, what="venv worker ready")
+    fp = state(paths)["env"]["fingerprint"]
+    assert state(paths)["env"]["python"].startswith(str(paths.data_dir() / ".venv"))
+
+    async def add_dep():
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"ws://127.0.0.1:{port}/") as ws:
+                await ws.send_str(json.dumps({"type": "cmd", "cmd": "add_package_dependency",
+                                              "kwargs": {"name": "fn-supervise-no-such-package-zz"}, "id": "d1"}))
+                while True:
+                    m = await asyncio.wait_for(ws.receive(), 60)
+                    if m.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    js = json.loads(m.data)
+                    if js.get("id") == "d1":
+                        return js
+
+    reply = asyncio.run(add_dep())
+    assert reply["type"] == "error" and "install" in reply["error"], reply
+    assert running_worker(paths) == pid  # never a crash, never a restart
+    st = state(paths)
+    assert st["restarts"] == 0 and not st["crashes"] and st["env"]["fingerprint"] == fp
+    assert venv_marker.read_text() == marker_before  # the old venv is untouched
+    assert ws_uuid(port) == paths.uuid
+    assert "install failed" in paths.log_file().read_text()
+    assert stop_supervisor(sup) == 0
+
+
+def test_sd_notify_ready_status_stopping(config_dir, port, tmp_path, sup_procs, monkeypatch):
+    sock_path = tmp_path / "notify.sock"
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(str(sock_path))
+    ns.settimeout(0.1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    msgs: list[str] = []
+
+    def got(what):
+        try:
+            msgs.append(ns.recv(4096).decode())
+        except socket.timeout:
+            pass
+        return any(what in m for m in msgs)
+
+    poll_until(lambda: got("READY=1"), 15, what="READY=1")
+    assert stop_supervisor(sup) == 0
+    poll_until(lambda: got("STOPPING=1"), 5, what="STOPPING=1")
+    ns.close()
+    ready_i = next(i for i, m in enumerate(msgs) if m == "READY=1")
+    assert any(m.startswith("STATUS=RUNNING") for m in msgs[:ready_i])  # READY only once running
+    assert msgs[0].startswith("STATUS=PREPARING")
+
+
+def test_demo_prints_its_url(config_dir, tmp_path, sup_procs, monkeypatch):
+    seed = tmp_path / "seed.json"
+    seed.write_text('{"backend": {"nodes": [], "edges": [], "prop": {}, "groups": {}}}')
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO)])
+    out = open(tmp_path / "demo.out", "wb")
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", "demo", "--no-venv", "--seed", str(seed)],
+                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+    p.outfile = out.name  # type: ignore[attr-defined]
+    sup_procs.append(p)
+    text = poll_until(lambda: "serving at ws://" in output(p) and output(p), 30, what="demo URL")
+    url_port = int(text.split("serving at ws://127.0.0.1:")[1].split("/")[0])
+    wid = text.split("demo worker ")[1].split()[0]
+    assert (config_dir / "workers" / wid / "nodespace.json").read_text() == seed.read_text()
+    if HAVE_WORKER:
+        assert poll_until(lambda: ws_uuid(url_port), 10, what="demo answers") == wid[len("worker_"):]
+    assert stop_supervisor(p) == 0
