@@ -324,17 +324,35 @@ class SidecarHost:
         except Exception:
             log.exception("sidecar %s: on_message failed for %r", self.name, msg)
 
-    def _on_sentinel(self) -> None:
+    def _on_sentinel(self, tries: int = 0) -> None:
         proc = self._proc
-        if proc is None:
+        if proc is None or self._exited is None or self._exited.is_set():
             return
+        # The sentinel is the read end of a pipe only the child holds open: EOF = it exited.
         proc.join(0)  # reap
-        if proc.exitcode is None:  # spurious wake-up
-            return
+        code = proc.exitcode
+        if code is None:
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:
+                # Reaped by someone else (e.g. a waitpid(-1) loop elsewhere in the supervisor):
+                # dead, status unknown. Record it in multiprocess's Popen so nothing there ever
+                # waits on or signals this (possibly reused) pid again.
+                proc._popen.returncode = 255
+                code = None
+            else:
+                if pid == 0 and tries < 500:
+                    # Its files are closed but it is not a zombie yet (microseconds): look again
+                    # shortly instead of spinning on a level-triggered readable fd.
+                    self.loop.remove_reader(proc.sentinel)
+                    self.loop.call_later(0.002, self._on_sentinel, tries + 1)
+                    return
+                code = os.waitstatus_to_exitcode(status) if pid else None
+                proc._popen.returncode = code if code is not None else 255
         # drain anything it managed to say before dying
         if self._conn is not None:
             self._on_readable()
-        self._teardown(proc.exitcode)
+        self._teardown(code)
 
     def _teardown(self, exitcode: int | None) -> None:
         loop = self.loop

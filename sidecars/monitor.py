@@ -587,7 +587,7 @@ def run_monitor(conn, host: str = "127.0.0.1", port: int = 0, *, kill_timeout: f
             conn.send({"type": "error", "sidecar": "monitor", "error": str(exc)})
         except (OSError, EOFError, ValueError):
             pass
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         try:
             conn.close()

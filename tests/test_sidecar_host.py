@@ -125,3 +125,18 @@ def test_stop_is_bounded_for_a_stubborn_sidecar(hosted):
     assert st["state"] == "stopped" and st["last_exit"]["signal"] == "SIGKILL"
     assert not alive(hello["pid"])
     assert st["restarts"] == 0  # a requested stop is not a crash
+
+
+def test_sidecar_reaped_by_someone_else_is_still_seen_dead_and_restarted(hosted):
+    """A waitpid(-1) loop elsewhere in the supervisor (a subreaper) may steal the exit status."""
+    h = hosted("idle", idle, backoff_base=0.05)
+    _, first = h.rec.wait(lambda m: m["type"] == "hello", 10)
+    pid1 = first["pid"]
+
+    def kill_and_reap():  # on the loop thread: the host's sentinel callback runs after this
+        os.kill(pid1, signal.SIGKILL)
+        return os.waitpid(pid1, 0)[0]
+    assert h.lt.call(kill_and_reap) == pid1
+    h.rec.wait(lambda m: m["type"] == "hello" and m["pid"] != pid1, 10, "restarted")
+    st = h.status()
+    assert st["restarts"] == 1 and st["last_exit"]["code"] is None

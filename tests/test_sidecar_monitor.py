@@ -397,3 +397,18 @@ def test_nothing_survives_a_sigkilled_supervisor(port, tmp_path):
         if sup.poll() is None:
             sup.kill()
             sup.wait(5)
+
+
+def test_port_in_use_is_reported_and_ends_fatal_not_in_a_storm(port):
+    import socket
+    with socket.socket() as busy:
+        busy.bind((H, port))
+        busy.listen()
+        h = Hosted("monitor", run_monitor, (H, port), budget=1, backoff_base=0.05)
+        try:
+            st = poll_until(lambda: (s := h.status())["state"] == "fatal" and s, 15, what="fatal")
+            errors = h.rec.messages("error")
+            assert len(errors) == 2 and "address already in use" in errors[0]["error"].lower()
+            assert st["restarts"] == 1 and st["last_exit"]["code"] == 1
+        finally:
+            h.close()
