@@ -468,3 +468,23 @@ def test_demo_prints_its_url(config_dir, tmp_path, sup_procs, monkeypatch):
     if HAVE_WORKER:
         assert poll_until(lambda: ws_uuid(url_port), 10, what="demo answers") == wid[len("worker_"):]
     assert stop_supervisor(p) == 0
+
+
+@pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
+def test_real_worker_dying_at_import_of_a_dependency_ends_fatal(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, start_budget=3)
+    data = paths.data_dir()
+    (data / "crashdep.py").write_text("import os\nprint('crashdep: dying', flush=True)\nos._exit(1)\n")
+    cfg = paths.read_config()
+    cfg["package_dependencies"] = {"crashdep": {"package": "crashdep", "version": None,
+                                                "path": str(data / "crashdep.py")}}
+    paths.write_config(cfg)
+    t0 = time.monotonic()
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    assert sup.wait(60) == 4, output(sup)
+    st = state(paths)
+    assert st["state"] == "FATAL" and len(st["crashes"]) == 3
+    assert all(c["exit_code"] == 1 and c["phase"] == "start" for c in st["crashes"])
+    assert any("crashdep: dying" in ln for ln in st["crashes"][-1]["last_log_lines"])
+    print(f"FATAL after 3 failed real starts in {time.monotonic() - t0:.2f}s")
