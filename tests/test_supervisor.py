@@ -488,3 +488,34 @@ def test_real_worker_dying_at_import_of_a_dependency_ends_fatal(config_dir, port
     assert all(c["exit_code"] == 1 and c["phase"] == "start" for c in st["crashes"])
     assert any("crashdep: dying" in ln for ln in st["crashes"][-1]["last_log_lines"])
     print(f"FATAL after 3 failed real starts in {time.monotonic() - t0:.2f}s")
+
+
+def test_signal_storm_hup_and_term_ends_in_one_clean_stop(config_dir, port, tmp_path, sup_procs):
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    for _ in range(3):
+        sup.send_signal(signal.SIGHUP)
+    for _ in range(10):
+        sup.send_signal(signal.SIGTERM)
+    sup.send_signal(signal.SIGHUP)
+    assert sup.wait(15) == 0, output(sup)
+    st = state(paths)
+    assert st["state"] == "STOPPED" and not st["crashes"] and st["worker"] is None
+    assert not paths.pidfile.exists() and not paths.runstate.exists()
+
+
+def test_two_supervisors_started_together_only_one_runs(config_dir, port, tmp_path, sup_procs, monkeypatch):
+    starts = tmp_path / "starts"
+    monkeypatch.setenv("FAKE_STARTS_FILE", str(starts))
+    paths = make_worker(config_dir, port, fake=True)
+    a = start_supervisor(paths, tmp_path)
+    b = start_supervisor(paths, tmp_path)
+    sup_procs += [a, b]
+    loser = poll_until(lambda: next((p for p in (a, b) if p.poll() is not None), None), 20, what="one refuses")
+    assert loser.returncode == 3
+    winner = b if loser is a else a
+    poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    assert len(starts.read_text().split()) == 1
+    assert stop_supervisor(winner) == 0
