@@ -3,7 +3,9 @@
 <base>/workers/worker_<uuid>.json              config (FuncNodes fields + `supervisor`); unknown keys kept
 <base>/workers/worker_<uuid>.p                 worker PID, written only once it is ready, removed when it goes
 <base>/workers/worker_<uuid>.runstate          line 1 starting|running|stopping|stopped, line 2 detail
-<base>/workers/worker_<uuid>.supervisor.json   our state file (schema STATE_SCHEMA), read by `status`
+<base>/workers/worker_<uuid>.supervisor        our state file (JSON, schema STATE_SCHEMA), read by `status`.
+                                               Not named *.json on purpose: the stock Workermanager
+                                               takes every worker_*.json for a worker config.
 <base>/workers/worker_<uuid>.lock              flock held by the live supervisor (one per worker)
 <data>/worker.log (+ .1 .. .N)                 worker output and supervisor events, rotating
 
@@ -54,7 +56,7 @@ class WorkerPaths:
         self.config = self.workers / f"worker_{uuid}.json"
         self.pidfile = self.workers / f"worker_{uuid}.p"
         self.runstate = self.workers / f"worker_{uuid}.runstate"
-        self.state = self.workers / f"worker_{uuid}.supervisor.json"
+        self.state = self.workers / f"worker_{uuid}.supervisor"
         self.lock = self.workers / f"worker_{uuid}.lock"
         self.default_data = stem
 

@@ -519,3 +519,16 @@ def test_two_supervisors_started_together_only_one_runs(config_dir, port, tmp_pa
     poll_until(lambda: running_worker(paths), 15, what="worker ready")
     assert len(starts.read_text().split()) == 1
     assert stop_supervisor(winner) == 0
+
+
+def test_workers_folder_stays_readable_for_the_stock_workermanager(config_dir, port, tmp_path, sup_procs):
+    """The stock manager takes every worker_*.json for a worker config: ours must not look like one."""
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    jsons = [f for f in os.listdir(paths.workers) if f.startswith("worker_") and f.endswith(".json")]
+    assert jsons == [paths.config.name]
+    cfg = json.loads(paths.config.read_text())
+    assert {"type", "uuid", "host", "port"} <= cfg.keys() and cfg["type"] == "WSWorker"
+    assert stop_supervisor(sup) == 0
