@@ -53,14 +53,19 @@ def test_build_and_run_graph_with_events_and_binary_frames(worker):
             await other.wait_for(lambda e: e.get("event") == "node_added" and e["data"]["node"]["id"] == "n2")
             await other.wait_for(lambda e: e.get("event") == "after_connect" and e["data"]["result"] == ["n1", "out", "n2", "a"])
             # binary io_value frames in the stock header format
-            def frame_for(node, io):
+            def frame_for(node, io):  # the latest frame for that IO
+                found = None
                 for f in other.frames:
                     head, _, payload = f.partition(b"\r\n\r\n")
                     if f"node={node}; io={io};".encode() in head:
-                        return head, payload
+                        found = head, payload
+                return found
             import asyncio, time
             deadline = time.monotonic() + 5
-            while frame_for("n2", "out") is None and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                found = frame_for("n2", "out")
+                if found and found[1] == struct.pack("!d", 6.0):
+                    break
                 await asyncio.sleep(0.02)
             head, payload = frame_for("n2", "out")
             assert head.startswith(b"chunk=1/1;msgid=")
