@@ -392,8 +392,9 @@ class Supervisor:
 
     def _worker_argv(self) -> tuple[list[str], dict[str, str]]:
         argv = [self.python, "-m", self.cfg.worker_module, self.paths.name, "--dir", str(self.paths.base)]
-        if self.port:
-            argv += ["--port", str(self.port)]  # back on the same port after a restart
+        if self.port and not isinstance(self.worker_cfg.get("port"), int):
+            # no port in the config (the worker chose one): pin it, so a restart comes back on it
+            argv += ["--port", str(self.port)]
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["FUNCNODES_CONFIG_DIR"] = str(self.paths.base)
