@@ -532,3 +532,25 @@ def test_workers_folder_stays_readable_for_the_stock_workermanager(config_dir, p
     cfg = json.loads(paths.config.read_text())
     assert {"type", "uuid", "host", "port"} <= cfg.keys() and cfg["type"] == "WSWorker"
     assert stop_supervisor(sup) == 0
+
+
+def test_worker_group_is_cleared_and_orphans_reaped_after_a_crash(config_dir, port, tmp_path, sup_procs,
+                                                                   monkeypatch):
+    monkeypatch.setenv("FAKE_GRANDCHILD", "1")
+    paths = make_worker(config_dir, port, fake=True)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid1 = poll_until(lambda: running_worker(paths), 15, what="worker ready")
+    grandchild = poll_until(lambda: [c for c in psutil.Process(pid1).children() if c.name() == "sleep"], 5,
+                            what="grandchild")[0]
+    os.kill(pid1, signal.SIGKILL)
+    poll_until(lambda: running_worker(paths, not_pid=pid1), 15, what="replacement")
+
+    def clean():
+        if grandchild.is_running() and grandchild.status() != psutil.STATUS_ZOMBIE:
+            return False  # the old group was not cleared
+        kids = psutil.Process(sup.pid).children()
+        return not [k for k in kids if k.status() == psutil.STATUS_ZOMBIE]
+
+    poll_until(clean, 3, what="old group killed and its orphans reaped (no zombies under the supervisor)")
+    assert stop_supervisor(sup) == 0
