@@ -391,6 +391,22 @@ def default_demo_seed() -> Path | None:
     return None
 
 
+def add_demo_nodes(paths: WorkerPaths) -> bool:
+    """Demo hook: copy examples/demo_nodes.py into the data folder and record it as a path
+    dependency (the seed graph uses its demo.* nodes). Only if not recorded yet."""
+    src = Path(__file__).resolve().parent.parent / "examples" / "demo_nodes.py"
+    cfg = paths.read_config()
+    deps = cfg.setdefault("package_dependencies", {})
+    if not src.exists() or "demo_nodes" in deps:
+        return False
+    from worker.fsutil import atomic_write
+    target = paths.data_dir(cfg) / "demo_nodes.py"
+    atomic_write(target, src.read_bytes())
+    deps["demo_nodes"] = {"package": "demo_nodes", "version": None, "path": str(target)}
+    paths.write_config(cfg)
+    return True
+
+
 def cmd_demo(a: argparse.Namespace, base: Path) -> int:
     paths = None
     for p in list_workers(base):
@@ -406,6 +422,7 @@ def cmd_demo(a: argparse.Namespace, base: Path) -> int:
             _err(f"cannot create the demo worker: {type(e).__name__}: {e}")
             return EXIT_ENV
         print(f"created {paths.name}")
+    add_demo_nodes(paths)
     seed = Path(a.seed) if a.seed else default_demo_seed()
     if seed_nodespace(paths.data_dir(), seed):
         print(f"seeded {paths.data_dir() / 'nodespace.json'} from {seed}")
