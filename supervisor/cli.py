@@ -186,6 +186,16 @@ def live_status(paths: WorkerPaths) -> dict[str, Any]:
     return out
 
 
+def _sidecars_for(paths: WorkerPaths):
+    """The sidecars, unless the worker config says `"sidecars": {"enabled": false}`."""
+    sc = paths.read_config_or_empty().get("sidecars")
+    if isinstance(sc, dict) and sc.get("enabled") is False:
+        return None
+    from .sidecarset import SidecarSet  # noqa: PLC0415 (imports multiprocess only when used)
+
+    return SidecarSet
+
+
 def _fmt_status(s: dict[str, Any]) -> str:
     lines = [f"{s['id']} ({s.get('name')})",
              f"  state:       {s.get('state')}" + (f"  ({s.get('reason')})" if s.get("reason") else "")]
@@ -207,6 +217,10 @@ def _fmt_status(s: dict[str, Any]) -> str:
             lines.append("    " + CrashRecord(**c).summary())
         except TypeError:
             lines.append(f"    {c}")
+    for sc in s.get("sidecars") or []:
+        last = sc.get("last_exit") or {}
+        lines.append(f"  sidecar:     {sc.get('name')}: {sc.get('state')} pid {sc.get('pid') or '-'}, "
+                     f"{sc.get('restarts', 0)} restarts" + (f", last exit {last}" if last else ""))
     if s.get("log"):
         lines.append(f"  log:         {s['log']}")
     return "\n".join(lines)
@@ -260,7 +274,8 @@ def cmd_run(a: argparse.Namespace, base: Path, on_ready=None) -> int:
         return EXIT_USAGE
     _setup_logging()
     try:
-        return run_supervisor(paths, no_venv=getattr(a, "no_venv", False), on_ready=on_ready)
+        return run_supervisor(paths, no_venv=getattr(a, "no_venv", False), on_ready=on_ready,
+                              sidecar_factory=_sidecars_for(paths))
     except AlreadyRunning:
         st = paths.read_state() or {}
         pid = (st.get("supervisor") or {}).get("pid")

@@ -183,6 +183,7 @@ class Supervisor:
             "stop_deadline": self.cfg.stop_deadline(),
             "exit_code": self.exit_code,
             "log": str(self.paths.log_file(self.worker_cfg)),
+            "sidecars": self.sidecars.status() if self.sidecars is not None else [],
         }
         try:
             self.paths.write_state(data)
@@ -535,6 +536,8 @@ class Supervisor:
         self.policy.on_ready()
         self.paths.write_pid(w.pid)
         self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
+            self.sidecars.on_worker_ready()
         if not self.ready_once:
             sd_notify("READY=1")
         self.ready_once = True

@@ -53,6 +53,7 @@ class Commands:
                 self.registry[f._fn_command] = getattr(self, attr)
         self.local_classes: dict[str, dict] = {}  # NODECLASSID -> {cls, file}
         self.local_instances: dict[str, dict[str, Any]] = {}  # NODECLASSID -> {uuid: instance}
+        self.loaded_stamps: dict[str, tuple | None] = {}  # script file -> (mtime_ns, size) loaded
 
     async def run(self, name: str, kwargs: dict) -> Any:
         func = self.registry.get(name)
@@ -536,10 +537,10 @@ class Commands:
     # endregion
 
     # region external and local workers
-    def on_local_scripts(self, changes: list[dict]) -> None:
+    def on_local_scripts(self, changes: list[dict], initial: bool = False) -> None:
         from .localworkers import apply_changes
 
-        apply_changes(self, changes)
+        apply_changes(self, changes, initial=initial)
 
     @command()
     def list_local_workers(self):

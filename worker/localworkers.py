@@ -78,9 +78,24 @@ def load_file(cmds: "Commands", path: Path) -> list[str]:
     return found
 
 
-def apply_changes(cmds: "Commands", changes: list[dict]) -> None:
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def apply_changes(cmds: "Commands", changes: list[dict], initial: bool = False) -> None:
+    """Load what changed. An `initial` listing is complete: what it lacks is forgotten."""
     scripts = cmds.rt.paths.local_scripts.resolve()
     touched = False
+    if initial:
+        listed = {str(Path(ch.get("path", "")).resolve()) for ch in changes}
+        for f in {info["file"] for info in cmds.local_classes.values()} - listed:
+            _forget(cmds, f)
+            cmds.loaded_stamps.pop(f, None)
+            touched = True
     for ch in changes:
         try:
             path = Path(ch.get("path", "")).resolve()
@@ -90,8 +105,13 @@ def apply_changes(cmds: "Commands", changes: list[dict]) -> None:
             continue
         if ch.get("change") == "deleted" or not path.exists():
             _forget(cmds, str(path))
+            cmds.loaded_stamps.pop(str(path), None)
         else:
+            stamp = _stamp(path)
+            if ch.get("change") == "added" and stamp is not None and cmds.loaded_stamps.get(str(path)) == stamp:
+                continue  # already loaded, unchanged (a resync after a sidecar or worker restart)
             load_file(cmds, path)
+            cmds.loaded_stamps[str(path)] = stamp
         touched = True
     if touched:
         cmds.rt.broadcast(codec.workerevent("lib_update"))

@@ -112,10 +112,9 @@ class WorkerRuntime:
             self.paths.files.mkdir(exist_ok=True)
             self.set_runstate("starting", "Loading packages")
             await self.load_dependencies()
-            if not self.supervised:  # supervised, the discovery sidecar sends the listing
-                from .localworkers import scan
+            from .localworkers import scan
 
-                scan(self.commands)
+            scan(self.commands)  # the discovery sidecar's listing then finds them loaded
             self.set_runstate("starting", "Loading nodespace")
             self.load_nodespace()
             await self.listen()
@@ -206,7 +205,7 @@ class WorkerRuntime:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         elif t == "local_scripts":
-            self.commands.on_local_scripts(msg.get("changes") or [])
+            self.commands.on_local_scripts(msg.get("changes") or [], bool(msg.get("initial")))
         elif t == "monitor":
             self.config["subprocess_monitor"] = {"host": msg.get("host"), "port": msg.get("port")}
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))

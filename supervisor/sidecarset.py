@@ -1,0 +1,168 @@
+"""The supervisor's sidecars: local-script discovery and the subprocess monitor.
+
+Routing lives here, apart from the main loop: discovery events and the monitor's address go
+to the worker as channel frames; a FuncNodes worker start that reached the monitor (the
+Workermanager running under it) starts that worker under fn-supervise, once per uuid.
+A sidecar that crashes is restarted by its host on its own budget; the worker never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.fsutil import boot_id, process_start_time
+
+if TYPE_CHECKING:
+    from .runner import Supervisor
+
+log = logging.getLogger("fn_supervise.sidecars")
+
+
+class SidecarSet:
+    def __init__(self, sup: "Supervisor"):
+        self.sup = sup
+        self.hosts: dict[str, Any] = {}
+        self.monitor_addr: dict[str, Any] | None = None
+        self.children: dict[str, subprocess.Popen] = {}  # uuid -> child fn-supervise
+        self.sidecar_cfg = (sup.worker_cfg.get("sidecars") or {}) if isinstance(sup.worker_cfg.get("sidecars"), dict) else {}
+
+    # region lifecycle
+    def start(self) -> None:
+        from sidecars.discovery import run_discovery
+        from sidecars.host import SidecarHost
+        from sidecars.monitor import run_monitor
+
+        loop = asyncio.get_running_loop()
+        data = self.sup.paths.data_dir(self.sup.worker_cfg)
+        budget = int(self.sidecar_cfg.get("budget", 5))
+        if self.sidecar_cfg.get("discovery", True):
+            self.hosts["discovery"] = SidecarHost(
+                "discovery", run_discovery, (str(data / "local_scripts"),),
+                on_message=self.on_message, loop=loop, budget=budget)
+        if self.sidecar_cfg.get("monitor", True):
+            port = int(self.sidecar_cfg.get("monitor_port") or 0)
+            self.hosts["monitor"] = SidecarHost(
+                "monitor", run_monitor, ("127.0.0.1", port),
+                kwargs={"owner_pid": os.getpid()},
+                on_message=self.on_message, loop=loop, budget=budget)
+        for h in self.hosts.values():
+            h.start()
+
+    async def stop(self) -> None:
+        for uuid, p in list(self.children.items()):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(h.stop(3.0) for h in self.hosts.values()), return_exceptions=True)
+        deadline = time.monotonic() + 15.0
+        for p in self.children.values():
+            while p.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        try:
+            from sidecars.host import stop_helper_processes
+
+            stop_helper_processes()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def status(self) -> list[dict[str, Any]]:
+        out = []
+        for h in self.hosts.values():
+            try:
+                out.append(h.status())
+            except Exception as e:  # noqa: BLE001
+                out.append({"name": getattr(h, "name", "?"), "state": f"unknown ({e})"})
+        return out
+    # endregion
+
+    # region routing (runs in the supervisor's loop thread)
+    def on_message(self, name: str, msg: dict[str, Any]) -> None:
+        t = msg.get("type")
+        if t == "monitor":
+            self.monitor_addr = {"type": "monitor", "host": msg.get("host"), "port": msg.get("port"),
+                                 "pid": msg.get("env_pid") or os.getpid()}
+            mon = self.hosts.get("monitor")
+            if mon is not None and msg.get("port"):
+                mon.args = (msg.get("host"), msg.get("port"))  # a restarted monitor keeps its address
+            self.to_worker(self.monitor_addr)
+        elif t == "local_scripts":
+            self.to_worker({"type": "local_scripts", "changes": msg.get("changes") or [],
+                            "initial": bool(msg.get("initial"))})
+        elif t == "spawn_worker":
+            reply = self.spawn_worker(str(msg.get("uuid") or ""))
+            reply.update({"type": "spawn_worker_result", "request_id": msg.get("request_id")})
+            self.hosts["monitor"].send(reply)
+        elif t == "error":
+            log.error("sidecar %s: %s", name, msg.get("error"))
+        self.sup.write_state()
+
+    def to_worker(self, frame: dict[str, Any]) -> None:
+        w = self.sup.worker
+        if w is not None and w.alive:
+            w.send(frame)
+
+    def on_worker_ready(self) -> None:
+        """A new worker process learns the monitor's address (discovery it reads itself)."""
+        if self.monitor_addr:
+            self.to_worker(self.monitor_addr)
+    # endregion
+
+    # region worker starts from the Workermanager
+    def spawn_worker(self, uuid: str) -> dict[str, Any]:
+        """Idempotent per uuid: a worker that runs or starts keeps its PID; else one is started."""
+        from worker.config import ConfigError, parse_worker_name
+
+        try:
+            uuid = parse_worker_name(uuid)
+        except ConfigError as e:
+            return {"pid": None, "error": str(e)}
+        if uuid == self.sup.paths.uuid:
+            w = self.sup.worker
+            return {"pid": w.pid if (w is not None and w.alive) else os.getpid(), "error": None}
+        child = self.children.get(uuid)
+        if child is not None and child.poll() is None:
+            return {"pid": child.pid, "error": None}
+        from .files import WorkerPaths as SupPaths  # noqa: PLC0415
+        from .files import identity_alive  # noqa: PLC0415
+
+        other = SupPaths(self.sup.paths.base, uuid)
+        st = other.read_state() or {}
+        if identity_alive(st.get("supervisor")):
+            return {"pid": int(st["supervisor"]["pid"]), "error": None}
+        if not other.config.exists():
+            return {"pid": None, "error": f"no worker config {other.config}"}
+        env = dict(os.environ)
+        env["FUNCNODES_CONFIG_DIR"] = str(self.sup.paths.base)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        log_path = other.data_dir(other.read_config_or_empty())
+        log_path.mkdir(parents=True, exist_ok=True)
+        with open(log_path / "supervisor.out", "ab") as out:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "--dir", str(self.sup.paths.base), "run", f"worker_{uuid}"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        self.children[uuid] = p
+        log.info("started fn-supervise for worker_%s as pid %d (Workermanager request)", uuid, p.pid)
+        return {"pid": p.pid, "error": None}
+    # endregion
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: a graceful stop
+    except OSError:
+        pass
