@@ -159,3 +159,22 @@ def test_stock_written_folder_loads(config_dir, port):
             assert (await c.cmd("get_meta"))["id"] == "0123456789abcdef0123456789abcdef"
     run(go())
     assert w.stop() == 0
+
+
+def test_saves_keep_concurrent_config_edits(config_dir, port):
+    """The supervisor's timers or a user's keys written while the worker runs survive its saves."""
+    cfgfile = write_config(config_dir, "c1", custom={"keep": True})
+    w = WorkerProc(config_dir, "c1", port).wait_ready()
+    cfg = json.loads(cfgfile.read_text())
+    cfg["supervisor"] = {"heartbeat_timeout": 7}
+    cfgfile.write_text(json.dumps(cfg))
+
+    async def go():
+        async with Client(w.url) as c:
+            await c.cmd("update_worker_config", name="renamed")
+            await c.cmd("save")
+    run(go())
+    cfg = json.loads(cfgfile.read_text())
+    assert cfg["name"] == "renamed" and cfg["port"] == port
+    assert cfg["supervisor"] == {"heartbeat_timeout": 7} and cfg["custom"] == {"keep": True}
+    assert w.stop() == 0

@@ -375,13 +375,25 @@ class WorkerRuntime:
         self.write_config()
         return state
 
+    # The keys the worker itself maintains; everything else in the file (the supervisor's
+    # timers, a user's edits) is re-read and kept, so a save never reverts a concurrent edit.
+    OWN_KEYS = ("type", "uuid", "name", "data_path", "env_path", "worker_dependencies", "package_dependencies",
+                "pid", "autostart", "update_on_startup", "host", "port", "ssl", "subprocess_monitor")
+
     def write_config(self) -> None:
-        cfg = dict(self.config)
-        cfg["pid"] = os.getpid()
         if self.server.port:
-            cfg["host"], cfg["port"] = self.server.host, self.server.port
-        self.config["host"], self.config["port"] = cfg["host"], cfg["port"]
-        write_config(self.paths.config, cfg)
+            self.config["host"], self.config["port"] = self.server.host, self.server.port
+        self.config["pid"] = os.getpid()
+        try:
+            from .fsutil import read_json
+
+            disk = read_json(self.paths.config)
+            if not isinstance(disk, dict):
+                disk = {}
+        except (OSError, ValueError):
+            disk = {}
+        disk.update({k: self.config[k] for k in self.OWN_KEYS if k in self.config})
+        write_config(self.paths.config, disk)
 
     def load_nodespace(self, state: dict | None = None) -> None:
         if state is None:
