@@ -214,3 +214,42 @@ def test_uuid_and_ping_answer_while_a_node_blocks_the_loop(worker):
             assert not any(done(e) for e in c.events)  # answered while the node still held the loop
             await c.wait_for(done, timeout=10)
     run(go())
+
+
+def test_liveness_answers_during_a_slow_start_and_commands_wait_for_the_graph(config_dir, port):
+    """A package that takes seconds to import: `uuid` and ping answer at once, /readyz says 503,
+    and a command sent meanwhile runs once the graph is loaded (it is not refused)."""
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    slow = config_dir / "slowpkg.py"
+    slow.write_text("import time\ntime.sleep(3)\n")
+    deps = {"demo_nodes": {"package": "demo_nodes", "path": str(__import__("helpers").DEMO_NODES)},
+            "slowpkg": {"package": "slowpkg", "path": str(slow)}}
+    write_config(config_dir, "slow", package_dependencies=deps)
+    w = WorkerProc(config_dir, "slow", port)
+
+    def readyz():
+        try:
+            with urllib.request.urlopen(w.url + "/readyz", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    from conftest import poll_until
+    poll_until(lambda: readyz() == 503, 30, what="listening while starting")
+
+    async def go():
+        async with Client(w.url) as c:
+            assert await c.cmd("uuid") == "slow"
+            assert await c.cmd("get_runstate") == "starting"
+            lib = asyncio.ensure_future(c.cmd("get_library", timeout=30))
+            await asyncio.sleep(0)
+            assert readyz() == 503  # still loading, yet liveness answered
+            assert [s["name"] for s in (await lib)["shelves"]] == ["demo"]
+            assert readyz() == 200
+    run(go())
+    assert w.stop() == 0

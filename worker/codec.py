@@ -11,22 +11,43 @@ import uuid
 from typing import Any
 from urllib.parse import quote
 
-import funcnodes_core as fn
-from funcnodes_core import ByteEncoder, JSONDecoder, JSONEncoder
+_fn = None
+
+
+def _core():
+    # funcnodes-core is imported on first use, so the server can listen (and answer pings)
+    # while the worker is still importing it.
+    global _fn
+    if _fn is None:
+        import funcnodes_core
+
+        _fn = funcnodes_core
+    return _fn
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, cls=JSONEncoder)
+    return json.dumps(obj, cls=_core().JSONEncoder)
 
 
 def loads(text: str | bytes) -> Any:
     # The core decoder turns "<NoValue>" into the NoValue sentinel, as the stock worker does.
-    return json.loads(text, cls=JSONDecoder)
+    return json.loads(text, cls=_core().JSONDecoder)
+
+
+def revive(obj: Any) -> Any:
+    """What the core decoder does to a parsed message: "<NoValue>" becomes the NoValue sentinel."""
+    if isinstance(obj, str):
+        return _core().NoValue if obj == "<NoValue>" else obj
+    if isinstance(obj, dict):
+        return {k: revive(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [revive(v) for v in obj]
+    return obj
 
 
 def preview(value: Any) -> Any:
     """The JSON preview of a value (long strings cut, lists to 10 items, NaN to null)."""
-    return JSONEncoder.apply_custom_encoding(value, preview=True)
+    return _core().JSONEncoder.apply_custom_encoding(value, preview=True)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -83,9 +104,9 @@ def binary_frames(header: dict[str, Any], payload: bytes, max_size: int) -> list
 
 
 def encode_bytes(value: Any, preview: bool) -> tuple[bytes, str]:
-    enc = ByteEncoder.encode(value, preview=preview)
+    enc = _core().ByteEncoder.encode(value, preview=preview)
     return enc.data, enc.mime
 
 
 def is_bytes_result(obj: Any) -> bool:
-    return isinstance(obj, fn.BytesEncdata)
+    return isinstance(obj, _core().BytesEncdata)

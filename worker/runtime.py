@@ -1,7 +1,8 @@
 """The worker process: lifecycle, NodeSpace events, saving, and the supervisor channel.
 
-Start: config -> packages -> nodespace -> listen -> ready (first pong possible). Nothing sleeps
-on a fixed timer: execution is event-driven, saves are debounced after each mutation.
+Start: config -> listen (pings and `uuid` answered from here on) -> import funcnodes-core ->
+packages -> nodespace -> ready (commands run). Nothing sleeps on a fixed timer: execution is
+event-driven, saves are debounced after each mutation.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import funcnodes_core as fn
-
-from . import codec, control, persistence
-from .commands import Commands
+from . import codec, control
 from .config import ConfigError, WorkerPaths, base_dir, load_config, write_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
-from .packages import DependencyError, import_dependency, module_name, shelf_of
 from .server import WorkerServer
+
+# funcnodes-core takes most of a start; it is imported once the server listens (_load_core).
+fn: Any = None
+persistence: Any = None
 
 log = logging.getLogger("fn_supervise.worker")
 
@@ -55,14 +56,13 @@ class WorkerRuntime:
         self.port = port if port is not None else self.config.get("port")
         self.control_fd = control_fd
         self.supervised = control_fd is not None
-        self.nodespace = fn.NodeSpace()
-        self.nodespace.on("*", self._on_ns_event)
+        self.nodespace: Any = None  # set by _load_core
+        self.commands: Any = None
         self.view: dict[str, Any] = {"renderoptions": {"typemap": {}, "inputconverter": {}}}
         self.external_workers: dict = {}
         self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
         self.dependencies: dict[str, dict] = {}  # package -> {dep, module, shelf}
         self.server = WorkerServer(self)
-        self.commands = Commands(self)
         self.ready = False
         self.runstate = "undefined"
         self.saving_enabled = False
@@ -110,6 +110,10 @@ class WorkerRuntime:
         try:
             self.paths.data.mkdir(parents=True, exist_ok=True)
             self.paths.files.mkdir(exist_ok=True)
+            self.set_runstate("starting", "Listening")
+            await self.listen()
+            self.set_runstate("starting", "Loading funcnodes-core")
+            self._load_core()
             self.set_runstate("starting", "Loading packages")
             await self.load_dependencies()
             from .localworkers import scan
@@ -117,7 +121,6 @@ class WorkerRuntime:
             scan(self.commands)  # the discovery sidecar's listing then finds them loaded
             self.set_runstate("starting", "Loading nodespace")
             self.load_nodespace()
-            await self.listen()
         except ConfigError as e:
             print(f"fn-supervise worker: {e}", file=sys.stderr, flush=True)
             self._cleanup_files()
@@ -125,6 +128,7 @@ class WorkerRuntime:
         self.saving_enabled = True
         self.write_config()
         self.ready = True
+        self.server.set_core_ready()
         self.set_runstate("running")
         if self.channel is not None:
             self.channel.send({"type": "ready", "host": self.server.host, "port": self.server.port, "pid": os.getpid()})
@@ -135,6 +139,31 @@ class WorkerRuntime:
         await self.stop_event.wait()
         await self.shutdown()
         return EXIT_OK
+
+    def _load_core(self) -> None:
+        global fn, persistence
+        import funcnodes_core as fn  # noqa: F811
+        from . import persistence  # noqa: F811
+        from .commands import Commands
+
+        self.nodespace = fn.NodeSpace()
+        self.nodespace.on("*", self._on_ns_event)
+        self.commands = Commands(self)
+
+    def fast_command(self, cmd: str, kwargs: dict) -> Any:
+        """Commands answered on the I/O thread, even before the graph is loaded."""
+        if kwargs:
+            raise TypeError(f"got unexpected arguments {sorted(kwargs)}")
+        if cmd == "uuid":
+            return self.uuid
+        if cmd == "name":
+            return self.config.get("name") or self.uuid
+        if cmd == "get_runstate":
+            return self.runstate
+        if cmd == "heartbeat":
+            self.last_heartbeat_cmd = time.monotonic()
+            return None
+        raise ValueError(f"not a fast command: {cmd}")
 
     def request_stop(self, reason: str = "") -> None:
         if self.stop_event is not None and not self.stop_event.is_set():
@@ -263,7 +292,7 @@ class WorkerRuntime:
     async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
         """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
         try:
-            res = await self.commands.run(cmd, kwargs)
+            res = await self.commands.run(cmd, codec.revive(kwargs))
             if as_bytes:
                 if codec.is_bytes_result(res):
                     payload, mime = res.data, res.mime
@@ -452,7 +481,9 @@ class WorkerRuntime:
                 log.error("dependency %s failed to load: %s", name, e)
                 print(f"fn-supervise worker: dependency {name} failed to load: {e}", file=sys.stderr, flush=True)
 
-    def add_dependency(self, dep: dict) -> fn.Shelf | None:
+    def add_dependency(self, dep: dict) -> Any:
+        from .packages import import_dependency, module_name, shelf_of
+
         mod = import_dependency(dep)
         shelf = shelf_of(mod)
         old = self.dependencies.get(dep["package"])

@@ -148,6 +148,7 @@ class WorkerServer:
     def __init__(self, runtime: "WorkerRuntime"):
         self.rt = runtime
         self.io: IOThread | None = None
+        self.core_ready: asyncio.Event | None = None  # set once commands can run
         self.clients: dict[str, Client] = {}
         self.large: dict[str, tuple[str, float]] = {}
         self.large_bytes = 0
@@ -182,6 +183,8 @@ class WorkerServer:
         return await self.io.call(self._start(host, port))
 
     async def _start(self, host: str, port: int | None) -> tuple[str, int]:
+        if self.core_ready is None:
+            self.core_ready = asyncio.Event()
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
@@ -331,7 +334,7 @@ class WorkerServer:
                     "send large requests with POST /message/"
                 )
             try:
-                data = codec.loads(text)
+                data = json.loads(text)  # the stdlib: pings need no funcnodes-core
             except ValueError as e:
                 raise ProtocolError(f"message is not valid JSON: {e}") from None
             if not isinstance(data, dict):
@@ -361,10 +364,9 @@ class WorkerServer:
         as_bytes = bool(data.get("as_bytes"))
         if cmd in FAST_COMMANDS and not as_bytes:
             try:
-                res = self.rt.commands.registry[cmd](**kwargs)
-                out = codec.dumps(codec.result(res, msg_id))
-            except Exception as e:
-                out = self.rt.error_text(e, msg_id)
+                out = json.dumps(codec.result(self.rt.fast_command(cmd, kwargs), msg_id))
+            except TypeError as e:
+                out = json.dumps(codec.error(f"bad arguments for '{cmd}': {e}", [], msg_id))
             return self.deliver(client, out, msg_id)
         if client is not None and not inline:
             # Commands of one connection run in order, but behind the reader: pings still pass.
@@ -373,6 +375,7 @@ class WorkerServer:
         return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
     async def run_cmd(self, client: Client | None, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> dict:
+        await self.core_ready.wait()  # commands wait while the graph loads; pings do not
         out = await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(self.rt.execute(cmd, kwargs, msg_id, as_bytes), self.rt.loop)
         )
@@ -391,7 +394,8 @@ class WorkerServer:
         return out
 
     def _text(self, msg: dict) -> str:
-        return self._stub_if_large(codec.dumps(msg))
+        # Plain data only (pongs, protocol errors): stdlib json, no funcnodes-core needed.
+        return self._stub_if_large(json.dumps(msg))
 
     def _stub_if_large(self, text: str) -> str:
         if len(text) * 1.1 > self.max_msg:
@@ -428,6 +432,10 @@ class WorkerServer:
         for c in list(self.clients.values()):
             for f in frames:
                 c.put(f)
+
+    def set_core_ready(self) -> None:
+        if self.io is not None:
+            self.io.loop.call_soon_threadsafe(self.core_ready.set)
 
     # Called from the main loop: encode there (the NodeSpace is not thread-safe), send here.
     def post_broadcast(self, msg: dict) -> None:
@@ -489,6 +497,8 @@ class WorkerServer:
         return web.json_response({"status": "starting", "uuid": self.rt.uuid}, status=503)
 
     async def handle_io_value(self, request: web.Request) -> web.Response:
+        await self.core_ready.wait()
+
         async def full_value():
             node = self.rt.nodespace.get_node_by_id(request.match_info["nid"])
             io = node.get_input_or_output(request.match_info["ioid"])
