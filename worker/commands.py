@@ -22,7 +22,7 @@ from funcnodes_core import NoValue
 
 from . import codec, persistence
 from .config import write_config
-from .packages import DependencyError, normalize, path_allowed
+from .packages import DependencyError, is_project, normalize, path_allowed
 
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
@@ -460,7 +460,7 @@ class Commands:
         spec = normalize(dep.get("package", name), version or dep.get("version"), path)
         self.rt.set_progress(f"Add package dependency {name}", "info", 0.0, True)
         try:
-            if path is None:
+            if path is None or is_project(path):
                 await self._install(spec)
                 self.rt.set_progress(f"Add package dependency {name}", "info", 0.8, True)
             self.rt.add_dependency(spec)
@@ -484,11 +484,14 @@ class Commands:
             if not res.get("ok"):
                 raise DependencyError(f"install of {req} failed: {res.get('error')}")
             return
-        try:
-            __import__(spec["package"].replace("-", "_"))
-            return
-        except ImportError:
-            pass
+        if spec.get("path"):
+            req = str(Path(spec["path"]).resolve())  # a local project: install it from its folder
+        else:
+            try:
+                __import__(spec["package"].replace("-", "_"))
+                return
+            except ImportError:
+                pass
         import uv  # standalone: install into our own interpreter
 
         proc = await asyncio.create_subprocess_exec(

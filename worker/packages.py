@@ -50,8 +50,17 @@ def module_name(dep: dict[str, Any]) -> str:
     return dep["package"].replace("-", "_").lower()
 
 
+def is_project(path: str | Path) -> bool:
+    """A folder with a build file is installed into the venv; a plain file or module is imported."""
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / "pyproject.toml").is_file() or (p / "setup.py").is_file())
+
+
 def import_dependency(dep: dict[str, Any]):
     """Import the dependency's module (fresh for path modules) and return it."""
+    if dep.get("path") and is_project(dep["path"]):
+        dep = {k: v for k, v in dep.items() if k != "path"}  # installed: import it by name
+        dep.setdefault("module", dep["package"].replace("-", "_").lower())
     name = module_name(dep)
     if dep.get("path"):
         path = Path(dep["path"]).expanduser()

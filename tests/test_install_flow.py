@@ -1,0 +1,59 @@
+"""add_package_dependency on a supervised worker with its own venv: the supervisor builds the
+new environment beside the old one, swaps it in, and the live worker (same PID) imports it."""
+
+import asyncio
+
+from conftest import poll_until
+from helpers import Client, run
+from supervisor.cli import create_worker
+from test_supervisor import FAST, running_worker, start_supervisor, state, stop_supervisor, output
+
+PYPROJECT = '''
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fn-extra-nodes"
+version = "0.1.0"
+'''
+
+MODULE = '''
+import funcnodes_core as fn
+
+@fn.NodeDecorator("extra.cube", name="Cube")
+def cube(x: float) -> float:
+    return x ** 3
+
+NODE_SHELF = fn.Shelf(nodes=[cube], subshelves=[], name="extra", description="")
+'''
+
+
+def test_install_through_the_supervisor_swaps_the_venv_under_a_live_worker(config_dir, port, tmp_path):
+    paths = create_worker(config_dir, name="inst", host="127.0.0.1", port=port, no_venv=False, supervisor=FAST)
+    data = paths.data_dir()
+    proj = data / "packages" / "fn-extra-nodes"
+    (proj / "fn_extra_nodes").mkdir(parents=True)
+    (proj / "pyproject.toml").write_text(PYPROJECT)
+    (proj / "fn_extra_nodes" / "__init__.py").write_text(MODULE)
+    sup = start_supervisor(paths, tmp_path)
+    try:
+        pid = poll_until(lambda: running_worker(paths), 60, what="venv worker ready")
+        old_venv_inode = (data / ".venv").stat().st_ino
+
+        async def go():
+            async with Client(f"http://127.0.0.1:{port}") as c:
+                await c.cmd("add_package_dependency", name="fn-extra-nodes", dep={"path": str(proj)}, timeout=120)
+                progress = [e for e in c.events if e.get("type") == "progress"]
+                assert progress and progress[-1]["status"] == "success"
+                assert "extra" in [s["name"] for s in (await c.cmd("get_library"))["shelves"]]
+                await c.cmd("add_node", id="extra.cube", uuid="c")
+                await c.cmd("set_io_value", nid="c", ioid="x", value=3)
+                await c.wait_value("c", "out", 27.0)
+        run(go())
+        assert running_worker(paths) == pid  # no restart: the new venv was swapped in under it
+        assert (data / ".venv").stat().st_ino != old_venv_inode
+        assert "fn-extra-nodes" in paths.read_config()["package_dependencies"]
+        assert state(paths)["restarts"] == 0
+    finally:
+        assert stop_supervisor(sup) == 0, output(sup)
