@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from .health import HeartbeatMonitor
 from .policy import RestartPolicy
 from .process import GroupReaper, RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
 from .states import RUNSTATE, IllegalTransition, State, StateMachine
+from .systemd import EXTEND_STEP, Notifier, Probe, keepalive
 
 log = logging.getLogger("fn-supervise")
 
@@ -91,21 +91,6 @@ class Environment:
         return str(info.python), str(info.fingerprint)
 
 
-def sd_notify(msg: str) -> None:
-    """systemd notification (READY=1, STATUS=..., STOPPING=1); silent without NOTIFY_SOCKET."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(msg.encode())
-    except OSError:
-        pass
-
-
 def project_root() -> str:
     import worker  # the package our own `worker.channel` came from
     return str(Path(worker.__file__).resolve().parent.parent)
@@ -142,6 +127,9 @@ class Supervisor:
         self.ready_once = False
         self._installs: set[asyncio.Task] = set()
         self.reaper = GroupReaper()
+        self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
+        self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
+        self.restarting = False  # a SIGHUP restart passes STOPPING: no STOPPING=1 for it
 
     # ------------------------------------------------------------------ plumbing
     def _event(self, *ev: Any) -> None:
@@ -158,7 +146,13 @@ class Supervisor:
         except OSError as e:
             log.warning("cannot write runstate: %s", e)
         self.write_state()
-        sd_notify(f"STATUS={new.value}" + (f": {reason}" if reason else ""))
+        status = f"{new.value}: {reason}" if reason else new.value
+        if new == State.STOPPING and not self.restarting:
+            self.notify.stopping(status)
+        else:
+            self.notify.status(status)
+        if new == State.PREPARING:
+            self.notify.extend_timeout(EXTEND_STEP)
 
     def write_state(self) -> None:
         w = self.worker
@@ -240,11 +234,15 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        # Only this process notifies systemd: read NOTIFY_SOCKET/WATCHDOG_* and drop them from
+        # os.environ before any child (worker env, sidecars) is made from it.
+        self.notify = Notifier.from_environ()
         self.lock.acquire()  # raises AlreadyRunning
         try:
             return await self._run(loop)
         finally:
             self.lock.release()
+            self.notify.close()
 
     async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
         set_child_subreaper()
@@ -267,7 +265,11 @@ class Supervisor:
                 self.sidecars = self.sidecar_factory(self)
                 await _maybe_await(self.sidecars.start())
             self.sm.fire("start")
-            return await self._main()
+            sd_task = asyncio.ensure_future(keepalive(self.notify, self._sd_probe))
+            try:
+                return await self._main()
+            finally:
+                sd_task.cancel()
         finally:
             if self.sidecars is not None:
                 try:
@@ -290,6 +292,13 @@ class Supervisor:
             if self.logfile is not None:
                 self.logfile.close()
 
+    def _sd_probe(self) -> Probe:
+        h = self.health
+        hb = self.worker_cfg.get("heartbeat_interval")
+        return Probe(state=self.sm.state.value, heartbeat_last=h.last if h is not None else None,
+                     busy_for=h.busy_for if h is not None else 0.0, heartbeat_timeout=self.cfg.heartbeat_timeout,
+                     heartbeat_interval=float(hb) if isinstance(hb, (int, float)) and hb > 0 else 1.0)
+
     def _open_log(self) -> None:
         if self.logfile is not None:
             self.logfile.close()
@@ -311,7 +320,6 @@ class Supervisor:
                 self.sm.fire("stopped")
             elif st == State.STOPPED:
                 self.exit_code = EXIT_OK
-                sd_notify("STOPPING=1")
                 return EXIT_OK
             elif st == State.FATAL:
                 if self.exit_code is None:
@@ -390,6 +398,7 @@ class Supervisor:
             pass
         if self.logfile is not None:
             self.logfile.event(detail)
+        self.notify.extend_timeout(EXTEND_STEP)  # a live venv build: systemd may wait longer
 
     def _worker_argv(self) -> tuple[list[str], dict[str, str]]:
         argv = [self.python, "-m", self.cfg.worker_module, self.paths.name, "--dir", str(self.paths.base)]
@@ -427,6 +436,7 @@ class Supervisor:
         self.paths.write_runstate("starting", f"worker process {w.pid} started")
         self.write_state()
         health = HeartbeatMonitor(self.cfg.heartbeat_timeout)
+        self.health = health
         ready = False
         start_deadline = time.monotonic() + self.cfg.start_timeout
         eof_at: float | None = None
@@ -475,10 +485,14 @@ class Supervisor:
                     self.sm.fire("stop", f"{name} received")
                     await self._stop_worker("stop")
                 else:
-                    self.sm.fire("stop", f"{name}: restart with re-read config")
-                    await self._stop_worker("restart")
-                    self.policy.reset()
-                    self.sm.fire("restart", f"{name}: restart with re-read config")
+                    self.restarting = True
+                    try:
+                        self.sm.fire("stop", f"{name}: restart with re-read config")
+                        await self._stop_worker("restart")
+                        self.policy.reset()
+                        self.sm.fire("restart", f"{name}: restart with re-read config")
+                    finally:
+                        self.restarting = False
                 return
             if kind == "sidecar":
                 self._route_sidecar(ev[1])
@@ -539,7 +553,7 @@ class Supervisor:
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
         if not self.ready_once:
-            sd_notify("READY=1")
+            self.notify.ready()
         self.ready_once = True
         if self.on_ready_cb is not None:
             try:
