@@ -9,6 +9,8 @@
   fn-supervise [--dir D] restart worker_<uuid>
   fn-supervise [--dir D] logs worker_<uuid> [-n N] [-f]
   fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
+  fn-supervise [--dir D] systemd-unit (worker_<uuid> | --template) [--exec PATH] [--watchdog SEC]
+  fn-supervise [--dir D] supervisord-conf worker_<uuid> [--exec PATH]
 
 <base> = --dir, else $FUNCNODES_CONFIG_DIR, else ~/.funcnodes.
 
@@ -449,6 +451,62 @@ def cmd_demo(a: argparse.Namespace, base: Path) -> int:
     return cmd_run(a, base, on_ready=ready)
 
 
+def _target(a: argparse.Namespace, base: Path):
+    from . import units  # noqa: PLC0415
+    if a.exec:
+        if not os.path.isabs(a.exec):
+            raise ValueError(f"--exec needs an absolute path, not {a.exec!r}")
+        return units.Target([a.exec], str(base))
+    cmd, env = units.fn_supervise_command()
+    return units.Target(cmd, str(base), env)
+
+
+def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
+    from . import units  # noqa: PLC0415
+    if a.watchdog is not None and a.watchdog <= 0:
+        _err("--watchdog must be > 0")
+        return EXIT_USAGE
+    if a.template == (a.worker is not None):
+        _err("systemd-unit needs a worker (worker_<uuid>) or --template, not both")
+        return EXIT_USAGE
+    try:
+        target = _target(a, base)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    if a.template:
+        print(units.systemd_unit(target, SupervisorConfig(), worker=None, watchdog=a.watchdog), end="")
+        return EXIT_OK
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r} in {base / 'workers'}")
+        return EXIT_USAGE
+    wcfg = paths.read_config_or_empty()
+    cfg = SupervisorConfig.from_worker_config(wcfg)
+    print(units.systemd_unit(target, cfg, worker=paths.name, name=wcfg.get("name"),
+                             venv=bool(cfg.venv and not cfg.python), watchdog=a.watchdog), end="")
+    return EXIT_OK
+
+
+def cmd_supervisord_conf(a: argparse.Namespace, base: Path) -> int:
+    from . import units  # noqa: PLC0415
+    try:
+        target = _target(a, base)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    paths = _resolve(base, a.worker)
+    if paths is None:
+        _err(f"unknown worker {a.worker!r} in {base / 'workers'}")
+        return EXIT_USAGE
+    wcfg = paths.read_config_or_empty()
+    cfg = SupervisorConfig.from_worker_config(wcfg)
+    logfile = str(paths.data_dir(wcfg) / "fn-supervise.log")
+    print(units.supervisord_program(target, cfg, worker=paths.name, uuid=paths.uuid, logfile=logfile,
+                                    name=wcfg.get("name")), end="")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fn-supervise", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,11 +550,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--seed", help="nodespace.json to seed the demo worker with")
     p.add_argument("--no-venv", action="store_true")
+
+    p = sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit (Type=notify) for a worker")
+    p.add_argument("worker", nargs="?")
+    p.add_argument("--template", action="store_true", help="the template unit fn-supervise@.service (%%i = uuid)")
+    p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
+    p.add_argument("--watchdog", type=float, metavar="SEC", help="WatchdogSec= (pings stop while the worker hangs)")
+
+    p = sub.add_parser("supervisord-conf", parents=[common], help="print a supervisord [program:...] section")
+    p.add_argument("worker")
+    p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
     return ap
 
 
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
-            "restart": cmd_restart, "logs": cmd_logs, "demo": cmd_demo}
+            "restart": cmd_restart, "logs": cmd_logs, "demo": cmd_demo,
+            "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf}
 
 
 def main(argv: list[str] | None = None) -> int:
