@@ -31,7 +31,7 @@ class SidecarSet:
         self.sup = sup
         self.hosts: dict[str, Any] = {}
         self.monitor_addr: dict[str, Any] | None = None
-        self.children: dict[str, subprocess.Popen] = {}  # uuid -> child fn-supervise
+        self.children: dict[tuple[str, str], subprocess.Popen] = {}  # (base, uuid) -> child fn-supervise
         self.sidecar_cfg = (sup.worker_cfg.get("sidecars") or {}) if isinstance(sup.worker_cfg.get("sidecars"), dict) else {}
 
     # region lifecycle
@@ -99,7 +99,7 @@ class SidecarSet:
             self.to_worker({"type": "local_scripts", "changes": msg.get("changes") or [],
                             "initial": bool(msg.get("initial"))})
         elif t == "spawn_worker":
-            reply = self.spawn_worker(str(msg.get("uuid") or ""))
+            reply = self.spawn_worker(str(msg.get("uuid") or ""), msg.get("args"))
             reply.update({"type": "spawn_worker_result", "request_id": msg.get("request_id")})
             self.hosts["monitor"].send(reply)
         elif t == "error":
@@ -118,7 +118,7 @@ class SidecarSet:
     # endregion
 
     # region worker starts from the Workermanager
-    def spawn_worker(self, uuid: str) -> dict[str, Any]:
+    def spawn_worker(self, uuid: str, args: list[str] | None = None) -> dict[str, Any]:
         """Idempotent per uuid: a worker that runs or starts keeps its PID; else one is started."""
         from worker.config import ConfigError, parse_worker_name
 
@@ -126,37 +126,73 @@ class SidecarSet:
             uuid = parse_worker_name(uuid)
         except ConfigError as e:
             return {"pid": None, "error": str(e)}
-        if uuid == self.sup.paths.uuid:
+        own = Path(self.sup.paths.base).resolve()
+        base = request_base(args) or own
+        if base == own and uuid == self.sup.paths.uuid:
             w = self.sup.worker
             return {"pid": w.pid if (w is not None and w.alive) else os.getpid(), "error": None}
-        child = self.children.get(uuid)
-        if child is not None and child.poll() is None:
-            return {"pid": child.pid, "error": None}
-        from .files import WorkerPaths as SupPaths  # noqa: PLC0415
-        from .files import identity_alive  # noqa: PLC0415
-
-        other = SupPaths(self.sup.paths.base, uuid)
-        st = other.read_state() or {}
-        if identity_alive(st.get("supervisor")):
-            return {"pid": int(st["supervisor"]["pid"]), "error": None}
-        if not other.config.exists():
-            return {"pid": None, "error": f"no worker config {other.config}"}
-        env = dict(os.environ)
-        env["FUNCNODES_CONFIG_DIR"] = str(self.sup.paths.base)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        log_path = other.data_dir(other.read_config_or_empty())
-        log_path.mkdir(parents=True, exist_ok=True)
-        with open(log_path / "supervisor.out", "ab") as out:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "supervisor", "--dir", str(self.sup.paths.base), "run", f"worker_{uuid}"],
-                env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
-            )
-        self.children[uuid] = p
-        log.info("started fn-supervise for worker_%s as pid %d (Workermanager request)", uuid, p.pid)
-        return {"pid": p.pid, "error": None}
+        return start_supervised(base, uuid, self.children)
     # endregion
+
+
+def request_base(args: list[str] | None) -> Path | None:
+    """The config folder a FuncNodes start command names (`--dir D` / `--dir=D`), else None.
+
+    The Workermanager appends `--dir $FUNCNODES_CONFIG_DIR` to every worker start; a worker of
+    another folder is started (and looked up) in that folder, not in ours."""
+    args = list(args or [])
+    for i, a in enumerate(args):
+        if a == "--dir" and i + 1 < len(args) and args[i + 1]:
+            return Path(args[i + 1]).expanduser().resolve()
+        if a.startswith("--dir=") and len(a) > len("--dir="):
+            return Path(a[len("--dir="):]).expanduser().resolve()
+    return None
+
+
+def start_supervised(base: Path, uuid: str, children: dict) -> dict[str, Any]:
+    """Start `fn-supervise --dir BASE run worker_<uuid>` unless one runs or starts already.
+
+    Idempotent per (base, uuid): a supervisor started here that has not exited, or any live
+    supervisor recorded in the worker's state file (PID + start time + boot id), is answered
+    with its PID. `children` maps (base, uuid) -> Popen and belongs to the caller, who stops
+    them. Returns {"pid": int|None, "error": str|None}."""
+    from worker.config import ConfigError, parse_worker_name
+
+    try:
+        uuid = parse_worker_name(uuid)
+    except ConfigError as e:
+        return {"pid": None, "error": str(e)}
+    base = Path(base)
+    key = (str(base), uuid)
+    child = children.get(key)
+    if child is not None and child.poll() is None:
+        return {"pid": child.pid, "error": None}
+    from .files import WorkerPaths as SupPaths  # noqa: PLC0415
+    from .files import identity_alive  # noqa: PLC0415
+
+    other = SupPaths(base, uuid)
+    st = other.read_state() or {}
+    if identity_alive(st.get("supervisor")):
+        return {"pid": int(st["supervisor"]["pid"]), "error": None}
+    if not other.config.exists():
+        return {"pid": None, "error": f"no worker config {other.config}"}
+    env = dict(os.environ)
+    env["FUNCNODES_CONFIG_DIR"] = str(base)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for k in ("SUBPROCESS_MONITOR_HOST", "SUBPROCESS_MONITOR_PORT", "SUBPROCESS_MONITOR_PID"):
+        env.pop(k, None)  # the new supervisor is an owner itself, not a monitor's command
+    log_path = other.data_dir(other.read_config_or_empty())
+    log_path.mkdir(parents=True, exist_ok=True)
+    with open(log_path / "supervisor.out", "ab") as out:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "--dir", str(base), "run", f"worker_{uuid}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+    children[key] = p
+    log.info("started fn-supervise for worker_%s as pid %d (Workermanager request)", uuid, p.pid)
+    return {"pid": p.pid, "error": None}
 
 
 def _die_with_parent() -> None:
