@@ -7,8 +7,9 @@ the same demo node library (examples/demo_nodes.py). The stock worker comes from
 tests/stockenv.py builds (<repo>/.envs/stock, with uv, on first use). The measurements are those
 of ../shared/bench/bench_worker.py (imported from there), on the demo nodes:
 
-- cold start: process spawn -> first pong (median of --starts fresh starts, after one warm-up)
-- ping and `uuid` round trips (single client, sequential), p50/p99
+- cold start: process spawn -> first pong (median of --starts fresh starts each, after one warm-up,
+  stock and ours alternating)
+- ping and `uuid` round trips (single client, sequential, in alternating rounds), p50/p99
 - RPCs per second, 8 clients, closed loop, `uuid`
 - a 200-node chain of demo.add: time from setting the first input to the last output's io_value
   frame; per-node overhead = per-node time - the pretrigger delay (funcnodes-core's 0.01 s)
@@ -67,6 +68,7 @@ class Spawned:
         self.kind, self.base, self.port = kind, base, port
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as deployed: bytecode cached after the warm-up start
         env["FUNCNODES_CONFIG_DIR"] = str(base)
         self.log = open(base / f"{kind}.log", "ab")
         if kind == "stock":
@@ -108,48 +110,101 @@ def tmpdir(kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"fnbench-{kind}-"))
 
 
-async def cold_starts(kind: str, python: str, n: int) -> list[float]:
-    times = []
-    for i in range(n + 1):  # the first start warms the OS file cache and bytecode; not counted
-        w = Spawned(kind, tmpdir(kind), free_port(), python)
+def kill(w: Spawned) -> None:
+    if w.proc.poll() is None:
+        w.proc.send_signal(signal.SIGTERM)  # ours stops cleanly; stock has no handler and just dies
         try:
-            t = await w.first_pong()
-        finally:
-            await w.stop()
-        if i:
-            times.append(t)
+            w.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait(5)
+    w.log.close()
+
+
+async def cold_starts(pythons: dict, n: int) -> dict:
+    """Spawn -> first pong, fresh config folder each time, stock and ours alternating (so both see
+    the same host load); one warm-up start each first (bytecode, OS file cache), not counted."""
+    times: dict = {k: [] for k in pythons}
+    for i in range(n + 1):
+        kinds = list(pythons) if i % 2 == 0 else list(reversed(pythons))
+        for kind in kinds:
+            w = Spawned(kind, tmpdir(kind), free_port(), pythons[kind])
+            try:
+                t = await w.first_pong()
+            finally:
+                kill(w)
+            if i:
+                times[kind].append(t)
     return times
 
 
-async def measure(kind: str, python: str, args) -> dict:
-    res: dict = {"kind": kind}
-    res["cold_start_s"] = await cold_starts(kind, python, args.starts)
-    w = Spawned(kind, tmpdir(kind), free_port(), python)
+async def rtts(url: str, n: int, what: str) -> list[float]:
+    async with FNClient(url, id_prefix=what[0]) as c:
+        for _ in range(20):
+            await (c.ping() if what == "ping" else c.call("uuid"))
+        out = []
+        for _ in range(n):
+            if what == "ping":
+                out.append(await c.ping())
+            else:
+                t0 = time.perf_counter()
+                await c.call("uuid")
+                out.append(time.perf_counter() - t0)
+        return out
+
+
+async def measure(pythons: dict, args) -> dict:
+    res: dict = {k: {"kind": k} for k in pythons}
+    cold = await cold_starts(pythons, args.starts)
+    for k in pythons:
+        res[k]["cold_start_s"] = cold[k]
+    ws = {k: Spawned(k, tmpdir(k), free_port(), py) for k, py in pythons.items()}
     try:
-        await w.first_pong()
-        pid = w.proc.pid
-        async with FNClient(w.url, id_prefix="m") as c:
-            res["library"] = await bw.ensure_library(c, "demo-nodes", "demo.add")
+        await asyncio.gather(*(w.first_pong() for w in ws.values()))
+        for k, w in ws.items():
+            async with FNClient(w.url, id_prefix="m") as c:
+                res[k]["library"] = await bw.ensure_library(c, "demo-nodes", "demo.add")
         await asyncio.sleep(1.0)
-        res["rss_idle"] = bw.rss_mb(pid)
-        res["ping"] = await bw.bench_ping(w.url, args.pings)
-        res["rpc_uuid"] = await bw.bench_rpc(w.url, args.rpcs)
-        m = bw.CpuMeter(pid)
-        res["throughput"] = await bw.bench_throughput(w.url, args.clients, args.duration)
-        cpu = m.done()
-        if cpu is not None and res["throughput"]["rpcs"]:
-            res["throughput"]["worker_cpu_us_per_rpc"] = round(cpu / res["throughput"]["rpcs"] * 1e6, 2)
-        async with FNClient(w.url, id_prefix="g") as c:
-            g = await bw.bench_graph(c, args.nodes, args.exec_runs, node_id="demo.add")
-            g.pop("_ids", None)
-            res["graph"] = g
-            res["rss_after_graph"] = bw.rss_mb(pid)
-            res["full_state"] = await bw.bench_full_state(c, args.full_state_reps)
-            res["large_payload"] = await bw.bench_large_payload(c, args.payload_mb, args.payload_reps,
-                                                                node_id="demo.text", io="value")
-            await c.call("clear")
+        for k, w in ws.items():
+            res[k]["rss_idle"] = bw.rss_mb(w.proc.pid)
+        # round trips and throughput: in alternating rounds, so load from elsewhere hits both alike
+        rounds = 4
+        samples = {k: {"ping": [], "uuid": []} for k in ws}
+        tp = {k: {"rpcs": 0, "s": 0.0, "cpu": 0.0} for k in ws}
+        for r in range(rounds):
+            order = list(ws) if r % 2 == 0 else list(reversed(ws))
+            for k in order:
+                for what in ("ping", "uuid"):
+                    samples[k][what] += await rtts(ws[k].url, max(1, args.rpcs // rounds), what)
+        for r in range(2):
+            order = list(ws) if r % 2 == 0 else list(reversed(ws))
+            for k in order:
+                m = bw.CpuMeter(ws[k].proc.pid)
+                t = await bw.bench_throughput(ws[k].url, args.clients, args.duration / 2)
+                tp[k]["cpu"] += m.done() or 0.0
+                tp[k]["rpcs"] += t["rpcs"]
+                tp[k]["s"] += t["duration_s"]
+        for k in ws:
+            res[k]["ping"] = bw.summary_ms(samples[k]["ping"])
+            res[k]["rpc_uuid"] = bw.summary_ms(samples[k]["uuid"])
+            res[k]["throughput"] = {
+                "clients": args.clients, "rpcs": tp[k]["rpcs"], "duration_s": round(tp[k]["s"], 3),
+                "rpc_per_s": round(tp[k]["rpcs"] / tp[k]["s"], 1),
+                "worker_cpu_us_per_rpc": round(tp[k]["cpu"] / tp[k]["rpcs"] * 1e6, 2) if tp[k]["rpcs"] else None,
+            }
+        for k, w in ws.items():  # the graph phases one worker at a time
+            async with FNClient(w.url, id_prefix="g") as c:
+                g = await bw.bench_graph(c, args.nodes, args.exec_runs, node_id="demo.add")
+                g.pop("_ids", None)
+                res[k]["graph"] = g
+                res[k]["rss_after_graph"] = bw.rss_mb(w.proc.pid)
+                res[k]["full_state"] = await bw.bench_full_state(c, args.full_state_reps)
+                res[k]["large_payload"] = await bw.bench_large_payload(c, args.payload_mb, args.payload_reps,
+                                                                       node_id="demo.text", io="value")
+                await c.call("clear")
     finally:
-        await w.stop()
+        for w in ws.values():
+            await w.stop()
     return res
 
 
@@ -201,9 +256,10 @@ def fmt(v) -> str:
     return f"{v:.3g}"
 
 
-def table(stock: dict, ours: dict) -> str:
+def table(stock: dict, ours: dict, args) -> str:
     lines = ["| metric | unit | stock 1.6.0 | ours | ours/stock | target | met |", "|---|---|---:|---:|---:|---|---|"]
     for label, unit, get, target in ROWS:
+        label = label.replace("200", str(args.nodes)).replace("599", str(args.nodes * 3 - 1))
         try:
             a, b = get(stock), get(ours)
         except (KeyError, TypeError, IndexError, ZeroDivisionError):
@@ -224,12 +280,13 @@ async def main_async(args) -> None:
     stock_py = stock_python()
     ours_py = args.python or sys.executable
     print(f"[compare] stock: {stock_py}\n[compare] ours:  {ours_py}", file=sys.stderr)
-    results = {}
-    for kind, py in (("stock", stock_py), ("ours", ours_py)):  # one after the other: no CPU sharing
-        print(f"[compare] measuring {kind} ...", file=sys.stderr, flush=True)
-        results[kind] = await measure(kind, py, args)
-    results["host"] = {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": sys.version.split()[0]}
-    print(table(results["stock"], results["ours"]))
+    load0 = os.getloadavg()
+    results = await measure({"stock": stock_py, "ours": ours_py}, args)
+    results["host"] = {"cpus": os.cpu_count(), "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+                       "python": sys.version.split()[0]}
+    print(table(results["stock"], results["ours"], args))
+    print(f"\nhost: {os.cpu_count()} CPUs, load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
+          f"python {sys.version.split()[0]}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
