@@ -11,6 +11,9 @@
   fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
   fn-supervise [--dir D] systemd-unit (worker_<uuid> | --template) [--exec PATH] [--watchdog SEC]
   fn-supervise [--dir D] supervisord-conf worker_<uuid> [--exec PATH]
+  fn-supervise [--dir D] workermanager [--python PY] [--host H] [--port P] [--monitor-port P]
+                                                  the real FuncNodes Workermanager (foreground); the
+                                                  workers it starts run under fn-supervise
 
 <base> = --dir, else $FUNCNODES_CONFIG_DIR, else ~/.funcnodes.
 
@@ -560,12 +563,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("supervisord-conf", parents=[common], help="print a supervisord [program:...] section")
     p.add_argument("worker")
     p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
+
+    p = sub.add_parser("workermanager", parents=[common],
+                       help="run the FuncNodes Workermanager; the workers it starts run under fn-supervise")
+    p.add_argument("--python", metavar="PY", help="interpreter with funcnodes installed (default: `funcnodes` on PATH)")
+    p.add_argument("--host", help="manager host (default: worker_manager.host in <base>/config.json)")
+    p.add_argument("--port", type=int, help="manager port (default: worker_manager.port in <base>/config.json)")
+    p.add_argument("--monitor-port", type=int, default=0, help="subprocess monitor port (default: a free one)")
+    p.add_argument("--debug", action="store_true")
     return ap
+
+
+def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
+    from .managerhost import manager_command, run_workermanager  # noqa: PLC0415
+
+    try:
+        argv = manager_command(a.python, base, a.host, a.port, a.debug)
+    except FileNotFoundError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    _setup_logging()
+    return run_workermanager(base, argv, a.monitor_port)
 
 
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
             "restart": cmd_restart, "logs": cmd_logs, "demo": cmd_demo,
-            "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf}
+            "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf,
+            "workermanager": cmd_workermanager}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,6 +192,9 @@ def start_supervised(base: Path, uuid: str, children: dict) -> dict[str, Any]:
             preexec_fn=_die_with_parent,
         )
     children[key] = p
+    # reaped the moment it exits (a supervisor the Workermanager stopped must not linger as a
+    # zombie until the next request); poll() elsewhere then sees its returncode
+    threading.Thread(target=p.wait, name=f"reap-supervisor-{p.pid}", daemon=True).start()
     log.info("started fn-supervise for worker_%s as pid %d (Workermanager request)", uuid, p.pid)
     return {"pid": p.pid, "error": None}
 

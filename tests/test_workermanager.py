@@ -347,8 +347,10 @@ def test_hook_a_manager_under_our_monitor_starts_a_worker_once(fn_python, config
                 sws = await asyncio.gather(*(
                     ui.wait_for(lambda m: isinstance(m, dict) and m.get("type") in ("set_worker", "error"),
                                 60, "set_worker") for ui in (ui1, ui2)))
-                for sw in sws:
+                for ui, sw in zip((ui1, ui2), sws):
                     assert sw["type"] == "set_worker", sw
+                    # "Starting worker." precedes each start_worker(): two start requests reached us
+                    assert any(isinstance(m, dict) and m.get("message") == "Starting worker." for m in ui.messages)
                     assert sw["data"]["uuid"] == b.uuid and sw["data"]["port"] == b_port
                 st = await ui1.status_until(lambda s: listed(s, "active", b.uuid), 15, "worker B active")
                 return st
@@ -379,4 +381,76 @@ def test_hook_a_manager_under_our_monitor_starts_a_worker_once(fn_python, config
     assert code == 0, output(host)
     # B's supervisor was the host's child: it stopped with it, cleanly
     poll_until(lambda: not supervisors_of(marker, b.uuid), 10, what="B's supervisor gone")
+    assert state(b)["state"] == "STOPPED"
+
+
+def test_cli_workermanager_starts_stops_and_restarts_workers_under_fn_supervise(fn_python, config_dir, tmp_path,
+                                                                                no_leaked_processes):
+    """`fn-supervise workermanager`: the user-facing form of hook A."""
+    from subprocess_monitor import helper
+
+    from test_supervisor import FIXTURES, REPO
+
+    marker = no_leaked_processes
+    wm_port, mon_port, b_port = free_port(), free_port(), free_port()
+    write_fn_config(config_dir, 9)  # --port overrides it
+    b = make_worker(config_dir, b_port)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO)])
+    out = tmp_path / "workermanager.out"
+    with open(out, "wb") as f:
+        wm = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(config_dir), "workermanager",
+                               "--python", fn_python, "--host", "127.0.0.1", "--port", str(wm_port),
+                               "--monitor-port", str(mon_port)],
+                              env=env, cwd=str(tmp_path), stdout=f, stderr=subprocess.STDOUT)
+
+    def activate(ui: UI):
+        async def go():
+            n = len(ui.messages)
+            await ui.send({"type": "set_active", "workerid": b.uuid})
+            sw = await ui.wait_for(lambda m: isinstance(m, dict) and m.get("type") in ("set_worker", "error"),
+                                   60, "set_worker", start=n)
+            assert sw["type"] == "set_worker" and sw["data"]["port"] == b_port, sw
+        return go()
+
+    try:
+        poll_until(lambda: wm.poll() is None and manager_pings(wm_port), 60, interval=0.2,
+                   what="manager answering: " + out.read_text(errors="replace")[-2000:] if out.exists() else "")
+
+        async def go():
+            async with UI(wm_port) as ui:
+                await ui.status_until(lambda s: listed(s, "inactive", b.uuid), 15, "worker B inactive")
+                await activate(ui)
+                sups = supervisors_of(marker, b.uuid)
+                assert len(sups) == 1 and psutil.Process(sups[0]).ppid() == wm.pid, sups
+                again = await helper.send_spawn_request(
+                    fn_python, ["-m", "funcnodes", "--dir", str(config_dir), "worker", "--uuid", b.uuid, "start"],
+                    {}, host="127.0.0.1", port=mon_port)
+                assert again == {"status": "success", "pid": sups[0]}, again
+                await ui.status_until(lambda s: listed(s, "active", b.uuid), 15, "worker B active")
+
+                # the UI stops it: the worker and its supervisor end; the manager lists it inactive
+                await ui.send({"type": "stop_worker", "workerid": b.uuid})
+                await asyncio.to_thread(poll_until, lambda: not psutil.pid_exists(sups[0]), 20, 0.05,
+                                        "B's supervisor gone")
+                assert state(b)["state"] == "STOPPED" and state(b)["exit_code"] == 0
+                await ui.status_until(lambda s: listed(s, "inactive", b.uuid), 15, "worker B inactive again")
+
+                # and starts it again: a new supervisor, once
+                await activate(ui)
+                sups2 = supervisors_of(marker, b.uuid)
+                assert len(sups2) == 1 and sups2 != sups, sups2
+                await ui.status_until(lambda s: listed(s, "active", b.uuid), 15, "worker B active again")
+        run(go())
+    finally:
+        if wm.poll() is None:
+            wm.send_signal(signal.SIGTERM)
+        try:
+            code = wm.wait(30)
+        except subprocess.TimeoutExpired:
+            wm.kill()
+            wm.wait(5)
+            raise
+    assert code == 0, out.read_text(errors="replace")[-3000:]
+    assert not supervisors_of(marker, b.uuid)
     assert state(b)["state"] == "STOPPED"
