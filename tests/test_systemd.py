@@ -24,8 +24,8 @@ from conftest import poll_until
 from supervisor import systemd, units
 from supervisor.config import SupervisorConfig
 from supervisor.systemd import Notifier, Probe, WatchdogPolicy
-from test_supervisor import (HAVE_WORKER, REPO, make_worker, output, running_worker, start_supervisor,  # noqa: F401
-                             state, stop_supervisor, sup_procs, ws_uuid)
+from test_supervisor import (HAVE_WORKER, REPO, make_worker, output, running_worker, start_supervisor,  # noqa: F401, F811
+                             stop_supervisor, sup_procs, ws_uuid)
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -361,7 +361,9 @@ def verify(unit_path: Path) -> None:
         return
     r = subprocess.run([SYSTEMD_ANALYZE, "verify", "--man=no", unit_path.name], cwd=str(unit_path.parent),
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr + r.stdout
+    # complaints about our file (unknown keys, bad values, missing executables) name it
+    ours = [ln for ln in r.stderr.splitlines() if unit_path.name in ln or "Unknown key" in ln or "Failed to parse" in ln]
+    assert r.returncode == 0 and not ours, r.stderr + r.stdout
 
 
 @pytest.mark.parametrize("timers", [{}, {"stop_grace": 20, "term_timeout": 10, "kill_timeout": 5,
