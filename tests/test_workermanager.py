@@ -28,7 +28,7 @@ import aiohttp
 import psutil
 import pytest
 
-from conftest import MARKER, free_port, marked_processes, poll_until
+from conftest import free_port, marked_processes, poll_until
 from funcnodesenv import funcnodes_python
 from helpers import Client, run
 from supervisor.cli import add_demo_nodes
