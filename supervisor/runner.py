@@ -504,6 +504,8 @@ class Supervisor:
                 t = msg.get("type")
                 if t == "heartbeat":
                     health.beat(msg)
+                    if ready:
+                        self._keep_pidfile(w.pid)
                 elif t == "ready" and not ready:
                     ready = True
                     self._on_worker_ready(w, msg)
@@ -539,6 +541,19 @@ class Supervisor:
                 self._after_exit(w, was_ready=ready, reason=reason, detail=detail, status=status,
                                  oom_before=oom_before, node=health.node)
                 return
+
+    def _keep_pidfile(self, pid: int) -> None:
+        """The Workermanager deletes .p whenever one of its probes fails (e.g. while a node is
+        busy); like the stock worker, put it back while the worker runs."""
+        try:
+            if self.paths.pidfile.read_text().strip() == str(pid):
+                return
+        except OSError:
+            pass
+        try:
+            self.paths.write_pid(pid)
+        except OSError as e:
+            log.warning("cannot rewrite %s: %s", self.paths.pidfile, e)
 
     def _on_worker_ready(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
         host = msg.get("host")

@@ -27,6 +27,15 @@ class {cls}(ExternalWorker):
 '''
 
 
+async def monitor_of(c):
+    """The monitor's address as the worker has it (it may arrive just after the worker is ready)."""
+    deadline = time.monotonic() + 15
+    while "subprocess_monitor" not in (cfg := await c.cmd("get_config")):
+        assert time.monotonic() < deadline, "the worker never learned the monitor's address"
+        await asyncio.sleep(0.02)
+    return cfg["subprocess_monitor"]
+
+
 def sidecar(paths, name):
     for sc in state(paths).get("sidecars") or []:
         if sc.get("name") == name and sc.get("state") == "running" and sc.get("pid"):
@@ -80,8 +89,7 @@ def test_monitor_serves_the_stock_client_and_the_worker_knows_it(supervised):
 
     async def go():
         async with Client(url) as c:
-            cfg = await c.cmd("get_config")
-        mon = cfg["subprocess_monitor"]
+            mon = await monitor_of(c)
         assert mon["host"] == "127.0.0.1" and mon["port"]
         res = await helper.send_spawn_request(sys.executable, ["-c", "print('hello from the monitor')"], {},
                                               host=mon["host"], port=mon["port"])
@@ -112,7 +120,7 @@ def test_supervisor_sigkill_takes_monitor_commands_and_their_children(config_dir
 
     async def go():
         async with Client(f"http://127.0.0.1:{port}") as c:
-            mon = (await c.cmd("get_config"))["subprocess_monitor"]
+            mon = await monitor_of(c)
         code = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
         res = await helper.send_spawn_request(sys.executable, ["-c", code], {}, host=mon["host"], port=mon["port"])
         return res["pid"]

@@ -557,3 +557,15 @@ def test_worker_group_is_cleared_and_orphans_reaped_after_a_crash(config_dir, po
 
     poll_until(clean, 3, what="old group killed and its orphans reaped (no zombies under the supervisor)")
     assert stop_supervisor(sup) == 0
+
+
+@pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
+def test_pidfile_deleted_by_the_workermanager_comes_back(config_dir, port, tmp_path, sup_procs):
+    """The Workermanager deletes .p when a probe fails; a running worker's .p is put back."""
+    paths = make_worker(config_dir, port)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid = poll_until(lambda: running_worker(paths), 30, what="worker ready")
+    paths.pidfile.unlink()
+    poll_until(lambda: paths.pidfile.exists() and paths.pidfile.read_text() == str(pid), 10, what=".p rewritten")
+    assert stop_supervisor(sup) == 0
