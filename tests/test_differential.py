@@ -509,15 +509,7 @@ IGNORED_EVENTS = {
 # Differences found by this test that are bugs on our side, reported to be fixed. Each is
 # normalized away here so the rest stays checked; when one is fixed, the test says so and the
 # entry must go.
-KNOWN_GAPS = {
-    "worker_dependencies": "get_worker_dependencies (and full_state.worker_dependencies) lists every package "
-                           "dependency as {module, worker_classes: []}; stock lists only modules that provide "
-                           "external workers (its add_worker_dependency), so for a plain node library it is []",
-    "double_lib_update": "add_package_dependency and remove_package_dependency broadcast workerevent lib_update "
-                         "twice (stock once: only from the library's own event)",
-    "update_worker_config_data_path": "update_worker_config returns data_path as an absolute path; stock returns "
-                                      "the config as written, with data_path null for the default data folder",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def strip_values(state: Any) -> Any:
@@ -619,9 +611,6 @@ def compare_reply(step: Step, sv: Any, ov: Any, d: Diff) -> None:
         missing = sorted(set(sr) - set(orr))
         if missing:
             d.problems.append(f"[{step.label}] config keys missing in ours: {missing}")
-        if step.cmd == "update_worker_config" and sr.get("data_path") is None and orr.get("data_path"):
-            d.gaps["update_worker_config_data_path"] += 1
-            orr["data_path"] = None
         sr = {k: v for k, v in sr.items() if k != "package_dependencies"}
         d.deliberate["config_extra_keys"] += 1
         orr = {k: orr.get(k) for k in sr}
@@ -642,12 +631,6 @@ def compare_reply(step: Step, sv: Any, ov: Any, d: Diff) -> None:
         d.deliberate["full_state_groups"] += 1
         # what the last progress message said depends on the startup path; compare its shape
         sr["progress_state"], orr["progress_state"] = shape(sr["progress_state"]), shape(orr["progress_state"])
-        if sr.get("worker_dependencies") == [] and orr.get("worker_dependencies"):
-            d.gaps["worker_dependencies"] += 1
-            orr["worker_dependencies"] = []
-    if step.cmd == "get_worker_dependencies" and sr == [] and orr:
-        d.gaps["worker_dependencies"] += 1
-        orr = []
     d.check(step.label, "result", dict(sv, result=sr), dict(ov, result=orr))
 
 
@@ -683,11 +666,6 @@ def compare_events(step: Step, what: str, ss: list[str], os_: list[str], d: Diff
         if ss.count(fs) == 2 and os_.count(fs) == 1:
             ss.remove(fs)
             d.deliberate["single_fullsync_on_import"] += 1
-    if step.cmd in ("add_package_dependency", "remove_package_dependency"):
-        lib = '{"data": {"data": {}}, "workerevent": "lib_update"}'
-        if os_.count(lib) == ss.count(lib) + 1:
-            d.gaps["double_lib_update"] += 1
-            os_.remove(lib)
     if ss != os_:
         cs, co = Counter(ss), Counter(os_)
         d.problems.append(f"[{step.label}] {what} events differ:\n  only stock: {sorted((cs - co).elements())}\n"

@@ -399,8 +399,7 @@ class Commands:
             if not isinstance(update_on_startup, dict):
                 raise TypeError("update_on_startup must be an object")
             cfg.setdefault("update_on_startup", {}).update({k: bool(v) for k, v in update_on_startup.items()})
-        self.rt.write_config()
-        return self.get_config()
+        return {k: v for k, v in self.rt.write_config().items() if k != "auth_token"}
 
     @command()
     def upload(self, data: str | bytes, filename: str):
@@ -422,10 +421,15 @@ class Commands:
     # region library and packages
     @command()
     def get_worker_dependencies(self):
-        return [
-            {"module": info["module"], "worker_classes": []}
-            for info in self.rt.dependencies.values()
-        ]
+        # Like the stock worker: only packages that provide external worker classes are listed.
+        out = []
+        for info in self.rt.dependencies.values():
+            classes = info.get("worker_classes") or []
+            if classes:
+                out.append({"module": info["module"], "worker_classes": [
+                    {"module": c.__module__, "class_name": c.__name__,
+                     "name": getattr(c, "NAME", "") or c.__name__} for c in classes]})
+        return out
 
     @command()
     def get_plugin_keys(self, type: str = "react"):
@@ -471,7 +475,8 @@ class Commands:
             self.rt.config.setdefault("package_dependencies", {})[spec["package"]] = spec
             self.rt.write_config()
         self.rt.set_progress(f"Add package dependency {name}", "success", 1.0, False)
-        self.rt.broadcast(codec.workerevent("lib_update"))
+        if self.rt.dependencies.get(spec["package"], {}).get("shelf") is None:
+            self.rt.broadcast(codec.workerevent("lib_update"))  # no shelf event to carry it
         if sync:
             self.rt.broadcast(codec.workerevent("fullsync"))
         return None
@@ -512,11 +517,12 @@ class Commands:
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):
         info = self.rt.dependencies.pop(name, None)
         if info and info.get("shelf") is not None:
-            self.ns.remove_shelf(info["shelf"])
+            self.ns.remove_shelf(info["shelf"])  # its after_remove_shelf event sends lib_update
+        else:
+            self.rt.broadcast(codec.workerevent("lib_update"))
         if save:
             self.rt.config.get("package_dependencies", {}).pop(name, None)
             self.rt.write_config()
-        self.rt.broadcast(codec.workerevent("lib_update"))
         return None
 
     @command()

@@ -70,6 +70,7 @@ class WorkerRuntime:
         self.stop_reason = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self._save_handle: asyncio.TimerHandle | None = None
+        self._save_first = 0.0
         self._sweep_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self.last_heartbeat_cmd = time.monotonic()
@@ -352,11 +353,19 @@ class WorkerRuntime:
             return
         HEALTH.in_flight[nid] = time.monotonic()
 
-        def done(_t, nid=nid):
+        def done(_t, node=node, nid=nid):
             HEALTH.in_flight.pop(nid, None)
-            self.loop.call_soon(self.trigger_requested)
+            # Only this node's readiness changed (a node's readiness is its own inputs and its
+            # own run); a trigger requested while it ran starts now.
+            self.loop.call_soon(self._trigger_if_requested, node)
 
         task.add_done_callback(done)
+
+    def _trigger_if_requested(self, node) -> None:
+        try:
+            node.trigger_if_requested()
+        except Exception:
+            log.exception("trigger of %s failed", node.uuid)
 
     def trigger_requested(self) -> None:
         for node in self.nodespace.nodes:
@@ -375,12 +384,18 @@ class WorkerRuntime:
 
     # region persistence
     def request_save(self) -> None:
+        """Trailing debounce: save `save_delay` after the last change, at most `save_max_wait`
+        after the first, so a burst of edits (or a running chain) costs one write."""
         if not self.saving_enabled or self.loop is None:
             return
-        if self._save_handle is not None:
-            return
+        now = self.loop.time()
         delay = float(self.config.get("save_delay") or 0.2)
-        self._save_handle = self.loop.call_later(delay, self._debounced_save)
+        if self._save_handle is None:
+            self._save_first = now
+        else:
+            self._save_handle.cancel()
+        limit = self._save_first + float(self.config.get("save_max_wait") or 2.0)
+        self._save_handle = self.loop.call_at(min(now + delay, limit), self._debounced_save)
 
     def _debounced_save(self) -> None:
         self._save_handle = None
@@ -409,7 +424,7 @@ class WorkerRuntime:
     OWN_KEYS = ("type", "uuid", "name", "data_path", "env_path", "worker_dependencies", "package_dependencies",
                 "pid", "autostart", "update_on_startup", "host", "port", "ssl", "subprocess_monitor")
 
-    def write_config(self) -> None:
+    def write_config(self) -> dict:
         if self.server.port:
             self.config["host"], self.config["port"] = self.server.host, self.server.port
         self.config["pid"] = os.getpid()
@@ -423,6 +438,7 @@ class WorkerRuntime:
             disk = {}
         disk.update({k: self.config[k] for k in self.OWN_KEYS if k in self.config})
         write_config(self.paths.config, disk)
+        return disk
 
     def load_nodespace(self, state: dict | None = None) -> None:
         if state is None:
@@ -494,7 +510,9 @@ class WorkerRuntime:
                 pass
         if shelf is not None:
             self.nodespace.add_shelf(shelf)
-        self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf}
+        classes = getattr(mod, "FUNCNODES_WORKER_CLASSES", None) or []
+        self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf,
+                                             "worker_classes": list(classes)}
         return shelf
     # endregion
 

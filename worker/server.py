@@ -13,6 +13,7 @@ stores, and error replies that go to the sender only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import ipaddress
 import json
@@ -110,10 +111,11 @@ class Client:
             if item is None:
                 return
             try:
-                if isinstance(item, bytes):
-                    await asyncio.wait_for(self.ws.send_bytes(item), SEND_TIMEOUT)
-                else:
-                    await asyncio.wait_for(self.ws.send_str(item), SEND_TIMEOUT)
+                async with asyncio.timeout(SEND_TIMEOUT):  # no Task per message, unlike wait_for
+                    if isinstance(item, bytes):
+                        await self.ws.send_bytes(item)
+                    else:
+                        await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
                 await self.ws.close(code=1011)
                 return
@@ -149,6 +151,8 @@ class WorkerServer:
         self.rt = runtime
         self.io: IOThread | None = None
         self.core_ready: asyncio.Event | None = None  # set once commands can run
+        self._outbox: collections.deque = collections.deque()
+        self._flush_pending = False
         self.clients: dict[str, Client] = {}
         self.large: dict[str, tuple[str, float]] = {}
         self.large_bytes = 0
@@ -438,14 +442,30 @@ class WorkerServer:
             self.io.loop.call_soon_threadsafe(self.core_ready.set)
 
     # Called from the main loop: encode there (the NodeSpace is not thread-safe), send here.
+    # A burst of events wakes the I/O thread once, not once per message.
     def post_broadcast(self, msg: dict) -> None:
         if self.io is None or not self.clients:
             return
-        self.io.loop.call_soon_threadsafe(self.broadcast_text, codec.dumps(msg))
+        self._post(codec.dumps(msg))
 
     def post_frames(self, frames: list[bytes]) -> None:
-        if self.io is not None:
-            self.io.loop.call_soon_threadsafe(self.broadcast_frames, frames)
+        if self.io is not None and self.clients:
+            self._post(frames)
+
+    def _post(self, item: str | list[bytes]) -> None:
+        self._outbox.append(item)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.io.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False  # before draining: a later append schedules another flush
+        while self._outbox:
+            item = self._outbox.popleft()
+            if isinstance(item, list):
+                self.broadcast_frames(item)
+            else:
+                self.broadcast_text(item)
     # endregion
 
     # region large messages
