@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.fsutil import boot_id, process_start_time
 
 if TYPE_CHECKING:
     from .runner import Supervisor

@@ -12,95 +12,22 @@ timeout). The test run builds it itself, so CI needs no manual step.
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+from uvenv import clean_env, ensure_venv
+
 REPO = Path(__file__).resolve().parents[1]
-ENV_DIR = REPO / ".envs" / "supervisord"
 PINS = ["supervisor==4.3.0"]
-MARKER = ".fn-supervise-supervisord-complete"
-VENV_TIMEOUT = 120.0
-INSTALL_TIMEOUT = 300.0
-LOCK_TIMEOUT = INSTALL_TIMEOUT + VENV_TIMEOUT + 60.0
 
 
-def _bin(env: Path) -> Path:
-    return env / "bin"
-
-
-def _complete(env: Path) -> bool:
-    marker = env / MARKER
-    if not marker.is_file() or not (_bin(env) / "supervisord").exists():
-        return False
-    try:
-        return json.loads(marker.read_text()).get("pins") == PINS
-    except (OSError, ValueError):
-        return False
-
-
-def _clean_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["UV_PYTHON_DOWNLOADS"] = "never"
-    for k in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME"):
-        env.pop(k, None)  # never let our `supervisor` shadow supervisord's
-    return env
-
-
-def _run(argv: list[str], timeout: float, env: dict) -> None:
-    try:
-        # cwd: never the repo, whose `supervisor` package would shadow supervisord's on sys.path
-        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ENV_DIR.parent))
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"timed out after {timeout}s: {' '.join(argv)}") from e
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-
-
-def supervisord_bin(env_dir: Path = ENV_DIR) -> Path:
+def supervisord_bin() -> Path:
     """bin/ of a venv with supervisord and supervisorctl; built with uv if needed."""
-    env_dir = Path(env_dir)
-    if _complete(env_dir):
-        return _bin(env_dir)
-    env_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = env_dir.parent / (env_dir.name + ".lock")
-    with open(lock_path, "w") as lock:
-        deadline = time.monotonic() + LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"could not lock {lock_path} within {LOCK_TIMEOUT}s")
-                time.sleep(0.2)
-        try:
-            if _complete(env_dir):
-                return _bin(env_dir)
-            import uv
-
-            uv_bin = uv.find_uv_bin()
-            env = _clean_env()
-            if env_dir.exists():
-                shutil.rmtree(env_dir)
-            _run([uv_bin, "venv", "--quiet", "--python", sys.executable, str(env_dir)], VENV_TIMEOUT, env)
-            py = str(_bin(env_dir) / "python")
-            _run([uv_bin, "pip", "install", "--quiet", "--python", py, *PINS], INSTALL_TIMEOUT, env)
-            # it must be PyPI's supervisor, importable from its own venv (not ours)
-            _run([py, "-c", "import supervisor.supervisord, supervisor.options as o; "
-                            "assert 'site-packages' in o.__file__, o.__file__"], 60, env)
-            tmp = env_dir / (MARKER + ".tmp")
-            tmp.write_text(json.dumps({"pins": PINS, "built": time.time()}))
-            os.replace(tmp, env_dir / MARKER)
-            return _bin(env_dir)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    # it must be PyPI's supervisor, importable from its own venv (not ours)
+    check = ("import supervisor.supervisord, supervisor.options as o; "
+             "assert 'site-packages' in o.__file__, o.__file__")
+    return ensure_venv("supervisord", PINS, check).parent
 
 
 class Supervisord:
@@ -129,14 +56,14 @@ class Supervisord:
             f"serverurl=unix://{self.sock}\n\n"
             + programs
         )
-        e = _clean_env()
+        e = clean_env()
         e.update(env or {})
         self.out = open(self.root / "supervisord.out", "wb")
         self.proc = subprocess.Popen([str(self.bin / "supervisord"), "-c", str(self.conf)], env=e,
                                      cwd=str(self.root), stdout=self.out, stderr=subprocess.STDOUT)
 
     def ctl(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin / "supervisorctl"), "-c", str(self.conf), *args], env=_clean_env(),
+        return subprocess.run([str(self.bin / "supervisorctl"), "-c", str(self.conf), *args], env=clean_env(),
                               capture_output=True, text=True, timeout=timeout, cwd=str(self.root))
 
     def status(self, program: str) -> str:

@@ -1,8 +1,6 @@
 """add_package_dependency on a supervised worker with its own venv: the supervisor builds the
 new environment beside the old one, swaps it in, and the live worker (same PID) imports it."""
 
-import asyncio
-
 from conftest import poll_until
 from helpers import Client, run
 from supervisor.cli import create_worker

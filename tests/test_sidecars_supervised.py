@@ -5,7 +5,6 @@ the monitor spawned survives a SIGKILLed supervisor."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess

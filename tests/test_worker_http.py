@@ -1,6 +1,5 @@
 """HTTP on the worker port: health, large messages, POST /message/, uploads, CORS, auth."""
 
-import asyncio
 import json
 
 import aiohttp

@@ -199,8 +199,6 @@ def test_required_heartbeat_counts_from_running(config_dir, port):
 
 def test_uuid_and_ping_answer_while_a_node_blocks_the_loop(worker):
     """The Workermanager probes with `uuid` on a fresh connection and gives it 1 s."""
-    import asyncio, time
-
     async def go():
         async with Client(worker.url) as c:
             await c.cmd("add_node", id="demo.block", uuid="blk")

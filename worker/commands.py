@@ -15,13 +15,11 @@ import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from uuid import uuid4
 
 import funcnodes_core as fn
 from funcnodes_core import NoValue
 
 from . import codec, persistence
-from .config import write_config
 from .packages import DependencyError, is_project, normalize, path_allowed
 
 if TYPE_CHECKING:
