@@ -17,6 +17,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "FN_SUPERVISE_TEST_MARKER"
 
+# Anything that imports funcnodes-core without FUNCNODES_CONFIG_DIR writes ~/.funcnodes; give the
+# whole session (the pytest process and all it starts) a folder of its own before any import.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_SESSION_CFG = tempfile.mkdtemp(prefix="fn-supervise-tests-")
+os.environ["FUNCNODES_CONFIG_DIR"] = _SESSION_CFG
+atexit.register(shutil.rmtree, _SESSION_CFG, True)
+
 
 def poll_until(cond, timeout: float, interval: float = 0.02, what: str = "condition"):
     """Poll cond() until it returns a truthy value or the deadline passes (then fail)."""
