@@ -30,6 +30,8 @@ from typing import Any
 
 from .sidecarset import _die_with_parent, request_base, start_supervised
 
+from .sidecarset import MONITOR
+
 log = logging.getLogger("fn-supervise")
 
 
@@ -77,13 +79,13 @@ class ManagerHost:
             log.error("monitor: %s", msg.get("error"))
 
     async def run(self) -> int:
+        from sidecars.entry import run_named
         from sidecars.host import SidecarHost
-        from sidecars.monitor import run_monitor
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
-        self.monitor = SidecarHost("monitor", run_monitor, ("127.0.0.1", self.monitor_port),
+        self.monitor = SidecarHost("monitor", run_named, (MONITOR, "127.0.0.1", self.monitor_port),
                                    kwargs={"owner_pid": os.getpid()}, on_message=self.on_message, loop=loop)
         self.monitor.start()
         try:
@@ -102,7 +104,7 @@ class ManagerHost:
         if kind == "signal":
             return 0
         host, port = msg.get("host"), msg.get("port")
-        self.monitor.args = (host, port)  # a restarted monitor keeps its address
+        self.monitor.args = (MONITOR, host, port)  # a restarted monitor keeps its address
         env = dict(os.environ)
         env.update({"SUBPROCESS_MONITOR_HOST": str(host), "SUBPROCESS_MONITOR_PORT": str(port),
                     "SUBPROCESS_MONITOR_PID": str(os.getpid()), "FUNCNODES_CONFIG_DIR": str(self.base)})

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fn_supervise.sidecars")
 
+MONITOR = "sidecars.monitor:run_monitor"
+
 
 class SidecarSet:
     def __init__(self, sup: "Supervisor"):
@@ -36,21 +38,20 @@ class SidecarSet:
 
     # region lifecycle
     def start(self) -> None:
-        from sidecars.discovery import run_discovery
+        from sidecars.entry import run_named
         from sidecars.host import SidecarHost
-        from sidecars.monitor import run_monitor
 
         loop = asyncio.get_running_loop()
         data = self.sup.paths.data_dir(self.sup.worker_cfg)
         budget = int(self.sidecar_cfg.get("budget", 5))
         if self.sidecar_cfg.get("discovery", True):
             self.hosts["discovery"] = SidecarHost(
-                "discovery", run_discovery, (str(data / "local_scripts"),),
+                "discovery", run_named, ("sidecars.discovery:run_discovery", str(data / "local_scripts")),
                 on_message=self.on_message, loop=loop, budget=budget)
         if self.sidecar_cfg.get("monitor", True):
             port = int(self.sidecar_cfg.get("monitor_port") or 0)
             self.hosts["monitor"] = SidecarHost(
-                "monitor", run_monitor, ("127.0.0.1", port),
+                "monitor", run_named, (MONITOR, "127.0.0.1", port),
                 kwargs={"owner_pid": os.getpid()},
                 on_message=self.on_message, loop=loop, budget=budget)
         for h in self.hosts.values():
@@ -93,7 +94,7 @@ class SidecarSet:
                                  "pid": msg.get("env_pid") or os.getpid()}
             mon = self.hosts.get("monitor")
             if mon is not None and msg.get("port"):
-                mon.args = (msg.get("host"), msg.get("port"))  # a restarted monitor keeps its address
+                mon.args = (MONITOR, msg.get("host"), msg.get("port"))  # a restart keeps the address
             self.to_worker(self.monitor_addr)
         elif t == "local_scripts":
             self.to_worker({"type": "local_scripts", "changes": msg.get("changes") or [],
