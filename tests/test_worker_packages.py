@@ -79,3 +79,49 @@ def test_local_scripts_loaded_at_start_and_broken_ones_reported(config_dir, port
     run(go())
     assert "broken.py:2" in w.output()
     assert w.stop() == 0
+
+
+STOCK_SCRIPT = '''
+import funcnodes_core as fn
+from funcnodes_worker import FuncNodesExternalWorker
+
+
+class Doubler(FuncNodesExternalWorker):
+    NODECLASSID = "doubler"
+    NAME = "Doubler"
+
+    @fn.instance_nodefunction()
+    def double(self, x: int) -> int:
+        return 2 * x
+'''
+
+
+@pytest.mark.stock
+def test_scripts_written_for_the_stock_worker_keep_working(config_dir, port):
+    """Where funcnodes-worker is installed (here: the stock test env runs our worker), a local
+    script derived from its FuncNodesExternalWorker loads, runs and offers its nodes."""
+    from stockenv import stock_python
+
+    write_config(config_dir, "k3")
+    scripts = config_dir / "workers" / "worker_k3" / "local_scripts"
+    scripts.mkdir(parents=True)
+    (scripts / "doubler.py").write_text(STOCK_SCRIPT)
+    w = WorkerProc(config_dir, "k3", port, python=stock_python()).wait_ready()
+
+    async def go():
+        async with Client(w.url) as c:
+            lw = await c.cmd("list_local_workers")
+            assert [x["nodeclassid"] for x in lw] == ["doubler"]
+            inst = await c.cmd("start_local_worker", worker_id="doubler")
+            lib = await c.cmd("get_library")
+            ext = [s for s in lib["shelves"] if s["name"] == "_external_worker"]
+            node_ids = [n["node_id"] for sub in ext[0]["subshelves"] for n in sub["nodes"]]
+            assert node_ids == [f"doubler.{inst['uuid']}.double"]
+            await c.cmd("add_node", id=node_ids[0], uuid="d")
+            await c.cmd("set_io_value", nid="d", ioid="x", value=21)
+            await c.wait_value("d", "out", 42)
+            assert await c.cmd("stop_local_worker", worker_id="doubler", instance_id=inst["uuid"]) is True
+            lib = await c.cmd("get_library")
+            assert not [n for s in lib["shelves"] if s["name"] == "_external_worker" for sub in s["subshelves"] for n in sub["nodes"]]
+    run(go())
+    assert w.stop() == 0

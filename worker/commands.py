@@ -51,6 +51,7 @@ class Commands:
                 self.registry[f._fn_command] = getattr(self, attr)
         self.local_classes: dict[str, dict] = {}  # NODECLASSID -> {cls, file}
         self.local_instances: dict[str, dict[str, Any]] = {}  # NODECLASSID -> {uuid: instance}
+        self.local_tasks: dict[str, Any] = {}  # instance uuid -> task running a stock-style loop
         self.loaded_stamps: dict[str, tuple | None] = {}  # script file -> (mtime_ns, size) loaded
 
     async def run(self, name: str, kwargs: dict) -> Any:

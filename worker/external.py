@@ -46,6 +46,11 @@ class ExternalWorker:
                 pass
             self._task = None
 
+    def get_all_nodeclasses(self) -> list:
+        """Override: node classes this instance offers; they appear in the library under
+        `_external_worker/<instance uuid>` while it runs (as with the stock base class)."""
+        return []
+
     def update_config(self, config: dict) -> None:
         self.config.update(config)
 

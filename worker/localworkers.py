@@ -7,6 +7,7 @@ clients hear `lib_update`. A script that fails to import is reported and harms n
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
 import logging
@@ -133,9 +134,19 @@ def describe(cmds: "Commands") -> list[dict[str, Any]]:
             "name": getattr(cls, "NAME", "") or cls.__name__,
             "class_name": cls.__name__,
             "file": str(Path(info["file"]).relative_to(scripts)) if Path(info["file"]).is_relative_to(scripts) else info["file"],
-            "instances": [i.serialize() if hasattr(i, "serialize") else {"uuid": u} for u, i in cmds.local_instances.get(cid, {}).items()],
+            "instances": [serialize_instance(i, cid) for i in cmds.local_instances.get(cid, {}).values()],
         })
     return out
+
+
+EXTERNAL_LIB = "_external_worker"
+
+
+def serialize_instance(inst: Any, class_id: str) -> dict[str, Any]:
+    if isinstance(inst, ExternalWorker):
+        return inst.serialize()
+    return {"uuid": inst.uuid, "nodeclassid": class_id, "running": bool(getattr(inst, "running", True)),
+            "name": getattr(inst, "name", None), "config": dict(getattr(inst, "config", None) or {})}
 
 
 def start(cmds: "Commands", worker_id: str, name: str | None = None, config: dict | None = None) -> dict:
@@ -148,18 +159,40 @@ def start(cmds: "Commands", worker_id: str, name: str | None = None, config: dic
     inst = cls(workerid=iid, name=name, config=config, data_path=data)
     if isinstance(inst, ExternalWorker):
         inst.start()
+    elif hasattr(inst, "continuous_run"):  # funcnodes-worker's base is a loop of its own
+        cmds.local_tasks[iid] = asyncio.ensure_future(inst.continuous_run())
     cmds.local_instances.setdefault(worker_id, {})[iid] = inst
+    nodes = inst.get_all_nodeclasses() if hasattr(inst, "get_all_nodeclasses") else []
+    if nodes:
+        cmds.ns.lib.add_nodes(nodes, [EXTERNAL_LIB, iid])
+        cmds.rt.broadcast(codec.workerevent("lib_update"))
     cmds.rt.broadcast(codec.workerevent("external_worker_update"))
-    return inst.serialize() if hasattr(inst, "serialize") else {"uuid": iid, "nodeclassid": worker_id}
+    return serialize_instance(inst, worker_id)
 
 
 async def stop(cmds: "Commands", worker_id: str, instance_id: str) -> bool:
     inst = cmds.local_instances.get(worker_id, {}).pop(instance_id, None)
     if inst is None:
         raise ValueError(f"no running instance {instance_id} of {worker_id}")
+    try:
+        cmds.ns.lib.remove_shelf_path([EXTERNAL_LIB, instance_id])
+        cmds.rt.broadcast(codec.workerevent("lib_update"))
+    except (ValueError, KeyError):
+        pass  # it offered no nodes
     if hasattr(inst, "stop"):
-        res = inst.stop()
-        if inspect.isawaitable(res):
-            await res
+        try:
+            res = inst.stop()
+            if inspect.isawaitable(res):
+                await asyncio.wait_for(res, 5.0)
+        except Exception:  # noqa: BLE001 (a plugin's stop must not take the worker down)
+            log.exception("stopping %s/%s failed", worker_id, instance_id)
+    task = cmds.local_tasks.pop(instance_id, None)
+    if task is not None:
+        task.cancel()
+    if hasattr(inst, "cleanup") and not isinstance(inst, ExternalWorker):
+        try:
+            inst.cleanup()
+        except Exception:  # noqa: BLE001
+            pass
     cmds.rt.broadcast(codec.workerevent("external_worker_update"))
     return True
