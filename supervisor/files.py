@@ -19,7 +19,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,24 +26,12 @@ from typing import Any
 from worker.fsutil import atomic_write, atomic_write_json, boot_id, process_start_time, same_process
 
 STATE_SCHEMA = 1
-_UUID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def base_dir(cli_dir: str | os.PathLike | None = None) -> Path:
-    if cli_dir:
-        return Path(cli_dir).expanduser().resolve()
-    env = os.environ.get("FUNCNODES_CONFIG_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    return Path("~/.funcnodes").expanduser().resolve()
-
-
-def parse_worker_id(text: str) -> str:
-    """'worker_<uuid>' or '<uuid>' -> '<uuid>'."""
-    uuid = text[len("worker_"):] if text.startswith("worker_") else text
-    if not uuid or not _UUID_RE.match(uuid):
-        raise ValueError(f"not a worker id: {text!r}")
-    return uuid
+# One definition of the base folder and of a valid worker id for both halves (worker.config is
+# dependency-free): an id the supervisor accepts is one the worker will start with.
+from worker.config import base_dir  # noqa: E402,F401
+from worker.config import parse_worker_name as parse_worker_id  # noqa: E402,F401
 
 
 class WorkerPaths:

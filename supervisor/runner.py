@@ -85,9 +85,10 @@ class Environment:
         return str(info.python), str(info.fingerprint)
 
     def install(self, data_dir: Path, deps: dict[str, Any],
-                progress: Callable[[str, float | None], None] | None = None) -> tuple[str, str]:
+                progress: Callable[[str, float | None], None] | None = None,
+                cancel: threading.Event | None = None) -> tuple[str, str]:
         from . import environment  # noqa: PLC0415
-        info = environment.install_into(data_dir, deps, python=sys.executable, progress=progress)
+        info = environment.install_into(data_dir, deps, python=sys.executable, progress=progress, cancel=cancel)
         return str(info.python), str(info.fingerprint)
 
 
@@ -126,6 +127,8 @@ class Supervisor:
         self.exit_code: int | None = None
         self.ready_once = False
         self._installs: set[asyncio.Task] = set()
+        self._install_lock = asyncio.Lock()
+        self._install_cancel = threading.Event()  # set on stop: uv is killed, not waited for
         self.reaper = GroupReaper()
         self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
         self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
@@ -276,6 +279,7 @@ class Supervisor:
                     await _maybe_await(self.sidecars.stop())
                 except Exception as e:  # noqa: BLE001
                     log.warning("sidecar stop failed: %s", e)
+            self._install_cancel.set()
             for t in list(self._installs):
                 t.cancel()
             if self.install_signals:
@@ -641,23 +645,27 @@ class Supervisor:
             w.send({"type": "install_result", "id": rid, "ok": False,
                     "error": "this worker runs without a venv of its own (--no-venv): installs are disabled"})
             return
-        deps = dict(self.worker_cfg.get("package_dependencies") or {})
-        for d in msg.get("deps") or []:
-            if isinstance(d, dict) and d.get("package"):
-                deps[str(d["package"])] = {k: v for k, v in d.items() if v is not None}
         loop = asyncio.get_running_loop()
 
         def progress(message: str, fraction: float | None = None) -> None:
             loop.call_soon_threadsafe(w.send, {"type": "install_progress", "id": rid, "message": message,
                                                "progress": fraction})
 
-        try:
-            self.python, self.fingerprint = await asyncio.to_thread(
-                self.env.install, self.paths.data_dir(self.worker_cfg), deps, progress)
-        except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
-            self.logfile.event(f"install failed: {e}")
-            w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
-            return
+        # One install at a time, each on top of every dependency installed so far: a second
+        # package must not build a venv without the first.
+        async with self._install_lock:
+            deps = dict(self.worker_cfg.get("package_dependencies") or {})
+            for d in msg.get("deps") or []:
+                if isinstance(d, dict) and d.get("package"):
+                    deps[str(d["package"])] = {k: v for k, v in d.items() if v is not None}
+            try:
+                self.python, self.fingerprint = await asyncio.to_thread(
+                    self.env.install, self.paths.data_dir(self.worker_cfg), deps, progress, self._install_cancel)
+            except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
+                self.logfile.event(f"install failed: {e}")
+                w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+                return
+            self.worker_cfg["package_dependencies"] = deps
         self.write_state()
         w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
 

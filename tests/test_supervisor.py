@@ -569,3 +569,50 @@ def test_pidfile_deleted_by_the_workermanager_comes_back(config_dir, port, tmp_p
     paths.pidfile.unlink()
     poll_until(lambda: paths.pidfile.exists() and paths.pidfile.read_text() == str(pid), 10, what=".p rewritten")
     assert stop_supervisor(sup) == 0
+
+
+@pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
+def test_kill9_worker_comes_back_with_its_graph_and_set_values(config_dir, port, tmp_path, sup_procs):
+    from helpers import DEMO_NODES, Client, run
+
+    paths = make_worker(config_dir, port)
+    cfg = paths.read_config()
+    cfg["package_dependencies"] = {"demo_nodes": {"package": "demo_nodes", "path": str(DEMO_NODES)}}
+    cfg["save_delay"] = 0.05
+    paths.write_config(cfg)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid1 = poll_until(lambda: running_worker(paths), 30, what="worker ready")
+    url = f"http://127.0.0.1:{port}"
+
+    async def build():
+        async with Client(url) as c:
+            await c.cmd("add_node", id="demo.number", uuid="a", properties={"frontend:pos": [5, 7]})
+            await c.cmd("add_node", id="demo.add", uuid="b")
+            await c.cmd("add_edge", src_nid="a", src_ioid="out", trg_nid="b", trg_ioid="a")
+            await c.cmd("set_io_value", nid="a", ioid="value", value=40)
+            await c.cmd("set_io_value", nid="b", ioid="b", value=2)
+            await c.wait_value("b", "out", 42.0)
+    run(build())
+    nsfile = paths.data_dir(cfg) / "nodespace.json"
+
+    def saved():
+        try:
+            nodes = {n["id"]: n for n in json.loads(nsfile.read_text())["backend"]["nodes"]}
+        except (OSError, ValueError, KeyError):
+            return False
+        return nodes.get("b", {}).get("io", {}).get("b", {}).get("value") == 2
+    poll_until(saved, 10, what="graph saved")
+    os.kill(pid1, signal.SIGKILL)
+    poll_until(lambda: running_worker(paths, not_pid=pid1), 30, what="replacement")
+
+    async def check():
+        async with Client(url) as c:
+            nodes = {n["id"]: n for n in await c.cmd("get_nodes", with_frontend=True)}
+            assert set(nodes) == {"a", "b"} and nodes["a"]["frontend"]["pos"] == [5, 7]
+            assert await c.cmd("get_edges") == [["a", "out", "b", "a"]]
+            assert await c.cmd("get_io_value", nid="a", ioid="value") == 40
+            assert await c.cmd("get_io_value", nid="b", ioid="b") == 2
+            await c.wait_value("b", "out", 42.0)
+    run(check())
+    assert stop_supervisor(sup) == 0

@@ -110,8 +110,11 @@ def test_token_is_required_everywhere_when_set(config_dir, port):
             assert ei.value.status == 401
             async with s.post(w.url + "/message/", data='{"type":"cmd","cmd":"uuid"}') as r:
                 assert r.status == 401
-            async with s.get(w.url + "/message/x", headers={"Authorization": "Bearer wrong"}) as r:
+            async with s.post(w.url + "/upload/", headers={"Authorization": "Bearer wrong"}) as r:
                 assert r.status == 401
+            # large-message stubs are fetched by a random id, with no token, as stock clients do
+            async with s.get(w.url + "/message/x") as r:
+                assert r.status == 404
         async with Client(w.url, headers={"Authorization": "Bearer s3cret"}) as c:
             assert await c.cmd("uuid") == "a1"
         async with Client(w.url, params={"token": "s3cret"}) as c:  # what a browser can do
@@ -120,3 +123,22 @@ def test_token_is_required_everywhere_when_set(config_dir, port):
             assert "auth_token" not in cfg
     run(go())
     assert w.stop() == 0
+
+
+def test_a_foreign_page_cannot_post_commands(worker):
+    """A browser sends a text/plain POST cross-site without a preflight: it must not run."""
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = '{"type":"cmd","cmd":"update_worker_config","kwargs":{"name":"PWNED"},"id":"x"}'
+            hdrs = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+            async with s.post(worker.url + "/message/", data=body, headers=hdrs) as r:
+                assert r.status == 403
+            async with s.post(worker.url + "/upload/", data=b"x", headers=hdrs) as r:
+                assert r.status == 403
+            hdrs["Origin"] = "http://localhost:8000"  # the UI on loopback is fine
+            body = body.replace("PWNED", "fine")
+            async with s.post(worker.url + "/message/", data=body, headers=hdrs) as r:
+                assert r.status == 200
+        async with Client(worker.url) as c:
+            assert await c.cmd("name") == "fine"
+    run(go())

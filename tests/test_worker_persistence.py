@@ -178,3 +178,47 @@ def test_saves_keep_concurrent_config_edits(config_dir, port):
     assert cfg["name"] == "renamed" and cfg["port"] == port
     assert cfg["supervisor"] == {"heartbeat_timeout": 7} and cfg["custom"] == {"keep": True}
     assert w.stop() == 0
+
+
+def test_bad_load_data_and_zip_bomb_lose_nothing(config_dir, port):
+    write_config(config_dir, "b1", max_upload_size=1 << 20)
+    w = WorkerProc(config_dir, "b1", port).wait_ready()
+
+    async def go():
+        async with Client(w.url) as c:
+            for nid in ("a", "b"):
+                await c.cmd("add_node", id="demo.number", uuid=nid)
+            with pytest.raises(RPCError):  # a node entry without node_name: deserialization fails midway
+                await c.cmd("load_data", data={"backend": {"nodes": [{"node_id": "x", "id": "n1"}]}})
+            assert sorted(n["id"] for n in await c.cmd("get_nodes")) == ["a", "b"]
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr("config", "{}")
+                zf.writestr("state", "{}")
+                zf.writestr("files/zeros.bin", b"\0" * (4 << 20))  # 4 MB that packs into a few KB
+            assert len(buf.getvalue()) < 100_000
+            with pytest.raises(RPCError, match="over the limit"):
+                await c.cmd("update_from_export", data=base64.b64encode(buf.getvalue()).decode())
+            await c.cmd("save")
+    run(go())
+    saved = json.loads((config_dir / "workers" / "worker_b1" / "nodespace.json").read_text())
+    assert sorted(n["id"] for n in saved["backend"]["nodes"]) == ["a", "b"]
+    assert not (config_dir / "workers" / "worker_b1" / "files" / "zeros.bin").exists()
+    assert w.stop() == 0
+
+
+def test_parsable_but_malformed_nodespace_is_kept_aside(config_dir, port):
+    write_config(config_dir, "b2")
+    data = config_dir / "workers" / "worker_b2"
+    data.mkdir(parents=True)
+    # valid JSON, but an unknown node class without node_name: the load raises midway
+    bad = json.dumps({"backend": {"nodes": [{"node_id": "no.such.class", "id": "n1"}]}})
+    (data / "nodespace.json").write_text(bad)
+    w = WorkerProc(config_dir, "b2", port)
+    try:
+        w.wait_ready()
+        kept = list(data.glob("nodespace.corrupt-*.json"))
+        assert len(kept) == 1 and kept[0].read_text() == bad
+        assert "cannot be loaded" in w.output()
+    finally:
+        assert w.stop() == 0

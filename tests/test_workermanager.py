@@ -183,9 +183,12 @@ def test_listed_active_then_restarted_after_sigkill_on_the_same_port(manager, su
 
     async def go():
         async with UI(manager.port) as ui:
-            st = await ui.status_until(lambda s: listed(s, "active", paths.uuid), 15, "worker active")
-            w = listed(st, "active", paths.uuid)
             pid1 = running_worker(paths)
+            # Our worker answers `uuid` before it is ready (and before .p exists), so the manager
+            # may first list it active without a PID; its next reload reads .p.
+            st = await ui.status_until(lambda s: (x := listed(s, "active", paths.uuid)) and x.get("pid") == pid1,
+                                       30, "worker active with its pid")
+            w = listed(st, "active", paths.uuid)
             assert w["port"] == port and w["type"] == "WSWorker" and w["pid"] == pid1
             assert w["autostart"] == "never"  # the supervisor restarts, the manager must not race it
 

@@ -341,7 +341,7 @@ class Commands:
     def load_data(self, data: dict):
         if not isinstance(data, dict):
             raise TypeError("data must be a WorkerState object")
-        self.rt.apply_state(data)
+        self.rt.replace_state(data)
         self.rt.request_save()
         self.rt.broadcast(codec.workerevent("fullsync"))
         return None
@@ -360,7 +360,7 @@ class Commands:
             if name not in self.rt.dependencies:
                 await self.add_package_dependency(name, dep=dep if isinstance(dep, dict) else None, sync=False)
         if state is not None:
-            self.rt.apply_state(state)
+            self.rt.replace_state(state)
             self.rt.request_save()
         self.rt.broadcast(codec.workerevent("fullsync"))
         return None
@@ -372,7 +372,7 @@ class Commands:
 
     @command()
     async def update_from_export(self, data: str | bytes):
-        zf = persistence.read_export(data)
+        zf = persistence.read_export(data, int(self.rt.config.get("max_upload_size") or (1 << 30)))
         config = json.loads(zf.read("config"))
         state = json.loads(zf.read("state"))
         persistence.extract_files(zf, self.rt.paths.data)

@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """The worker cannot start with this config (exit code 3)."""
 
 

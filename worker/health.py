@@ -16,17 +16,21 @@ class Health:
         self.in_flight: dict[str, float] = {}  # node uuid -> start (monotonic)
         self.lag = 0.0
 
+    MAX_BUSY = 3600.0  # a declaration cannot switch hang detection off for good
+
     def declare_busy(self, seconds: float) -> None:
-        self.busy_until = max(self.busy_until, time.monotonic() + max(0.0, float(seconds)))
+        seconds = min(max(0.0, float(seconds)), self.MAX_BUSY)
+        self.busy_until = max(self.busy_until, time.monotonic() + seconds)
 
     def busy_for(self) -> float | None:
         left = self.busy_until - time.monotonic()
         return round(left, 3) if left > 0 else None
 
     def node(self) -> str | None:
-        if not self.in_flight:
+        items = list(self.in_flight.items())  # busy() may call this from a node's thread
+        if not items:
             return None
-        return min(self.in_flight.items(), key=lambda kv: kv[1])[0]
+        return min(items, key=lambda kv: kv[1])[0]
 
     def beat(self) -> dict:
         self.seq += 1

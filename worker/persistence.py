@@ -111,7 +111,7 @@ class ExportError(ValueError):
     pass
 
 
-def read_export(data: bytes | str) -> zipfile.ZipFile:
+def read_export(data: bytes | str, max_size: int = 1 << 30) -> zipfile.ZipFile:
     if isinstance(data, str):
         try:
             data = base64.b64decode(data, validate=True)
@@ -126,6 +126,9 @@ def read_export(data: bytes | str) -> zipfile.ZipFile:
         if required not in names:
             raise ExportError(f"export archive has no '{required}' entry")
     # Refuse, don't strip: an entry that escapes the data folder means the archive is hostile.
+    total = sum(i.file_size for i in zf.infolist())
+    if total > max_size:  # a zip bomb is refused before anything is decompressed
+        raise ExportError(f"export archive unpacks to {total} bytes, over the limit of {max_size}")
     for name in names:
         p = PurePosixPath(name)
         if p.is_absolute() or ".." in p.parts or "\\" in name or "\x00" in name:

@@ -288,7 +288,13 @@ class WorkerRuntime:
     def error_text(self, e: BaseException, msg_id: Any) -> str:
         from .server import clean_traceback
 
-        return codec.dumps(codec.error(str(e) or type(e).__name__, clean_traceback(e, bool(self.config.get("debug"))), msg_id))
+        debug = bool(self.config.get("debug"))
+        text = str(e) or type(e).__name__
+        if not debug:  # the message itself may name server paths too (OSError, imports)
+            for path, alias in ((str(self.paths.data), "<data>"), (str(self.base), "<base>"),
+                                (sys.prefix, "<env>"), (sys.base_prefix, "<python>")):
+                text = text.replace(path, alias)
+        return codec.dumps(codec.error(text, clean_traceback(e, debug), msg_id))
 
     async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
         """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
@@ -440,19 +446,29 @@ class WorkerRuntime:
         write_config(self.paths.config, disk)
         return disk
 
-    def load_nodespace(self, state: dict | None = None) -> None:
-        if state is None:
-            try:
-                state = persistence.read_state(self.paths.nodespace)
-            except (ValueError, UnicodeDecodeError) as e:
-                # Keep the corrupt file for the user; start empty rather than overwrite it.
-                bad = self.paths.nodespace.with_name(f"nodespace.corrupt-{int(time.time())}.json")
-                os.replace(self.paths.nodespace, bad)
-                log.error("nodespace.json is corrupt (%s); moved to %s", e, bad.name)
-                state = None
-        if not state:
-            return
-        self.apply_state(state)
+    def load_nodespace(self) -> None:
+        """Load nodespace.json at start. A file that cannot be read or applied is kept aside for
+        the user and the worker starts empty: a bad file must not become a crash loop."""
+        try:
+            state = persistence.read_state(self.paths.nodespace)
+            if state:
+                self.apply_state(state)
+        except Exception as e:  # noqa: BLE001 (any shape of corruption)
+            bad = self.paths.nodespace.with_name(f"nodespace.corrupt-{int(time.time())}.json")
+            os.replace(self.paths.nodespace, bad)
+            log.error("nodespace.json cannot be loaded (%s: %s); moved to %s", type(e).__name__, e, bad.name)
+            print(f"fn-supervise worker: nodespace.json cannot be loaded ({e}); moved to {bad.name}",
+                  file=sys.stderr, flush=True)
+            self.nodespace.clear()
+
+    def replace_state(self, state: dict) -> None:
+        """Apply a client's WorkerState all or nothing: if it fails, the old graph comes back."""
+        old = self.state()
+        try:
+            self.apply_state(state)
+        except Exception:
+            self.apply_state(old)
+            raise
 
     def apply_state(self, state: dict) -> None:
         backend = state.get("backend") or {}

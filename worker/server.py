@@ -42,6 +42,7 @@ log = logging.getLogger("fn_supervise.worker.server")
 LARGE_MESSAGE_TTL = 60.0
 LARGE_STORE_MAX_BYTES = 512 << 20
 CLIENT_QUEUE_MAX = 10000
+CLIENT_CMDS_MAX = 1000
 SEND_TIMEOUT = 10.0
 
 
@@ -94,7 +95,8 @@ class Client:
         self.ws = ws
         self.id = uuid.uuid4().hex
         self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
-        self.cmds: asyncio.Queue = asyncio.Queue()
+        self.cmds: asyncio.Queue = asyncio.Queue(CLIENT_CMDS_MAX)
+        self.closing = False
         self.writer: asyncio.Task | None = None
 
     def put(self, item: str | bytes) -> None:
@@ -102,8 +104,10 @@ class Client:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             # A client that cannot keep up is told so and dropped, never silently starved.
-            log.warning("client %s too slow, closing", self.id)
-            asyncio.ensure_future(self.ws.close(code=1013, message=b"client too slow"))
+            if not self.closing:
+                self.closing = True
+                log.warning("client %s too slow, closing", self.id)
+                asyncio.ensure_future(self.ws.close(code=1013, message=b"client too slow"))
 
     async def write_loop(self) -> None:
         while True:
@@ -254,6 +258,10 @@ class WorkerServer:
     @web.middleware
     async def cors_middleware(self, request: web.Request, handler):
         origin = request.headers.get("Origin")
+        if origin and request.method not in ("GET", "HEAD", "OPTIONS") and not self.origin_allowed(origin):
+            # A foreign page may send a "simple" POST without a preflight: refuse it outright,
+            # a missing CORS grant alone would still let the command run.
+            return web.json_response({"error": f"origin {origin} not allowed"}, status=403)
         try:
             resp = await handler(request)
         except web.HTTPException as e:
@@ -269,7 +277,10 @@ class WorkerServer:
 
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler):
-        if request.method == "OPTIONS" or request.path in ("/healthz", "/readyz"):
+        if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+                or (request.method == "GET" and request.path.startswith("/message/"))):
+            # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
+            # and clients written for the stock worker fetch it without a token.
             return await handler(request)
         if not self.authorized(request):
             raise web.HTTPUnauthorized(
@@ -328,13 +339,15 @@ class WorkerServer:
             cmd, kwargs, msg_id, as_bytes = await client.cmds.get()
             await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
-    async def on_text(self, client: Client | None, text: str, inline: bool = True) -> dict | None:
+    async def on_text(self, client: Client | None, text: str, inline: bool = True,
+                      limit: int | None = None) -> dict | None:
         """Handle one client message; returns the reply (also sent to client when given)."""
         msg_id = None
         try:
-            if len(text.encode("utf-8", "surrogatepass")) > self.max_msg:
+            limit = self.max_msg if limit is None else limit
+            if len(text) > limit // 4 and len(text.encode("utf-8", "surrogatepass")) > limit:
                 raise ProtocolError(
-                    f"message of {len(text)} bytes exceeds the limit of {self.max_msg} bytes; "
+                    f"message of {len(text)} bytes exceeds the limit of {limit} bytes; "
                     "send large requests with POST /message/"
                 )
             try:
@@ -374,15 +387,21 @@ class WorkerServer:
             return self.deliver(client, out, msg_id)
         if client is not None and not inline:
             # Commands of one connection run in order, but behind the reader: pings still pass.
-            client.cmds.put_nowait((cmd, kwargs, msg_id, as_bytes))
+            try:
+                client.cmds.put_nowait((cmd, kwargs, msg_id, as_bytes))
+            except asyncio.QueueFull:
+                err = codec.error(f"too many commands in flight on this connection (>{CLIENT_CMDS_MAX})", [], msg_id)
+                self.reply(client, err)
+                return err
             return None
         return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
     async def run_cmd(self, client: Client | None, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> dict:
         await self.core_ready.wait()  # commands wait while the graph loads; pings do not
-        out = await asyncio.wrap_future(
+        # shield: a client that disconnects must not cancel a command half-way on the main loop
+        out = await asyncio.shield(asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(self.rt.execute(cmd, kwargs, msg_id, as_bytes), self.rt.loop)
-        )
+        ))
         return self.deliver(client, out, msg_id)
 
     def deliver(self, client: Client | None, out: str | list, msg_id: Any) -> str | dict:
@@ -495,11 +514,7 @@ class WorkerServer:
             text = (await request.read()).decode("utf-8")
         except UnicodeDecodeError:
             return web.Response(status=400, text="Error processing message: body is not UTF-8")
-        saved, self.max_msg = self.max_msg, self.max_data  # HTTP is the route for big requests
-        try:
-            reply = await self.on_text(None, text)
-        finally:
-            self.max_msg = saved
+        reply = await self.on_text(None, text, limit=self.max_data)  # HTTP is the route for big requests
         if isinstance(reply, str) and reply.startswith('{"type": "error"'):
             reply = json.loads(reply)
         if isinstance(reply, dict) and reply.get("type") == "error":
@@ -580,7 +595,8 @@ class WorkerServer:
                     tmp.unlink()
                 except FileNotFoundError:
                     pass
-        self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(files_dir))
+        if self.rt.nodespace is not None:
+            self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(files_dir))
         if len(names) == 1:
             common = names[0]
         else:
