@@ -6,6 +6,16 @@ from helpers import Client, run
 from supervisor.cli import create_worker
 from test_supervisor import FAST, running_worker, start_supervisor, state, stop_supervisor, output
 
+PYPROJECT2 = '''
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fn-more-nodes"
+version = "0.1.0"
+'''
+
 PYPROJECT = '''
 [build-system]
 requires = ["setuptools>=61"]
@@ -34,6 +44,10 @@ def test_install_through_the_supervisor_swaps_the_venv_under_a_live_worker(confi
     (proj / "fn_extra_nodes").mkdir(parents=True)
     (proj / "pyproject.toml").write_text(PYPROJECT)
     (proj / "fn_extra_nodes" / "__init__.py").write_text(MODULE)
+    proj2 = data / "packages" / "fn-more-nodes"
+    (proj2 / "fn_more_nodes").mkdir(parents=True)
+    (proj2 / "pyproject.toml").write_text(PYPROJECT2)
+    (proj2 / "fn_more_nodes" / "__init__.py").write_text(MODULE.replace("extra.cube", "more.cube").replace('name="extra"', 'name="more"'))
     sup = start_supervisor(paths, tmp_path)
     try:
         pid = poll_until(lambda: running_worker(paths), 60, what="venv worker ready")
@@ -48,10 +62,15 @@ def test_install_through_the_supervisor_swaps_the_venv_under_a_live_worker(confi
                 await c.cmd("add_node", id="extra.cube", uuid="c")
                 await c.cmd("set_io_value", nid="c", ioid="x", value=3)
                 await c.wait_value("c", "out", 27.0)
+                # a second install builds on the first: both packages are in the swapped-in venv
+                await c.cmd("add_package_dependency", name="fn-more-nodes", dep={"path": str(proj2)}, timeout=120)
+                assert {"extra", "more"} <= {s["name"] for s in (await c.cmd("get_library"))["shelves"]}
         run(go())
+        site = next((data / ".venv" / "lib").glob("python3*/site-packages"))
+        assert (site / "fn_extra_nodes").is_dir() and (site / "fn_more_nodes").is_dir()
         assert running_worker(paths) == pid  # no restart: the new venv was swapped in under it
         assert (data / ".venv").stat().st_ino != old_venv_inode
-        assert "fn-extra-nodes" in paths.read_config()["package_dependencies"]
+        assert {"fn-extra-nodes", "fn-more-nodes"} <= set(paths.read_config()["package_dependencies"])
         assert state(paths)["restarts"] == 0
     finally:
         assert stop_supervisor(sup) == 0, output(sup)

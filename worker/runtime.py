@@ -442,9 +442,11 @@ class WorkerRuntime:
                 disk = {}
         except (OSError, ValueError):
             disk = {}
-        disk.update({k: self.config[k] for k in self.OWN_KEYS if k in self.config})
-        write_config(self.paths.config, disk)
-        return disk
+        merged = dict(disk)
+        merged.update({k: self.config[k] for k in self.OWN_KEYS if k in self.config})
+        if merged != disk or not self.paths.config.exists():  # most saves change only the graph
+            write_config(self.paths.config, merged)
+        return merged
 
     def load_nodespace(self) -> None:
         """Load nodespace.json at start. A file that cannot be read or applied is kept aside for
