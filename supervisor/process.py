@@ -44,11 +44,12 @@ def set_child_subreaper() -> bool:
         return False
 
 
-def reap_orphans(pgids: set[int]) -> list[tuple[int, int]]:
+def reap_orphans(pgids: set[int], exclude: set[int] = frozenset()) -> list[tuple[int, int]]:
     """Reap zombie children of ours that belonged to a worker's process group.
 
     Never waitpid(-1): that would steal the exit status of a subprocess some other part of
-    the supervisor (installs, sidecars) is waiting for."""
+    the supervisor (installs, sidecars) is waiting for. `exclude` is the live worker itself,
+    whose status its own WorkerProcess collects."""
     me = os.getpid()
     reaped = []
     try:
@@ -68,7 +69,7 @@ def reap_orphans(pgids: set[int]) -> list[tuple[int, int]]:
             st, ppid, pgrp = rest[0], int(rest[1]), int(rest[2])
         except (IndexError, ValueError):
             continue
-        if ppid != me or st != b"Z" or pgrp not in pgids:
+        if ppid != me or st != b"Z" or pgrp not in pgids or int(e) in exclude:
             continue
         try:
             pid, status = os.waitpid(int(e), os.WNOHANG)

@@ -200,7 +200,8 @@ class Supervisor:
                 pass
 
     def _reap(self) -> None:
-        for pid, status in reap_orphans(self.pgids):
+        w = self.worker
+        for pid, status in reap_orphans(self.pgids, exclude={w.pid} if w is not None and w.pid else set()):
             log.info("reaped orphan %d of a worker group (%s)", pid, ExitStatus.from_wait_status(status).describe())
 
     async def _next(self, timeout: float | None) -> tuple | None:

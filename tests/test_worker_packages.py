@@ -64,6 +64,8 @@ def test_local_scripts_loaded_at_start_and_broken_ones_reported(config_dir, port
     scripts.mkdir(parents=True)
     (scripts / "counter.py").write_text(SCRIPT)
     (scripts / "broken.py").write_text("x = 1\ndef oops(:\n")
+    (scripts / "forever.py").write_text("import time\nwhile True:\n    time.sleep(0.05)\n")
+    write_config(config_dir, "k2", script_import_timeout=0.5)
     w = WorkerProc(config_dir, "k2", port).wait_ready()
 
     async def go():
@@ -78,6 +80,7 @@ def test_local_scripts_loaded_at_start_and_broken_ones_reported(config_dir, port
                 await c.cmd("start_local_worker", worker_id="nope")
     run(go())
     assert "broken.py:2" in w.output()
+    assert "forever.py" in w.output() and "did not finish importing" in w.output()
     assert w.stop() == 0
 
 

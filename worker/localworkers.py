@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,17 +48,39 @@ def _forget(cmds: "Commands", file: str) -> None:
         cmds.local_classes.pop(cid, None)
 
 
+IMPORT_TIMEOUT = 10.0  # a script still importing after this is reported and left behind
+
+
+def _exec_bounded(spec, mod, timeout: float = IMPORT_TIMEOUT) -> BaseException | None:
+    """Run the script's module code in a thread, so a script that never finishes importing
+    (a loop at module level) is reported instead of hanging the worker into a restart loop."""
+    from .health import busy
+
+    box: list[BaseException | None] = [None]
+
+    def run():
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException as exc:  # noqa: BLE001 (SystemExit from a script included)
+            box[0] = exc
+
+    busy(timeout + 2)  # the main loop waits below: not a hang
+    t = threading.Thread(target=run, name=f"import {spec.name}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return TimeoutError(f"did not finish importing within {timeout:g} s (a loop at module level?)")
+    return box[0]
+
+
 def load_file(cmds: "Commands", path: Path) -> list[str]:
     scripts = cmds.rt.paths.local_scripts
     name = _module_name(scripts, path)
     _forget(cmds, str(path))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) and not isinstance(e, SystemExit):
-            raise
+    e = _exec_bounded(spec, mod, float(cmds.rt.config.get("script_import_timeout") or IMPORT_TIMEOUT))
+    if e is not None:
         line = getattr(e, "lineno", None)
         if line is None:
             tb = traceback.extract_tb(e.__traceback__)
