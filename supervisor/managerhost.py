@@ -24,13 +24,10 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from .sidecarset import _die_with_parent, request_base, start_supervised
-
-from .sidecarset import MONITOR
+from .sidecarset import MONITOR, _die_with_parent, request_base, start_supervised, stop_all
 
 log = logging.getLogger("fn-supervise")
 
@@ -127,25 +124,7 @@ class ManagerHost:
 
     async def _stop_all(self) -> None:
         """The manager and every supervisor started here get SIGTERM; SIGKILL after the timeout."""
-        procs = [p for p in [self.manager, *self.children.values()] if p is not None and p.poll() is None]
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout
-        for p in procs:
-            while p.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if p.poll() is None:
-                log.warning("pid %d did not stop within %gs: SIGKILL", p.pid, self.stop_timeout)
-                p.kill()
-                p.wait(5)
-        if self.monitor is not None:
-            await self.monitor.stop(3.0)
-        try:
-            from sidecars.host import stop_helper_processes
-
-            stop_helper_processes()
-        except Exception:  # noqa: BLE001
-            pass
+        await stop_all([self.manager, *self.children.values()], [self.monitor], self.stop_timeout)
 
 
 def run_workermanager(base: Path, argv: list[str], monitor_port: int = 0) -> int:

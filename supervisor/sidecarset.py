@@ -58,23 +58,7 @@ class SidecarSet:
             h.start()
 
     async def stop(self) -> None:
-        for uuid, p in list(self.children.items()):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        await asyncio.gather(*(h.stop(3.0) for h in self.hosts.values()), return_exceptions=True)
-        deadline = time.monotonic() + 15.0
-        for p in self.children.values():
-            while p.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-        try:
-            from sidecars.host import stop_helper_processes
-
-            stop_helper_processes()
-        except Exception:  # noqa: BLE001
-            pass
+        await stop_all(list(self.children.values()), list(self.hosts.values()), CHILD_STOP_TIMEOUT)
 
     def status(self) -> list[dict[str, Any]]:
         out = []
@@ -134,6 +118,32 @@ class SidecarSet:
             return {"pid": w.pid if (w is not None and w.alive) else os.getpid(), "error": None}
         return start_supervised(base, uuid, self.children)
     # endregion
+
+
+CHILD_STOP_TIMEOUT = 15.0  # a child supervisor's own staged stop fits in this
+
+
+async def stop_all(procs: list, hosts: list, timeout: float) -> None:
+    """SIGTERM to child processes (supervisors stop their workers gracefully), the sidecar hosts
+    stopped meanwhile, SIGKILL to what is left at the deadline; bounded throughout."""
+    procs = [p for p in procs if p is not None and p.poll() is None]
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    await asyncio.gather(*(h.stop(3.0) for h in hosts if h is not None), return_exceptions=True)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        while p.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if p.poll() is None:
+            log.warning("pid %d did not stop within %gs: SIGKILL", p.pid, timeout)
+            p.kill()
+            p.wait(5)
+    try:
+        from sidecars.host import stop_helper_processes
+
+        stop_helper_processes()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def request_base(args: list[str] | None) -> Path | None:
