@@ -468,8 +468,13 @@ def test_demo_prints_its_url(config_dir, tmp_path, sup_procs, monkeypatch):
     cfg = json.loads((config_dir / "workers" / f"{wid}.json").read_text())
     if (REPO / "examples" / "demo_nodes.py").exists():
         assert cfg["package_dependencies"]["demo_nodes"]["path"].startswith(str(config_dir / "workers" / wid))
-    if HAVE_WORKER:
-        assert poll_until(lambda: ws_uuid(url_port), 10, what="demo answers") == wid[len("worker_"):]
+    assert poll_until(lambda: ws_uuid(url_port), 10, what="demo answers") == wid[len("worker_"):]
+    from helpers import Client, run
+
+    async def graph():  # the seeded example graph runs: (20 + 22) * 2
+        async with Client(f"http://127.0.0.1:{url_port}") as c:
+            await c.wait_value("double", "out", 84.0)
+    run(graph())
     assert stop_supervisor(p) == 0
 
 
