@@ -45,6 +45,7 @@ class Commands:
     def __init__(self, rt: "WorkerRuntime"):
         self.rt = rt
         self.registry: dict[str, Callable] = {}
+        self._signatures: dict[str, inspect.Signature] = {}
         for attr in dir(type(self)):
             f = getattr(type(self), attr)
             if callable(f) and hasattr(f, "_fn_command"):
@@ -58,8 +59,11 @@ class Commands:
         func = self.registry.get(name)
         if func is None:
             raise ValueError(f"Unknown command {name} , available commands: {', '.join(sorted(self.registry))}")
+        sig = self._signatures.get(name)
+        if sig is None:
+            sig = self._signatures[name] = inspect.signature(func)
         try:
-            inspect.signature(func).bind(**kwargs)
+            sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
         res = func(**kwargs)
