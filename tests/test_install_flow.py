@@ -74,3 +74,35 @@ def test_install_through_the_supervisor_swaps_the_venv_under_a_live_worker(confi
         assert state(paths)["restarts"] == 0
     finally:
         assert stop_supervisor(sup) == 0, output(sup)
+
+
+def test_standalone_worker_installs_into_its_own_interpreter_with_uv(config_dir, port, tmp_path):
+    """Without a supervisor the worker installs a dependency into its own venv with uv."""
+    from helpers import WorkerProc, write_config
+    from supervisor.environment import ensure_environment
+
+    env = ensure_environment(tmp_path / "envhome", {})  # a throwaway venv with our worker in it
+    write_config(config_dir, "solo")
+    data = config_dir / "workers" / "worker_solo"
+    proj = data / "packages" / "fn-extra-nodes"
+    (proj / "fn_extra_nodes").mkdir(parents=True)
+    (proj / "pyproject.toml").write_text(PYPROJECT)
+    (proj / "fn_extra_nodes" / "__init__.py").write_text(MODULE)
+    import os
+    import sys
+    from pathlib import Path
+
+    uv_on_path = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    w = WorkerProc(config_dir, "solo", port, python=str(env.python), env=uv_on_path).wait_ready()
+    try:
+        async def go():
+            async with Client(f"http://127.0.0.1:{port}") as c:
+                await c.cmd("add_package_dependency", name="fn-extra-nodes", dep={"path": str(proj)}, timeout=120)
+                await c.cmd("add_node", id="extra.cube", uuid="c")
+                await c.cmd("set_io_value", nid="c", ioid="x", value=2)
+                await c.wait_value("c", "out", 8.0)
+        run(go())
+        site = next((env.venv / "lib").glob("python3*/site-packages"))
+        assert (site / "fn_extra_nodes").is_dir()
+    finally:
+        assert w.stop() == 0

@@ -33,6 +33,22 @@ ADD_NODE_KWARGS = {
 }
 
 
+def _find_uv() -> str:
+    """uv for a standalone worker's own installs: the uv package if installed here, else PATH."""
+    try:
+        import uv
+
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        pass
+    import shutil
+
+    exe = shutil.which("uv")
+    if exe is None:
+        raise DependencyError("no uv to install with: put uv on PATH, or run the worker under fn-supervise")
+    return exe
+
+
 def command(name: str | None = None, saves: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
@@ -500,10 +516,8 @@ class Commands:
                 return
             except ImportError:
                 pass
-        import uv  # standalone: install into our own interpreter
-
         proc = await asyncio.create_subprocess_exec(
-            uv.find_uv_bin(), "pip", "install", "--python", sys.executable, req,
+            _find_uv(), "pip", "install", "--python", sys.executable, req,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         try:
