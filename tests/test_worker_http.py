@@ -142,3 +142,20 @@ def test_a_foreign_page_cannot_post_commands(worker):
         async with Client(worker.url) as c:
             assert await c.cmd("name") == "fine"
     run(go())
+
+
+def test_bodies_over_max_data_size_are_refused(config_dir, port):
+    write_config(config_dir, "m1")
+    w = WorkerProc(config_dir, "m1", port, env={"FUNCNODES_WS_WORKER_MAX_DATA_SIZE": str(1 << 20)}).wait_ready()
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            body = json.dumps({"type": "cmd", "cmd": "uuid", "pad": "x" * (2 << 20)})
+            async with s.post(w.url + "/message/", data=body) as r:
+                assert r.status == 413
+            async with s.post(w.url + "/message/", data="{not json") as r:
+                assert r.status == 400 and "not valid JSON" in (await r.json())["error"]
+        async with Client(w.url) as c:
+            assert await c.cmd("uuid") == "m1"
+    run(go())
+    assert w.stop() == 0
