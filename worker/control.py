@@ -38,6 +38,7 @@ class ControlChannel:
         self._on_message = on_message
         self._on_eof = on_eof
         self.closed = False
+        self._closed_by_us = False
         self._reader = threading.Thread(target=self._read_loop, name="fn-control-reader", daemon=True)
 
     def start(self) -> None:
@@ -68,6 +69,8 @@ class ControlChannel:
                 if isinstance(item, channel.ChannelError):
                     continue  # a torn frame from a dying peer; nothing to act on
                 self._on_message(item)
+        if self._closed_by_us:
+            return  # our own shutdown closed the channel: not the supervisor going away
         self.closed = True
         self._on_eof()
         # If the event loop cannot act on the EOF (a node blocks it), do not outlive the supervisor.
@@ -76,6 +79,7 @@ class ControlChannel:
 
     def close(self) -> None:
         with self._lock:
+            self._closed_by_us = True
             self.closed = True
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
