@@ -167,6 +167,14 @@ def _resolve(base: Path, wid: str) -> WorkerPaths | None:
     return None
 
 
+def _known(base: Path, wid: str) -> WorkerPaths | None:
+    """The worker's paths, or None after telling the user it does not exist."""
+    paths = _resolve(base, wid)
+    if paths is None:
+        _err(f"unknown worker {wid!r}")
+    return paths
+
+
 def live_status(paths: WorkerPaths) -> dict[str, Any]:
     st = paths.read_state() or {}
     cfg = paths.read_config_or_empty()
@@ -305,9 +313,8 @@ def cmd_list(a: argparse.Namespace, base: Path) -> int:
 
 
 def cmd_status(a: argparse.Namespace, base: Path) -> int:
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r}")
         return EXIT_USAGE
     s = live_status(paths)
     print(json.dumps(s, indent=2, default=str) if a.json else _fmt_status(s))
@@ -315,9 +322,8 @@ def cmd_status(a: argparse.Namespace, base: Path) -> int:
 
 
 def cmd_stop(a: argparse.Namespace, base: Path) -> int:
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r}")
         return EXIT_USAGE
     ident = _signal_supervisor(paths, signal.SIGTERM)
     if ident is None:
@@ -336,9 +342,8 @@ def cmd_stop(a: argparse.Namespace, base: Path) -> int:
 
 
 def cmd_restart(a: argparse.Namespace, base: Path) -> int:
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r}")
         return EXIT_USAGE
     if _signal_supervisor(paths, signal.SIGHUP) is None:
         _err(f"{paths.name} is not running; start it with `fn-supervise run {paths.name}`")
@@ -360,9 +365,8 @@ def _tail(path: Path, n: int) -> list[str]:
 
 
 def cmd_logs(a: argparse.Namespace, base: Path) -> int:
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r}")
         return EXIT_USAGE
     path = paths.log_file()
     for line in _tail(path, a.lines):
