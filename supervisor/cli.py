@@ -171,7 +171,7 @@ def _known(base: Path, wid: str) -> WorkerPaths | None:
     """The worker's paths, or None after telling the user it does not exist."""
     paths = _resolve(base, wid)
     if paths is None:
-        _err(f"unknown worker {wid!r}")
+        _err(f"unknown worker {wid!r} in {base / 'workers'}")
     return paths
 
 
@@ -281,9 +281,8 @@ def _setup_logging() -> None:
 
 
 def cmd_run(a: argparse.Namespace, base: Path, on_ready=None) -> int:
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r} in {base / 'workers'}")
         return EXIT_USAGE
     _setup_logging()
     try:
@@ -484,9 +483,8 @@ def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
     if a.template:
         print(units.systemd_unit(target, SupervisorConfig(), worker=None, watchdog=a.watchdog), end="")
         return EXIT_OK
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r} in {base / 'workers'}")
         return EXIT_USAGE
     wcfg = paths.read_config_or_empty()
     cfg = SupervisorConfig.from_worker_config(wcfg)
@@ -502,9 +500,8 @@ def cmd_supervisord_conf(a: argparse.Namespace, base: Path) -> int:
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
-    paths = _resolve(base, a.worker)
+    paths = _known(base, a.worker)
     if paths is None:
-        _err(f"unknown worker {a.worker!r} in {base / 'workers'}")
         return EXIT_USAGE
     wcfg = paths.read_config_or_empty()
     cfg = SupervisorConfig.from_worker_config(wcfg)

@@ -6,25 +6,20 @@ from helpers import Client, run
 from supervisor.cli import create_worker
 from test_supervisor import FAST, running_worker, start_supervisor, state, stop_supervisor, output
 
-PYPROJECT2 = '''
+def pyproject(name: str) -> str:
+    return f"""
 [build-system]
 requires = ["setuptools>=61"]
 build-backend = "setuptools.build_meta"
 
 [project]
-name = "fn-more-nodes"
+name = "{name}"
 version = "0.1.0"
-'''
+"""
 
-PYPROJECT = '''
-[build-system]
-requires = ["setuptools>=61"]
-build-backend = "setuptools.build_meta"
 
-[project]
-name = "fn-extra-nodes"
-version = "0.1.0"
-'''
+PYPROJECT = pyproject("fn-extra-nodes")
+PYPROJECT2 = pyproject("fn-more-nodes")
 
 MODULE = '''
 import funcnodes_core as fn
