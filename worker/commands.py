@@ -2,6 +2,12 @@
 
 Each public coroutine or function registered below is one command. Arguments are checked
 against the signature before the call, so a bad kwarg is a clear error, never a crash.
+
+A verb marked `mutates=True` changes the graph and states its effect with `self.effect(record)`
+(builders in effects.py); `run` hands those records to the store, the one feed site. A verb that
+replaces the whole graph takes a snapshot instead. Nothing here writes nodespace.json itself.
+
+The verbs know the worker through `Host` (below), the graph, the store and the local scripts.
 """
 
 from __future__ import annotations
@@ -14,16 +20,35 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import funcnodes_core as fn
 from funcnodes_core import NoValue
 
-from . import codec, persistence
+from . import codec, effects, localworkers, persistence
+from .graph import Graph
 from .packages import DependencyError, is_project, normalize, path_allowed
+from .store import Store
 
-if TYPE_CHECKING:
-    from .runtime import WorkerRuntime
+
+class Host(Protocol):
+    """What the verbs need from the worker process (the runtime provides it)."""
+
+    uuid: str
+    config: dict
+    paths: Any
+    runstate: str
+    progress_state: dict
+    channel: Any  # the supervisor channel, None when standalone
+    loop: asyncio.AbstractEventLoop
+
+    def broadcast(self, msg: dict) -> None: ...
+    def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None: ...
+    async def request_install(self, deps: list[dict]) -> dict: ...
+    def request_stop(self, reason: str = "") -> None: ...
+    def fast_command(self, cmd: str, kwargs: dict) -> Any: ...
+    def save(self) -> dict: ...
+    def write_config(self) -> dict: ...
 
 log = logging.getLogger("fn_supervise.worker.commands")
 
@@ -49,27 +74,24 @@ def _find_uv() -> str:
     return exe
 
 
-def command(name: str | None = None, saves: bool = False):
+def command(name: str | None = None, mutates: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
-        f._fn_saves = saves
+        f._fn_mutates = mutates
         return f
     return deco
 
 
 class Commands:
-    def __init__(self, rt: "WorkerRuntime"):
-        self.rt = rt
+    def __init__(self, graph: Graph, store: Store, host: Host, local: localworkers.LocalScripts):
+        self.graph, self.store, self.host, self.local = graph, store, host, local
+        self._effects: list[dict] = []
         self.registry: dict[str, Callable] = {}
         self._signatures: dict[str, inspect.Signature] = {}
         for attr in dir(type(self)):
             f = getattr(type(self), attr)
             if callable(f) and hasattr(f, "_fn_command"):
                 self.registry[f._fn_command] = getattr(self, attr)
-        self.local_classes: dict[str, dict] = {}  # NODECLASSID -> {cls, file}
-        self.local_instances: dict[str, dict[str, Any]] = {}  # NODECLASSID -> {uuid: instance}
-        self.local_tasks: dict[str, Any] = {}  # instance uuid -> task running a stock-style loop
-        self.loaded_stamps: dict[str, tuple | None] = {}  # script file -> (mtime_ns, size) loaded
 
     async def run(self, name: str, kwargs: dict) -> Any:
         func = self.registry.get(name)
@@ -82,17 +104,35 @@ class Commands:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
-        res = func(**kwargs)
-        if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
-            res = await res
-        if getattr(func, "_fn_saves", False):
-            self.rt.request_save()
+        if not func._fn_mutates:
+            res = func(**kwargs)
+            if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
+                res = await res
+            return res
+        # Mutating verbs are plain functions: nothing interleaves between the change and its
+        # records, and the graph's own events during the call are covered by them.
+        self._effects.clear()
+        self.store.covered += 1
+        try:
+            res = func(**kwargs)
+        except BaseException:
+            self.store.touch()  # a verb that failed half-way: not acknowledged, saved soon anyway
+            raise
+        finally:
+            self.store.covered -= 1
+        for rec in self._effects:
+            self.store.feed(rec)  # the one feed site
+        self._effects.clear()
         return res
+
+    def effect(self, rec: dict | None) -> None:
+        if rec is not None:
+            self._effects.append(rec)
 
     # helpers
     @property
     def ns(self) -> fn.NodeSpace:
-        return self.rt.nodespace
+        return self.graph.nodespace
 
     def node(self, nid: str) -> fn.Node:
         if not isinstance(nid, str):
@@ -100,31 +140,31 @@ class Commands:
         return self.ns.get_node_by_id(nid)
 
     # region identity and state
+    # uuid, name, get_runstate and heartbeat are answered on the I/O thread (host.fast_command);
+    # these entries serve the rare request that takes the slow path (as_bytes).
     @command()
     def uuid(self):
-        return self.rt.uuid
+        return self.host.fast_command("uuid", {})
 
     @command()
     def name(self):
-        return self.rt.config.get("name") or self.rt.uuid
+        return self.host.fast_command("name", {})
 
     @command()
     def get_meta(self):
-        return self.rt.meta()
+        return self.graph.meta()
 
     @command()
     def get_runstate(self):
-        return self.rt.runstate
+        return self.host.fast_command("get_runstate", {})
 
     @command()
     def heartbeat(self):
-        import time
-        self.rt.last_heartbeat_cmd = time.monotonic()
-        return None
+        return self.host.fast_command("heartbeat", {})
 
     @command()
     def view_state(self):
-        view = dict(self.rt.view)
+        view = dict(self.graph.view)
         view["renderoptions"] = fn.config.FUNCNODES_RENDER_OPTIONS
         view["nodes"] = {
             n.uuid: {"pos": n.get_property("frontend:pos") or [0, 0], "size": n.get_property("frontend:size") or [200, 250]}
@@ -138,22 +178,22 @@ class Commands:
         return {
             "backend": backend,  # includes groups, which the React fullsync reads
             "view": self.view_state(),
-            "worker": {cid: list(inst) for cid, inst in self.local_instances.items()},
+            "worker": {cid: list(inst) for cid, inst in self.local.local_instances.items()},
             "worker_dependencies": self.get_worker_dependencies(),
-            "progress_state": self.rt.progress_state,
-            "meta": self.rt.meta(),
+            "progress_state": self.host.progress_state,
+            "meta": self.graph.meta(),
         }
 
     @command()
     def get_config(self):
-        cfg = {k: v for k, v in self.rt.config.items() if k != "auth_token"}
-        cfg["data_path"] = str(self.rt.paths.data)
+        cfg = {k: v for k, v in self.host.config.items() if k != "auth_token"}
+        cfg["data_path"] = str(self.host.paths.data)
         cfg["pid"] = os.getpid()
         return cfg
 
     @command()
     def get_save_state(self, export: bool = False):
-        return self.rt.state(export=export)
+        return self.graph.state()
     # endregion
 
     # region graph reading
@@ -195,7 +235,7 @@ class Commands:
     # endregion
 
     # region graph editing
-    @command(saves=True)
+    @command(mutates=True)
     def add_node(self, id: str, **kwargs):
         bad = set(kwargs) - ADD_NODE_KWARGS
         if bad:
@@ -208,34 +248,41 @@ class Commands:
             raise ValueError(f"Node with id '{id}' not found") from None
         node = cls(**kwargs)
         self.ns.add_node_instance(node)
+        self.effect(effects.node_added(node))
         return node
 
-    @command(saves=True)
+    @command(mutates=True)
     def remove_node(self, id: str):
-        return self.ns.remove_node_by_id(id)
+        res = self.ns.remove_node_by_id(id)
+        if res is not None:
+            self.effect(effects.node_removed(id))
+        return res
 
-    @command(saves=True)
+    @command(mutates=True)
     def add_edge(self, src_nid: str, src_ioid: str, trg_nid: str, trg_ioid: str, replace: bool = False):
         src = self.node(src_nid).get_input_or_output(src_ioid)
         trg = self.node(trg_nid).get_input_or_output(trg_ioid)
         src.connect(trg, replace=replace)
+        self.effect(effects.edge_added((src_nid, src.uuid), (trg_nid, trg.uuid), bool(replace)))
         if isinstance(src, fn.NodeInput) and isinstance(trg, fn.NodeOutput):
             src, trg = trg, src
         return [src.node.uuid, src.uuid, trg.node.uuid, trg.uuid]
 
-    @command(saves=True)
+    @command(mutates=True)
     def remove_edge(self, src_nid: str, src_ioid: str, trg_nid: str, trg_ioid: str):
         src = self.node(src_nid).get_input_or_output(src_ioid)
         trg = self.node(trg_nid).get_input_or_output(trg_ioid)
         src.disconnect(trg)
+        self.effect(effects.edge_removed((src_nid, src.uuid), (trg_nid, trg.uuid)))
         return True
 
-    @command(saves=True)
+    @command(mutates=True)
     def clear(self):
         self.ns.clear()
+        self.effect(effects.cleared())
         return None
 
-    @command(saves=True)
+    @command(mutates=True)
     def update_node(self, nid: str, data: dict):
         if not isinstance(data, dict):
             raise TypeError("data must be an object")
@@ -244,7 +291,10 @@ class Commands:
         except ValueError:
             return {"error": f"Node with id {nid} not found"}  # the stock worker's (successful) shape
         ans = {}
-        for k, v in (data.get("properties") or {}).items():
+        props = data.get("properties") or {}
+        if not isinstance(props, dict):
+            raise TypeError("data.properties must be an object")
+        for k, v in props.items():
             node.set_property(k, v)
         if "name" in data:
             node.name = data["name"]
@@ -255,44 +305,56 @@ class Commands:
         if "reset_inputs_on_trigger" in data:
             node.reset_inputs_on_trigger = bool(data["reset_inputs_on_trigger"])
             ans["reset_inputs_on_trigger"] = node.reset_inputs_on_trigger
+        fields = tuple(f for f in ("name", "description", "reset_inputs_on_trigger") if f in data)
+        self.effect(effects.node_attrs(node, props, fields))
         return ans
 
-    @command(saves=True)
+    @command(mutates=True)
     def update_node_view(self, nid: str, data: dict):
+        if not isinstance(data, dict):
+            raise TypeError("data must be an object")
         node = self.node(nid)
+        props = {}
         if data.get("pos"):
             node.set_property("frontend:pos", data["pos"])
+            props["frontend:pos"] = True
         if data.get("size"):
             node.set_property("frontend:size", data["size"])
+            props["frontend:size"] = True
+        if props:
+            self.effect(effects.node_attrs(node, props, ()))
         return None
 
-    @command(saves=True)
+    @command(mutates=True)
     def update_io_options(self, nid: str, ioid: str, name: str | None = None, hidden: bool | None = None):
         io = self.node(nid).get_input_or_output(ioid)
         if name is not None:
             io.name = name or io.uuid
         if hidden is not None:
             io.hidden = False if io.connections else bool(hidden)
+        self.effect(effects.io_options(io))
         return io
 
-    @command(saves=True)
+    @command(mutates=True)
     def update_io_value_options(self, nid: str, ioid: str, options: dict):
         if not isinstance(options, dict):
             raise TypeError("options must be an object")
         io = self.node(nid).get_input_or_output(ioid)
         io.update_value_options(**options)
+        self.effect(effects.value_options(io, options))
         return io
 
-    @command(saves=True)
+    @command(mutates=True)
     def group_nodes(self, node_ids: list, group_ids: list | None = None):
         known = {n.uuid for n in self.ns.nodes}
         missing = [n for n in node_ids or [] if n not in known]
         if missing:
             raise ValueError(f"nodes not found: {missing}")
         self.ns.groups.group_together(node_ids=node_ids or [], group_ids=group_ids or [])
+        self.effect(effects.groups(self.ns))
         return self.ns.groups.serialize()
 
-    @command(saves=True)
+    @command(mutates=True)
     def update_group(self, gid: str, data: dict):
         group = self.ns.groups.get_group(gid)
         if group is None:
@@ -301,27 +363,32 @@ class Commands:
             group["position"] = data["position"]
         if "meta" in data and isinstance(data["meta"], dict):
             self.ns.groups.set_group_meta(gid, data["meta"])
+        self.effect(effects.groups(self.ns))
         return {k: group[k] for k in ("position",) if k in group}
 
-    @command(saves=True)
+    @command(mutates=True)
     def remove_group(self, gid: str):
         if self.ns.groups.get_group(gid) is not None:
             self.ns.groups.remove_group(gid)
+            self.effect(effects.groups(self.ns))
         return True
     # endregion
 
     # region values and execution
-    @command(saves=True)
+    @command(mutates=True)
     def set_io_value(self, nid: str, ioid: str, value: Any = NoValue, set_default: bool = False):
         io = self.node(nid).get_input(ioid)
         if set_default:
             io.set_default(value)
         io.set_value(value)
+        self.effect(effects.value(io, bool(set_default)))
         return io.value
 
-    @command(saves=True)
+    @command(mutates=True)
     def set_default_value(self, nid: str, ioid: str, value: Any = NoValue):
-        self.node(nid).get_input(ioid).set_default(value)
+        io = self.node(nid).get_input(ioid)
+        io.set_default(value)
+        self.effect(effects.value(io, True))
         return True
 
     @command()
@@ -353,17 +420,17 @@ class Commands:
     # region persistence and config
     @command()
     def save(self):
-        if not self.rt.saving_enabled:
+        if not self.store.enabled:
             return None
-        return self.rt.save()
+        return self.host.save()
 
     @command()
     def load_data(self, data: dict):
         if not isinstance(data, dict):
             raise TypeError("data must be a WorkerState object")
-        self.rt.replace_state(data)
-        self.rt.request_save()
-        self.rt.broadcast(codec.workerevent("fullsync"))
+        self.graph.replace_state(data)
+        self.store.snapshot()  # a whole new graph: a snapshot, not a record
+        self.host.broadcast(codec.workerevent("fullsync"))
         return None
 
     @command()
@@ -377,25 +444,25 @@ class Commands:
         if state is not None and not isinstance(state, dict):
             raise TypeError("state must be a dict or a json string")
         for name, dep in ((config or {}).get("package_dependencies") or {}).items():
-            if name not in self.rt.dependencies:
+            if name not in self.graph.dependencies:
                 await self.add_package_dependency(name, dep=dep if isinstance(dep, dict) else None, sync=False)
         if state is not None:
-            self.rt.replace_state(state)
-            self.rt.request_save()
-        self.rt.broadcast(codec.workerevent("fullsync"))
+            self.graph.replace_state(state)
+            self.store.snapshot()
+        self.host.broadcast(codec.workerevent("fullsync"))
         return None
 
     @command()
     def export_worker(self, with_files: bool = True):
-        state = self.rt.save() if self.rt.saving_enabled else self.rt.state()
-        return persistence.build_export(self.rt.config, state, self.rt.paths.files, bool(with_files), self.rt.paths.data / "pyproject.toml")
+        state = self.host.save() if self.store.enabled else self.graph.state()
+        return persistence.build_export(self.host.config, state, self.host.paths.files, bool(with_files), self.host.paths.data / "pyproject.toml")
 
     @command()
     async def update_from_export(self, data: str | bytes):
-        zf = persistence.read_export(data, int(self.rt.config.get("max_upload_size") or (1 << 30)))
+        zf = persistence.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
         config = json.loads(zf.read("config"))
         state = json.loads(zf.read("state"))
-        persistence.extract_files(zf, self.rt.paths.data)
+        persistence.extract_files(zf, self.host.paths.data)
         await self.update(config=config, state=state)
         return None
 
@@ -405,9 +472,9 @@ class Commands:
 
     @command()
     def update_worker_config(self, name: str | None = None, autostart: Any = None, update_on_startup: dict | None = None):
-        cfg = self.rt.config
+        cfg = self.host.config
         if name is not None:
-            cfg["name"] = str(name).strip() or self.rt.uuid
+            cfg["name"] = str(name).strip() or self.host.uuid
         if autostart is not None:
             if isinstance(autostart, bool):
                 autostart = "unless-stopped" if autostart else "never"
@@ -418,7 +485,7 @@ class Commands:
             if not isinstance(update_on_startup, dict):
                 raise TypeError("update_on_startup must be an object")
             cfg.setdefault("update_on_startup", {}).update({k: bool(v) for k, v in update_on_startup.items()})
-        return {k: v for k, v in self.rt.write_config().items() if k != "auth_token"}
+        return {k: v for k, v in self.host.write_config().items() if k != "auth_token"}
 
     @command()
     def upload(self, data: str | bytes, filename: str):
@@ -431,9 +498,9 @@ class Commands:
                 data = base64.b64decode(data, validate=True)
             except ValueError:
                 raise ValueError("data must be base64") from None
-        target = self.rt.paths.files / rel
+        target = self.host.paths.files / rel
         atomic_write(target, data)
-        self.ns.set_secret_property("files_dir", str(self.rt.paths.files))
+        self.ns.set_secret_property("files_dir", str(self.host.paths.files))
         return str(filename)
     # endregion
 
@@ -442,7 +509,7 @@ class Commands:
     def get_worker_dependencies(self):
         # Like the stock worker: only packages that provide external worker classes are listed.
         out = []
-        for info in self.rt.dependencies.values():
+        for info in self.graph.dependencies.values():
             classes = info.get("worker_classes") or []
             if classes:
                 out.append({"module": info["module"], "worker_classes": [
@@ -463,7 +530,7 @@ class Commands:
     def get_available_modules(self):
         installed = [
             {"name": name, "description": "", "version": (info["dep"].get("version") or ""), "homepage": "", "source": "", "releases": []}
-            for name, info in self.rt.dependencies.items()
+            for name, info in self.graph.dependencies.items()
         ]
         return {"installed": installed, "active": installed, "available": []}
 
@@ -478,33 +545,33 @@ class Commands:
         if not isinstance(dep, dict):
             raise TypeError("dep must be an object")
         path = dep.get("path")
-        if path is not None and not path_allowed(path, self.rt.paths.data):
+        if path is not None and not path_allowed(path, self.host.paths.data):
             raise DependencyError("a path dependency must lie inside the worker's data folder (not files/)")
         spec = normalize(dep.get("package", name), version or dep.get("version"), path)
-        self.rt.set_progress(f"Add package dependency {name}", "info", 0.0, True)
+        self.host.set_progress(f"Add package dependency {name}", "info", 0.0, True)
         try:
             if path is None or is_project(path):
                 await self._install(spec)
-                self.rt.set_progress(f"Add package dependency {name}", "info", 0.8, True)
-            self.rt.add_dependency(spec)
+                self.host.set_progress(f"Add package dependency {name}", "info", 0.8, True)
+            self.graph.add_dependency(spec)
         except Exception as e:
-            self.rt.set_progress(f"Could not install {name}({spec.get('version')}): {e}", "error", 0.0, True)
+            self.host.set_progress(f"Could not install {name}({spec.get('version')}): {e}", "error", 0.0, True)
             raise
         if save:
-            self.rt.config.setdefault("package_dependencies", {})[spec["package"]] = spec
-            self.rt.write_config()
-        self.rt.set_progress(f"Add package dependency {name}", "success", 1.0, False)
-        if self.rt.dependencies.get(spec["package"], {}).get("shelf") is None:
-            self.rt.broadcast(codec.workerevent("lib_update"))  # no shelf event to carry it
+            self.host.config.setdefault("package_dependencies", {})[spec["package"]] = spec
+            self.host.write_config()
+        self.host.set_progress(f"Add package dependency {name}", "success", 1.0, False)
+        if self.graph.dependencies.get(spec["package"], {}).get("shelf") is None:
+            self.host.broadcast(codec.workerevent("lib_update"))  # no shelf event to carry it
         if sync:
-            self.rt.broadcast(codec.workerevent("fullsync"))
+            self.host.broadcast(codec.workerevent("fullsync"))
         return None
 
     async def _install(self, spec: dict) -> None:
         req = spec["package"] + (spec.get("version") or "")
-        if self.rt.channel is not None:
+        if self.host.channel is not None:
             # The supervisor owns installs: it builds a new env beside the old one and swaps it in.
-            res = await self.rt.request_install([spec])
+            res = await self.host.request_install([spec])
             if not res.get("ok"):
                 raise DependencyError(f"install of {req} failed: {res.get('error')}")
             return
@@ -532,14 +599,16 @@ class Commands:
 
     @command()
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):
-        info = self.rt.dependencies.pop(name, None)
+        info = self.graph.dependencies.pop(name, None)
         if info and info.get("shelf") is not None:
             self.ns.remove_shelf(info["shelf"])  # its after_remove_shelf event sends lib_update
+            if self.store.enabled:
+                self.store.snapshot()  # the shelf's nodes went with it
         else:
-            self.rt.broadcast(codec.workerevent("lib_update"))
+            self.host.broadcast(codec.workerevent("lib_update"))
         if save:
-            self.rt.config.get("package_dependencies", {}).pop(name, None)
-            self.rt.write_config()
+            self.host.config.get("package_dependencies", {}).pop(name, None)
+            self.host.write_config()
         return None
 
     @command()
@@ -556,7 +625,7 @@ class Commands:
     def remove_shelf(self, src: Any, save: bool = True):
         if isinstance(src, dict):
             src = src.get("module") or src.get("package")
-        if src not in self.rt.dependencies:
+        if src not in self.graph.dependencies:
             return {"error": f"shelf {src} not found"}
         self.remove_package_dependency(src, save=save)
         return None
@@ -564,45 +633,37 @@ class Commands:
 
     # region external and local workers
     def on_local_scripts(self, changes: list[dict], initial: bool = False) -> None:
-        from .localworkers import apply_changes
-
-        apply_changes(self, changes, initial=initial)
+        localworkers.apply_changes(self.local, changes, initial=initial)
 
     @command()
     def list_local_workers(self):
-        from .localworkers import describe
-
-        return describe(self)
+        return localworkers.describe(self.local)
 
     @command()
     def start_local_worker(self, worker_id: str, name: str | None = None, config: dict | None = None):
-        from .localworkers import start
-
-        return start(self, worker_id, name=name, config=config)
+        return localworkers.start(self.local, worker_id, name=name, config=config)
 
     @command()
     async def stop_local_worker(self, worker_id: str, instance_id: str):
-        from .localworkers import stop
-
-        return await stop(self, worker_id, instance_id)
+        return await localworkers.stop(self.local, worker_id, instance_id)
 
     @command()
     def add_external_worker(self, module: str, cls_module: str, cls_name: str):
-        for cid, info in self.local_classes.items():
+        for cid, info in self.local.local_classes.items():
             if info["cls"].__name__ == cls_name and info["cls"].__module__ == cls_module:
                 return self.start_local_worker(cid)
         raise ValueError(f"Worker {cls_name}({cls_module}) not found in {module}")
 
     @command()
     def update_external_worker(self, worker_id: str, class_id: str, name: str | None = None, config: dict | None = None):
-        inst = self.local_instances.get(class_id, {}).get(worker_id)
+        inst = self.local.local_instances.get(class_id, {}).get(worker_id)
         if inst is None:
             raise ValueError(f"external worker {class_id}/{worker_id} not found")
         if name is not None:
             inst.name = name
         if config is not None and hasattr(inst, "update_config"):
             inst.update_config(config)
-        self.rt.broadcast(codec.workerevent("external_worker_update"))
+        self.host.broadcast(codec.workerevent("external_worker_update"))
         return None
 
     @command()
@@ -611,7 +672,7 @@ class Commands:
 
     @command()
     def get_external_worker_config(self, worker_id: str, class_id: str):
-        inst = self.local_instances.get(class_id, {}).get(worker_id)
+        inst = self.local.local_instances.get(class_id, {}).get(worker_id)
         if inst is None:
             raise ValueError(f"external worker {class_id}/{worker_id} not found")
         return {"jsonSchema": {}, "uiSchema": None, "formData": dict(getattr(inst, "config", {}) or {})}
@@ -621,8 +682,8 @@ class Commands:
     @command()
     async def stop_worker(self):
         # Reply first, then stop: the caller learns that it worked (the stock reply never arrives).
-        if self.rt.channel is not None:
-            self.rt.channel.send({"type": "stopping", "reason": "stop_worker"})
-        self.rt.loop.call_later(0.05, self.rt.request_stop, "stop_worker")
+        if self.host.channel is not None:
+            self.host.channel.send({"type": "stopping", "reason": "stop_worker"})
+        self.host.loop.call_later(0.05, self.host.request_stop, "stop_worker")
         return True
     # endregion

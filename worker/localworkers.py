@@ -15,16 +15,29 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 from uuid import uuid4
 
 from . import codec
 from .external import ExternalWorker
 
-if TYPE_CHECKING:
-    from .commands import Commands
-
 log = logging.getLogger("fn_supervise.worker.local")
+
+
+class LocalScripts:
+    """What the local scripts of one worker have loaded and started. The functions below take it
+    as their first argument; it knows the worker only through what it is handed."""
+
+    def __init__(self, paths: Any, config: dict, nodespace: Callable[[], Any], emit: Callable[[dict], None]):
+        self.paths, self.config, self._ns, self.emit = paths, config, nodespace, emit
+        self.local_classes: dict[str, dict] = {}  # NODECLASSID -> {cls, file}
+        self.local_instances: dict[str, dict[str, Any]] = {}  # NODECLASSID -> {uuid: instance}
+        self.local_tasks: dict[str, Any] = {}  # instance uuid -> task running a stock-style loop
+        self.loaded_stamps: dict[str, tuple | None] = {}  # script file -> (mtime_ns, size) loaded
+
+    @property
+    def ns(self) -> Any:
+        return self._ns()
 
 
 def _base_classes() -> tuple[type, ...]:
@@ -43,7 +56,7 @@ def _module_name(scripts: Path, path: Path) -> str:
     return "fn_local_scripts." + ".".join(p.replace("-", "_") for p in rel.parts)
 
 
-def _forget(cmds: "Commands", file: str) -> None:
+def _forget(cmds: "LocalScripts", file: str) -> None:
     for cid in [cid for cid, info in cmds.local_classes.items() if info["file"] == file]:
         cmds.local_classes.pop(cid, None)
 
@@ -73,13 +86,13 @@ def _exec_bounded(spec, mod, timeout: float = IMPORT_TIMEOUT) -> BaseException |
     return box[0]
 
 
-def load_file(cmds: "Commands", path: Path) -> list[str]:
-    scripts = cmds.rt.paths.local_scripts
+def load_file(cmds: "LocalScripts", path: Path) -> list[str]:
+    scripts = cmds.paths.local_scripts
     name = _module_name(scripts, path)
     _forget(cmds, str(path))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    e = _exec_bounded(spec, mod, float(cmds.rt.config.get("script_import_timeout") or IMPORT_TIMEOUT))
+    e = _exec_bounded(spec, mod, float(cmds.config.get("script_import_timeout") or IMPORT_TIMEOUT))
     if e is not None:
         line = getattr(e, "lineno", None)
         if line is None:
@@ -89,7 +102,7 @@ def load_file(cmds: "Commands", path: Path) -> list[str]:
         rel = str(path.relative_to(scripts))
         msg = f"{rel}:{line}: {type(e).__name__}: {e}"
         log.error("local script failed: %s", msg)
-        cmds.rt.broadcast({"type": "error_event", "error": msg, "tb": [msg], "file": rel, "line": line})
+        cmds.emit({"type": "error_event", "error": msg, "tb": [msg], "file": rel, "line": line})
         return []
     sys.modules[name] = mod
     bases = _base_classes()
@@ -110,9 +123,9 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def apply_changes(cmds: "Commands", changes: list[dict], initial: bool = False) -> None:
+def apply_changes(cmds: "LocalScripts", changes: list[dict], initial: bool = False) -> None:
     """Load what changed. An `initial` listing is complete: what it lacks is forgotten."""
-    scripts = cmds.rt.paths.local_scripts.resolve()
+    scripts = cmds.paths.local_scripts.resolve()
     touched = False
     if initial:
         listed = {str(Path(ch.get("path", "")).resolve()) for ch in changes}
@@ -138,18 +151,18 @@ def apply_changes(cmds: "Commands", changes: list[dict], initial: bool = False) 
             cmds.loaded_stamps[str(path)] = stamp
         touched = True
     if touched:
-        cmds.rt.broadcast(codec.workerevent("lib_update"))
+        cmds.emit(codec.workerevent("lib_update"))
 
 
-def scan(cmds: "Commands") -> None:
-    scripts = cmds.rt.paths.local_scripts
+def scan(cmds: "LocalScripts") -> None:
+    scripts = cmds.paths.local_scripts
     scripts.mkdir(parents=True, exist_ok=True)
     apply_changes(cmds, [{"change": "added", "path": str(p)} for p in sorted(scripts.rglob("*.py"))])
 
 
-def describe(cmds: "Commands") -> list[dict[str, Any]]:
+def describe(cmds: "LocalScripts") -> list[dict[str, Any]]:
     out = []
-    scripts = cmds.rt.paths.local_scripts.resolve()
+    scripts = cmds.paths.local_scripts.resolve()
     for cid, info in sorted(cmds.local_classes.items()):
         cls = info["cls"]
         out.append({
@@ -172,13 +185,13 @@ def serialize_instance(inst: Any, class_id: str) -> dict[str, Any]:
             "name": getattr(inst, "name", None), "config": dict(getattr(inst, "config", None) or {})}
 
 
-def start(cmds: "Commands", worker_id: str, name: str | None = None, config: dict | None = None) -> dict:
+def start(cmds: "LocalScripts", worker_id: str, name: str | None = None, config: dict | None = None) -> dict:
     info = cmds.local_classes.get(worker_id)
     if info is None:
         raise ValueError(f"No worker with id {worker_id}")
     cls = info["cls"]
     iid = uuid4().hex
-    data = cmds.rt.paths.data / "external_workers" / iid
+    data = cmds.paths.data / "external_workers" / iid
     inst = cls(workerid=iid, name=name, config=config, data_path=data)
     if isinstance(inst, ExternalWorker):
         inst.start()
@@ -188,18 +201,18 @@ def start(cmds: "Commands", worker_id: str, name: str | None = None, config: dic
     nodes = inst.get_all_nodeclasses() if hasattr(inst, "get_all_nodeclasses") else []
     if nodes:
         cmds.ns.lib.add_nodes(nodes, [EXTERNAL_LIB, iid])
-        cmds.rt.broadcast(codec.workerevent("lib_update"))
-    cmds.rt.broadcast(codec.workerevent("external_worker_update"))
+        cmds.emit(codec.workerevent("lib_update"))
+    cmds.emit(codec.workerevent("external_worker_update"))
     return serialize_instance(inst, worker_id)
 
 
-async def stop(cmds: "Commands", worker_id: str, instance_id: str) -> bool:
+async def stop(cmds: "LocalScripts", worker_id: str, instance_id: str) -> bool:
     inst = cmds.local_instances.get(worker_id, {}).pop(instance_id, None)
     if inst is None:
         raise ValueError(f"no running instance {instance_id} of {worker_id}")
     try:
         cmds.ns.lib.remove_shelf_path([EXTERNAL_LIB, instance_id])
-        cmds.rt.broadcast(codec.workerevent("lib_update"))
+        cmds.emit(codec.workerevent("lib_update"))
     except (ValueError, KeyError):
         pass  # it offered no nodes
     if hasattr(inst, "stop"):
@@ -217,5 +230,5 @@ async def stop(cmds: "Commands", worker_id: str, instance_id: str) -> bool:
             inst.cleanup()
         except Exception:  # noqa: BLE001
             pass
-    cmds.rt.broadcast(codec.workerevent("external_worker_update"))
+    cmds.emit(codec.workerevent("external_worker_update"))
     return True

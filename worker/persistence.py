@@ -21,13 +21,16 @@ from funcnodes_core.utils.saving import serialize_nodespace_for_saving
 from . import codec
 
 
-def _json_safe(value: Any) -> bool:
+def json_safe(value: Any) -> bool:
     """True if value is plain JSON that comes back equal (no NaN, no custom objects)."""
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return False
     return json.loads(text) == value
+
+
+_json_safe = json_safe
 
 
 def worker_state(nodespace: fn.NodeSpace, view: dict, meta: dict, external_workers: dict) -> dict:

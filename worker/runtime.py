@@ -1,8 +1,12 @@
-"""The worker process: lifecycle, NodeSpace events, saving, and the supervisor channel.
+"""The worker process: wiring and lifecycle, NodeSpace events, and the supervisor channel.
 
 Start: config -> listen (pings and `uuid` answered from here on) -> import funcnodes-core ->
-packages -> nodespace -> ready (commands run). Nothing sleeps on a fixed timer: execution is
-event-driven, saves are debounced after each mutation.
+packages -> nodespace.json + journal replay -> ready (commands run). Nothing sleeps on a fixed
+timer: execution is event-driven; every edit reaches the disk through the Store (store.py)
+before its reply leaves.
+
+The runtime is the only module that knows the others; it wires them with callables:
+server (transport) -> runtime.execute -> commands (verbs) -> graph / store.
 """
 
 from __future__ import annotations
@@ -18,14 +22,10 @@ from typing import Any
 from uuid import uuid4
 
 from . import codec, control
-from .config import ConfigError, WorkerPaths, base_dir, load_config, write_config
+from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
 from .server import WorkerServer
-
-# funcnodes-core takes most of a start; it is imported once the server listens (_load_core).
-fn: Any = None
-persistence: Any = None
 
 log = logging.getLogger("fn_supervise.worker")
 
@@ -56,12 +56,11 @@ class WorkerRuntime:
         self.port = port if port is not None else self.config.get("port")
         self.control_fd = control_fd
         self.supervised = control_fd is not None
-        self.nodespace: Any = None  # set by _load_core
+        self.graph: Any = None  # graph.Graph, built by _load_core once the server listens
+        self.store: Any = None  # store.Store
         self.commands: Any = None
-        self.view: dict[str, Any] = {"renderoptions": {"typemap": {}, "inputconverter": {}}}
-        self.external_workers: dict = {}
+        self.local: Any = None  # localworkers.LocalScripts
         self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
-        self.dependencies: dict[str, dict] = {}  # package -> {dep, module, shelf}
         self.server = WorkerServer(self)
         self.ready = False
         self.runstate = "undefined"
@@ -69,8 +68,6 @@ class WorkerRuntime:
         self.stop_event: asyncio.Event | None = None
         self.stop_reason = ""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._save_handle: asyncio.TimerHandle | None = None
-        self._save_first = 0.0
         self._sweep_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self.last_heartbeat_cmd = time.monotonic()
@@ -116,10 +113,10 @@ class WorkerRuntime:
             self.set_runstate("starting", "Loading funcnodes-core")
             self._load_core()
             self.set_runstate("starting", "Loading packages")
-            await self.load_dependencies()
+            self.graph.load_dependencies(self.config)
             from .localworkers import scan
 
-            scan(self.commands)  # the discovery sidecar's listing then finds them loaded
+            scan(self.local)  # the discovery sidecar's listing then finds them loaded
             self.set_runstate("starting", "Loading nodespace")
             self.load_nodespace()
         except ConfigError as e:
@@ -127,6 +124,7 @@ class WorkerRuntime:
             self._cleanup_files()
             return EXIT_CONFIG
         self.saving_enabled = True
+        self.store.open(self.loop)
         self.write_config()
         self.ready = True
         self.server.set_core_ready()
@@ -142,14 +140,20 @@ class WorkerRuntime:
         return EXIT_OK
 
     def _load_core(self) -> None:
-        global fn, persistence
-        import funcnodes_core as fn  # noqa: F811
-        from . import persistence  # noqa: F811
+        # The one lazy import: funcnodes-core takes most of a start, so it loads after listen().
         from .commands import Commands
+        from .graph import Graph
+        from .localworkers import LocalScripts
+        from .store import Store
 
-        self.nodespace = fn.NodeSpace()
-        self.nodespace.on("*", self._on_ns_event)
-        self.commands = Commands(self)
+        self.graph = Graph(self._on_ns_event)
+        self.store = Store(self.paths, self.config, self.graph.state)
+        self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
+        self.commands = Commands(self.graph, self.store, self, self.local)
+
+    @property
+    def nodespace(self) -> Any:
+        return self.graph.nodespace if self.graph is not None else None
 
     def fast_command(self, cmd: str, kwargs: dict) -> Any:
         """Commands answered on the I/O thread, even before the graph is loaded."""
@@ -180,7 +184,8 @@ class WorkerRuntime:
             t.cancel()
         if self.saving_enabled:
             try:
-                self.save()
+                self.store.close()  # nodespace.json then holds everything; the journal is cut
+                self.write_config()
             except Exception:
                 log.exception("final save failed")
         self.saving_enabled = False
@@ -300,6 +305,9 @@ class WorkerRuntime:
         """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
         try:
             res = await self.commands.run(cmd, codec.revive(kwargs))
+            # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
+            # the result below exists only once the edit's record is in the journal.
+            await self.store.flush()
             if as_bytes:
                 if codec.is_bytes_result(res):
                     payload, mime = res.data, res.mime
@@ -323,7 +331,7 @@ class WorkerRuntime:
         if event in SUPPRESSED:
             return
         if event in MUTATING:
-            self.request_save()
+            self.store.touch()  # a no-op for a verb's own events: its record carries them
         if event in ("after_add_shelf", "after_remove_shelf"):
             self.broadcast(codec.workerevent("lib_update"))
         msg = codec.nsevent(event, data)
@@ -388,150 +396,23 @@ class WorkerRuntime:
             self.trigger_requested()
     # endregion
 
-    # region persistence
-    def request_save(self) -> None:
-        """Trailing debounce: save `save_delay` after the last change, at most `save_max_wait`
-        after the first, so a burst of edits (or a running chain) costs one write."""
-        if not self.saving_enabled or self.loop is None:
-            return
-        now = self.loop.time()
-        delay = float(self.config.get("save_delay") or 0.2)
-        if self._save_handle is None:
-            self._save_first = now
-        else:
-            self._save_handle.cancel()
-        limit = self._save_first + float(self.config.get("save_max_wait") or 2.0)
-        self._save_handle = self.loop.call_at(min(now + delay, limit), self._debounced_save)
-
-    def _debounced_save(self) -> None:
-        self._save_handle = None
-        try:
-            self.save()
-        except Exception:
-            log.exception("save failed")
-
-    def meta(self) -> dict:
-        return {"id": self.nodespace.id, "version": fn.__version__}
-
-    def state(self, export: bool = False) -> dict:
-        return persistence.worker_state(self.nodespace, self.view, self.meta(), self.external_workers)
-
+    # region persistence (the Store does the work; these keep the runtime's view of it)
     def save(self) -> dict:
-        if self._save_handle is not None:
-            self._save_handle.cancel()
-            self._save_handle = None
-        state = self.state()
-        atomic_write(self.paths.nodespace, persistence.dumps_state(state), mode=0o600)
+        state = self.store.snapshot()
         self.write_config()
         return state
-
-    # The keys the worker itself maintains; everything else in the file (the supervisor's
-    # timers, a user's edits) is re-read and kept, so a save never reverts a concurrent edit.
-    OWN_KEYS = ("type", "uuid", "name", "data_path", "env_path", "worker_dependencies", "package_dependencies",
-                "pid", "autostart", "update_on_startup", "host", "port", "ssl", "subprocess_monitor")
 
     def write_config(self) -> dict:
         if self.server.port:
             self.config["host"], self.config["port"] = self.server.host, self.server.port
         self.config["pid"] = os.getpid()
-        try:
-            from .fsutil import read_json
-
-            disk = read_json(self.paths.config)
-            if not isinstance(disk, dict):
-                disk = {}
-        except (OSError, ValueError):
-            disk = {}
-        merged = dict(disk)
-        merged.update({k: self.config[k] for k in self.OWN_KEYS if k in self.config})
-        if merged != disk or not self.paths.config.exists():  # most saves change only the graph
-            write_config(self.paths.config, merged)
-        return merged
+        return self.store.write_config()
 
     def load_nodespace(self) -> None:
-        """Load nodespace.json at start. A file that cannot be read or applied is kept aside for
-        the user and the worker starts empty: a bad file must not become a crash loop."""
-        try:
-            state = persistence.read_state(self.paths.nodespace)
-            if state:
-                self.apply_state(state)
-        except Exception as e:  # noqa: BLE001 (any shape of corruption)
-            bad = self.paths.nodespace.with_name(f"nodespace.corrupt-{int(time.time())}.json")
-            os.replace(self.paths.nodespace, bad)
-            log.error("nodespace.json cannot be loaded (%s: %s); moved to %s", type(e).__name__, e, bad.name)
-            print(f"fn-supervise worker: nodespace.json cannot be loaded ({e}); moved to {bad.name}",
-                  file=sys.stderr, flush=True)
-            self.nodespace.clear()
+        """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
+        from .effects import OPS
 
-    def replace_state(self, state: dict) -> None:
-        """Apply a client's WorkerState all or nothing: if it fails, the old graph comes back."""
-        old = self.state()
-        try:
-            self.apply_state(state)
-        except Exception:
-            self.apply_state(old)
-            raise
-
-    def apply_state(self, state: dict) -> None:
-        backend = state.get("backend") or {}
-        meta = state.get("meta") or {}
-        nsid = meta.get("id")
-        if isinstance(nsid, str) and nsid:
-            self.nodespace._id = nsid
-        view = state.get("view") or {}
-        legacy_nodes = view.get("nodes") or {}
-        self.view = {k: v for k, v in view.items() if k != "nodes"} or self.view
-        self.view.setdefault("renderoptions", {"typemap": {}, "inputconverter": {}})
-        self.external_workers = state.get("external_workers") or {}
-        self.nodespace.deserialize(backend)
-        for nid, vs in legacy_nodes.items():
-            try:
-                node = self.nodespace.get_node_by_id(nid)
-            except ValueError:
-                continue
-            if vs.get("pos"):
-                node.set_property("frontend:pos", vs["pos"])
-            if vs.get("size"):
-                node.set_property("frontend:size", vs["size"])
-        for nid, values in persistence.saved_values(state).items():
-            try:
-                node = self.nodespace.get_node_by_id(nid)
-            except ValueError:
-                continue
-            for ioid, value in values.items():
-                try:
-                    node.get_input(ioid).set_value(value)
-                except Exception:
-                    log.warning("could not restore %s.%s", nid, ioid)
-
-    async def load_dependencies(self) -> None:
-        for name, dep in list((self.config.get("package_dependencies") or {}).items()):
-            dep = dict(dep)
-            dep.setdefault("package", name)
-            try:
-                self.add_dependency(dep)
-            except Exception as e:
-                # A broken dependency must not keep the worker (and its graph) down.
-                log.error("dependency %s failed to load: %s", name, e)
-                print(f"fn-supervise worker: dependency {name} failed to load: {e}", file=sys.stderr, flush=True)
-
-    def add_dependency(self, dep: dict) -> Any:
-        from .packages import import_dependency, module_name, shelf_of
-
-        mod = import_dependency(dep)
-        shelf = shelf_of(mod)
-        old = self.dependencies.get(dep["package"])
-        if old and old.get("shelf") is not None:
-            try:
-                self.nodespace.remove_shelf(old["shelf"], with_nodes=False)
-            except Exception:
-                pass
-        if shelf is not None:
-            self.nodespace.add_shelf(shelf)
-        classes = getattr(mod, "FUNCNODES_WORKER_CLASSES", None) or []
-        self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf,
-                                             "worker_classes": list(classes)}
-        return shelf
+        self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
     # endregion
 
 

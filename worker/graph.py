@@ -1,0 +1,108 @@
+"""The graph a worker serves: its NodeSpace, the view, external workers and package shelves.
+
+Everything here needs funcnodes-core, so the runtime imports this module only after the server
+listens (that is the one lazy import of the worker, and why it exists).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable
+
+import funcnodes_core as fn
+
+from . import effects, persistence
+
+log = logging.getLogger("fn_supervise.worker.graph")
+
+
+class Graph:
+    def __init__(self, on_event: Callable[..., None]):
+        self.nodespace = fn.NodeSpace()
+        self.nodespace.on("*", on_event)
+        self.view: dict[str, Any] = {"renderoptions": {"typemap": {}, "inputconverter": {}}}
+        self.external_workers: dict = {}
+        self.dependencies: dict[str, dict] = {}  # package -> {dep, module, shelf, worker_classes}
+
+    def meta(self) -> dict:
+        return {"id": self.nodespace.id, "version": fn.__version__}
+
+    def state(self) -> dict:
+        return persistence.worker_state(self.nodespace, self.view, self.meta(), self.external_workers)
+
+    def replace_state(self, state: dict) -> None:
+        """Apply a client's WorkerState all or nothing: if it fails, the old graph comes back."""
+        old = self.state()
+        try:
+            self.apply_state(state)
+        except Exception:
+            self.apply_state(old)
+            raise
+
+    def apply_state(self, state: dict) -> None:
+        backend = state.get("backend") or {}
+        meta = state.get("meta") or {}
+        nsid = meta.get("id")
+        if isinstance(nsid, str) and nsid:
+            # funcnodes-core has no setter: the id must survive a reload (clients key on it).
+            self.nodespace._id = nsid
+        view = state.get("view") or {}
+        legacy_nodes = view.get("nodes") or {}
+        self.view = {k: v for k, v in view.items() if k != "nodes"} or self.view
+        self.view.setdefault("renderoptions", {"typemap": {}, "inputconverter": {}})
+        self.external_workers = state.get("external_workers") or {}
+        self.nodespace.deserialize(backend)
+        for nid, vs in legacy_nodes.items():
+            try:
+                node = self.nodespace.get_node_by_id(nid)
+            except ValueError:
+                continue
+            if vs.get("pos"):
+                node.set_property("frontend:pos", vs["pos"])
+            if vs.get("size"):
+                node.set_property("frontend:size", vs["size"])
+        for nid, values in persistence.saved_values(state).items():
+            try:
+                node = self.nodespace.get_node_by_id(nid)
+            except ValueError:
+                continue
+            for ioid, value in values.items():
+                try:
+                    node.get_input(ioid).set_value(value)
+                except Exception:
+                    log.warning("could not restore %s.%s", nid, ioid)
+
+    def apply_record(self, rec: dict) -> None:
+        effects.apply(self.nodespace, rec)
+
+    # region dependencies
+    def load_dependencies(self, config: dict) -> None:
+        for name, dep in list((config.get("package_dependencies") or {}).items()):
+            dep = dict(dep)
+            dep.setdefault("package", name)
+            try:
+                self.add_dependency(dep)
+            except Exception as e:
+                # A broken dependency must not keep the worker (and its graph) down.
+                log.error("dependency %s failed to load: %s", name, e)
+                print(f"fn-supervise worker: dependency {name} failed to load: {e}", file=sys.stderr, flush=True)
+
+    def add_dependency(self, dep: dict) -> Any:
+        from .packages import import_dependency, module_name, shelf_of
+
+        mod = import_dependency(dep)
+        shelf = shelf_of(mod)
+        old = self.dependencies.get(dep["package"])
+        if old and old.get("shelf") is not None:
+            try:
+                self.nodespace.remove_shelf(old["shelf"], with_nodes=False)
+            except Exception:
+                pass
+        if shelf is not None:
+            self.nodespace.add_shelf(shelf)
+        classes = getattr(mod, "FUNCNODES_WORKER_CLASSES", None) or []
+        self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf,
+                                             "worker_classes": list(classes)}
+        return shelf
+    # endregion

@@ -1,0 +1,381 @@
+"""The one path from an edit to the disk: journal records, snapshots, the config file.
+
+    command verb -> store.feed(record)        (Commands.run, for verbs marked mutates=True)
+    dispatch     -> await store.flush()       write(2) of everything fed, then fdatasync under
+                                              durability "fsync" (one per group), THEN the reply
+    idle / size  -> snapshot                  nodespace.json rewritten, the journal cut
+
+Durability (`durability` in the worker config):
+- "process" (default): a reply leaves after its record went through write(2). The page cache
+  belongs to the kernel, so kill -9 of the worker or of the supervisor loses nothing acknowledged.
+- "fsync": records that arrive together share one fdatasync before their replies (group
+  commit), so an acknowledged edit also survives a power cut.
+
+Snapshots (nodespace.json, the stock format, plus meta.journal_seq) are written when the graph
+has been idle for `save_delay`, when the journal outgrows max(snapshot size, journal_min_bytes),
+at most `save_max_wait` after a change the journal does not carry (node code changing value
+options while it runs), for `save`, for verbs that replace the whole graph, and at a clean stop.
+The journal is cut after each snapshot is on disk; a crash in between only leaves records the
+next load skips (their seq is at or below the snapshot's).
+
+What stays out of the journal: outputs and anything else node code computes; they are
+recomputed by running the graph after a load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import journal
+from .config import WorkerPaths, write_config
+from .fsutil import read_json
+
+log = logging.getLogger("fn_supervise.worker.store")
+
+DURABILITY = ("process", "fsync")
+
+
+class JournalError(OSError):
+    """An edit was applied but its record could not be written: it is not acknowledged."""
+
+
+@dataclass
+class LoadReport:
+    snapshot_seq: int = 0
+    replayed: int = 0
+    skipped: int = 0
+    torn: int = 0  # bytes of a torn last record that were dropped
+    set_aside: str = ""  # file the unreadable rest of the journal was moved to
+
+
+class Store:
+    # The keys the worker itself maintains; everything else in the config file (the supervisor's
+    # timers, a user's edits) is re-read and kept, so a write never reverts a concurrent edit.
+    OWN_KEYS = ("type", "uuid", "name", "data_path", "env_path", "worker_dependencies", "package_dependencies",
+                "pid", "autostart", "update_on_startup", "host", "port", "ssl", "subprocess_monitor")
+
+    def __init__(self, paths: WorkerPaths, config: dict, state: Callable[[], dict]):
+        self.paths = paths
+        self.config = config
+        self.state = state  # the graph's WorkerState, taken on the main loop
+        self.journal_path = paths.data / "nodespace.journal"
+        durability = config.get("durability") or "process"
+        if durability not in DURABILITY:
+            log.error("unknown durability %r (expected one of %s); using 'process'", durability, DURABILITY)
+            durability = "process"
+        self.durability = durability
+        self.enabled = False  # journaling and snapshots run only after the load
+        self.file: journal.JournalFile | None = None
+        self.seq = 0  # the last record fed
+        self.covered = 0  # > 0 while a mutating verb runs: its events are in its record
+        self._pending: list[bytes] = []
+        self._written = 0  # bytes written since open, across segments
+        self._synced = 0
+        self._sync_task: asyncio.Future | None = None
+        self._snap_bytes = 0
+        self._snap_task: asyncio.Task | None = None
+        self._snap_lock = threading.Lock()  # one snapshot file write at a time, newest wins
+        self._disk_seq = -1  # seq of the snapshot on disk
+        self._cut_seq = -1  # base of the current segment
+        self._tail: list[bytes] | None = None  # records written while a snapshot is written
+        self._last_change = 0.0
+        self._first_unjournaled: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stats = {"records": 0, "writes": 0, "syncs": 0, "snapshots": 0}
+
+    # region load
+    def load(self, apply_state: Callable[[dict], None], apply_record: Callable[[dict], None],
+             known_ops: frozenset[str]) -> LoadReport:
+        """Snapshot, then the journal records after it. Nothing here raises for a bad file: what
+        cannot be read is kept aside, logged, and the worker starts with everything that was good."""
+        from . import persistence
+
+        rep = LoadReport()
+        self._clean_temp_files()
+        state = None
+        try:
+            state = persistence.read_state(self.paths.nodespace)
+            if state:
+                apply_state(state)
+        except Exception as e:  # noqa: BLE001 (any shape of corruption)
+            bad = self._set_aside(self.paths.nodespace, "nodespace.corrupt-{}.json")
+            self._complain(f"nodespace.json cannot be loaded ({type(e).__name__}: {e}); moved to {bad}")
+            apply_state({})
+            state = None
+        snap_meta = (state or {}).get("meta") or {}
+        snap_seq = snap_meta.get("journal_seq")
+        foreign = state is not None and not isinstance(snap_seq, int)
+        rep.snapshot_seq = snap_seq = snap_seq if isinstance(snap_seq, int) and snap_seq >= 0 else 0
+        try:
+            data = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        p = journal.parse(data, known_ops)
+        self.seq = max(snap_seq, p.base)
+        if p.newer is not None:
+            rep.set_aside = self._set_aside(self.journal_path, "nodespace.journal.newer-{}")
+            self._complain(f"the journal was written by a newer fn-supervise (format {p.newer}, ours "
+                           f"{journal.VERSION}); kept aside as {rep.set_aside}; starting from nodespace.json")
+            return rep
+        todo = [r for r in p.good if r["seq"] > snap_seq]
+        if todo and foreign and p.base > 0:
+            # Our snapshots always carry journal_seq: one without it was written later by another
+            # tool (the stock worker) over our folder; replaying would bring back older edits.
+            rep.set_aside = self._set_aside(self.journal_path, "nodespace.journal.stale-{}")
+            self._complain(f"nodespace.json was written by another program after the journal; the journal "
+                           f"({len(todo)} records) is kept aside as {rep.set_aside}")
+            return rep
+        if todo and p.base > snap_seq:
+            what = "missing" if state is None else f"older (seq {snap_seq}) than the journal expects ({p.base})"
+            self._complain(f"nodespace.json is {what}; replaying the journal's {len(todo)} records onto it: "
+                           f"edits before seq {p.base} are not in either file")
+        for rec in todo:
+            try:
+                apply_record(rec)
+                rep.replayed += 1
+            except Exception as e:  # noqa: BLE001 (Skip, or a record funcnodes-core refuses)
+                rep.skipped += 1
+                log.warning("journal record %s (%s) not replayed: %s", rec["seq"], rec["op"], e)
+        if p.good:
+            self.seq = max(self.seq, p.good[-1]["seq"])
+        if p.torn:
+            rep.torn = len(p.torn)
+            log.warning("journal: dropped a torn last record (%d bytes, a write cut short by a crash)", rep.torn)
+        if p.corrupt_at is not None:
+            rep.set_aside = self._write_aside(p.rest)
+            self._complain(f"journal line {p.corrupt_at} is unreadable ({p.corrupt_reason}); replayed the "
+                           f"{rep.replayed} records before it, kept the rest aside as {rep.set_aside}")
+        if p.torn or p.corrupt_at is not None:
+            with open(self.journal_path, "r+b") as f:  # appends must follow the last good record
+                f.truncate(p.valid_bytes)
+        self._cut_seq = p.base
+        self._disk_seq = snap_seq
+        if rep.replayed or rep.skipped:
+            log.info("journal: replayed %d records after snapshot seq %d (%d skipped)", rep.replayed, snap_seq, rep.skipped)
+        return rep
+
+    def _set_aside(self, path: Path, pattern: str) -> str:
+        bad = path.with_name(pattern.format(int(time.time() * 1000)))
+        os.replace(path, bad)
+        return bad.name
+
+    def _write_aside(self, data: bytes) -> str:
+        bad = self.journal_path.with_name(f"nodespace.journal.corrupt-{int(time.time() * 1000)}")
+        bad.write_bytes(data)
+        return bad.name
+
+    def _complain(self, text: str) -> None:
+        log.error(text)
+        print(f"fn-supervise worker: {text}", file=sys.stderr, flush=True)
+
+    def _clean_temp_files(self) -> None:
+        for pat in (".nodespace.json.*.tmp", ".nodespace.journal.*.tmp"):
+            for f in self.paths.data.glob(pat):
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+    # endregion
+
+    # region journaling
+    def open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start journaling (after the load): later edits append to the segment."""
+        self.loop = loop
+        self.paths.data.mkdir(parents=True, exist_ok=True)
+        fresh = not self.journal_path.exists() or self.journal_path.stat().st_size == 0
+        self.file = journal.JournalFile(self.journal_path)
+        if fresh:
+            self.file.rewrite(journal.header(self.seq))
+            self._cut_seq = self.seq
+        try:
+            self._snap_bytes = self.paths.nodespace.stat().st_size
+        except FileNotFoundError:
+            self._snap_bytes = 0
+        self.enabled = True
+
+    def feed(self, rec: dict) -> None:
+        """Queue the effect of an edit; the next flush writes it before any reply leaves."""
+        if not self.enabled:
+            return
+        self.seq += 1
+        self._pending.append(journal.encode({"seq": self.seq, **rec}))
+        self.stats["records"] += 1
+
+    async def flush(self) -> None:
+        """Write what was fed (and fdatasync under "fsync"); return only when it is durable."""
+        if self._pending:
+            self._write_pending()
+        if self.durability == "fsync" and self._synced < self._written:
+            await self._group_sync(self._written)
+
+    def _write_pending(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self.file.append(data)
+        except OSError as e:
+            self.request_snapshot()  # the graph still has the edit: a snapshot may save it yet
+            raise JournalError(e.errno, f"the edit was applied but not written to the journal: {e.strerror or e}") from None
+        self._written += len(data)
+        self.stats["writes"] += 1
+        if self._tail is not None:
+            self._tail.append(data)
+        self._changed()
+        if self.file.size > max(self._snap_bytes, int(self.config.get("journal_min_bytes") or 65536)):
+            self.request_snapshot()
+
+    async def _group_sync(self, upto: int) -> None:
+        # Group commit: one fdatasync covers every record written before it started; whoever
+        # arrives while it runs waits for the next one.
+        while self._synced < upto:
+            if self._sync_task is None:
+                target = self._written
+                fd = os.dup(self.file.fd)  # a cut may close the segment's fd meanwhile
+
+                def sync(fd=fd):
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
+
+                fut = asyncio.ensure_future(asyncio.to_thread(sync))
+                self._sync_task = fut
+
+                def done(f, target=target):
+                    self._sync_task = None
+                    if not f.cancelled() and f.exception() is None:
+                        self._synced = max(self._synced, target)
+                        self.stats["syncs"] += 1
+
+                fut.add_done_callback(done)
+            task = self._sync_task
+            try:
+                await asyncio.shield(task)
+            except OSError as e:
+                raise JournalError(e.errno, f"the journal could not be synced: {e.strerror or e}") from None
+    # endregion
+
+    # region snapshots
+    def touch(self) -> None:
+        """A change no record carries (node code): make sure a snapshot follows."""
+        if not self.enabled or self.covered:
+            return
+        now = self.loop.time()
+        if self._first_unjournaled is None:
+            self._first_unjournaled = now
+        self._changed()
+
+    def _changed(self) -> None:
+        self._last_change = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_later(float(self.config.get("save_delay") or 0.2), self._on_timer)
+
+    def _on_timer(self) -> None:
+        # One timer, re-armed for the remainder, instead of a cancel and a new timer per edit.
+        self._timer = None
+        now = self.loop.time()
+        delay = float(self.config.get("save_delay") or 0.2)
+        due = self._last_change + delay
+        if self._first_unjournaled is not None:
+            due = min(due, self._first_unjournaled + float(self.config.get("save_max_wait") or 2.0))
+        if now + 0.001 < due:
+            self._timer = self.loop.call_at(due, self._on_timer)
+            return
+        self.request_snapshot()
+
+    def request_snapshot(self) -> None:
+        """Write a snapshot in the background (the state is taken now, on the main loop)."""
+        if not self.enabled or self._snap_task is not None or self.loop is None:
+            return
+        seq, _state, text = self._take()
+        self._tail = []
+        self._snap_task = self.loop.create_task(self._background(seq, text))
+
+    async def _background(self, seq: int, text: bytes) -> None:
+        try:
+            await asyncio.to_thread(self._write_snapshot, seq, text)
+            self._cut(seq, text)
+        except Exception:
+            log.exception("snapshot failed; the journal keeps every edit, retrying later")
+            self._tail = None
+            if self.loop is not None:
+                self._changed()
+        finally:
+            self._snap_task = None
+
+    def snapshot(self) -> dict:
+        """Write a snapshot now and cut the journal (save, whole-graph verbs, a clean stop)."""
+        if self._pending:
+            self._write_pending()
+        seq, state, text = self._take()
+        self._write_snapshot(seq, text)
+        self._tail = []  # nothing after seq was written: this snapshot holds all of it
+        self._cut(seq, text)
+        return state
+
+    def _take(self) -> tuple[int, dict, bytes]:
+        from . import persistence
+
+        if self._pending:
+            self._write_pending()
+        state = self.state()
+        state.setdefault("meta", {})["journal_seq"] = self.seq
+        self._first_unjournaled = None
+        return self.seq, state, persistence.dumps_state(state).encode("utf-8")
+
+    def _write_snapshot(self, seq: int, text: bytes) -> None:
+        with self._snap_lock:
+            if seq < self._disk_seq:
+                return  # a newer snapshot is already on disk
+            journal.write_durably(self.paths.nodespace, text)
+            self._disk_seq = seq
+            self.stats["snapshots"] += 1
+        if journal.fault_point("cut"):
+            journal.die()
+
+    def _cut(self, seq: int, text: bytes) -> None:
+        tail, self._tail = self._tail, None
+        if self.file is None or seq <= self._cut_seq or seq < self._disk_seq:
+            return
+        self.file.rewrite(journal.header(seq) + b"".join(tail or []))
+        self._cut_seq = seq
+        self._synced = self._written  # rewrite() fsyncs the new segment
+        self._snap_bytes = len(text)
+
+    def close(self) -> None:
+        """A clean stop: everything goes into nodespace.json, so any FuncNodes worker sees it all."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.enabled:
+            self.snapshot()
+        self.enabled = False
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+    # endregion
+
+    # region config
+    def write_config(self) -> dict:
+        try:
+            disk = read_json(self.paths.config)
+            if not isinstance(disk, dict):
+                disk = {}
+        except (OSError, ValueError):
+            disk = {}
+        merged = dict(disk)
+        merged.update({k: self.config[k] for k in self.OWN_KEYS if k in self.config})
+        if merged != disk or not self.paths.config.exists():  # most calls change nothing
+            write_config(self.paths.config, merged)
+        return merged
+    # endregion
+
