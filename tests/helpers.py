@@ -110,6 +110,14 @@ class Client:
         await self.session.close()
 
     async def _read(self):
+        try:
+            await self._read_frames()
+        finally:  # the connection is gone: whoever waits for a reply learns it now, not at a timeout
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionResetError("connection closed before the reply"))
+
+    async def _read_frames(self):
         async for msg in self.ws:
             if msg.type == aiohttp.WSMsgType.BINARY:
                 self.frames.append(msg.data)

@@ -262,8 +262,9 @@ class Commands:
     def add_edge(self, src_nid: str, src_ioid: str, trg_nid: str, trg_ioid: str, replace: bool = False):
         src = self.node(src_nid).get_input_or_output(src_ioid)
         trg = self.node(trg_nid).get_input_or_output(trg_ioid)
+        before = effects.io_edges(src, trg)
         src.connect(trg, replace=replace)
-        self.effect(effects.edge_added((src_nid, src.uuid), (trg_nid, trg.uuid), bool(replace)))
+        self.effect(effects.edge_added((src_nid, src.uuid), (trg_nid, trg.uuid), before - effects.io_edges(src, trg)))
         if isinstance(src, fn.NodeInput) and isinstance(trg, fn.NodeOutput):
             src, trg = trg, src
         return [src.node.uuid, src.uuid, trg.node.uuid, trg.uuid]

@@ -27,8 +27,11 @@ def node_added(node: fn.Node) -> dict:
     values = {}
     for ioid, inp in node.inputs.items():
         v = inp.value
-        if v is not NoValue and not inp.connections and json_safe(v):
-            values[ioid] = v
+        if ioid == "_triggerinput" or v is NoValue or inp.connections or not json_safe(v):
+            continue
+        if inp.default is not NoValue and json_safe(inp.default) and v == inp.default:
+            continue  # the class gives it back
+        values[ioid] = v
     ser = serialize_node_for_saving(node)
     return {"op": "node", "node": _plain(ser), "values": values}
 
@@ -37,8 +40,21 @@ def node_removed(nid: str) -> dict:
     return {"op": "rm_node", "id": nid}
 
 
-def edge_added(src: tuple[str, str], trg: tuple[str, str], replace: bool) -> dict:
-    return {"op": "edge", "src": list(src), "trg": list(trg), "replace": bool(replace)}
+def io_edges(*ios: fn.NodeIO) -> set[tuple[str, str, str, str]]:
+    """The edges at these IOs, as (output node, output, input node, input)."""
+    out = set()
+    for io in ios:
+        for other in io.connections:
+            o, i = (other, io) if io.is_input() else (io, other)
+            if o.node is not None and i.node is not None:
+                out.add((o.node.uuid, o.uuid, i.node.uuid, i.uuid))
+    return out
+
+
+def edge_added(src: tuple[str, str], trg: tuple[str, str], removed: set) -> dict:
+    # `removed`: what replace=True took away (funcnodes-core drops every edge of the output when
+    # the input was taken), so a replay does exactly this, whatever connect() would decide.
+    return {"op": "edge", "src": list(src), "trg": list(trg), "removed": sorted(list(e) for e in removed)}
 
 
 def edge_removed(src: tuple[str, str], trg: tuple[str, str]) -> dict:
@@ -132,8 +148,14 @@ def _ios(ns: fn.NodeSpace, rec: dict):
 
 
 def apply_edge(ns: fn.NodeSpace, rec: dict) -> None:
+    for onid, oio, inid, iio in rec.get("removed") or []:
+        try:
+            _ios(ns, {"src": [onid, oio], "trg": [inid, iio]})[0].disconnect(
+                _node(ns, inid).get_input_or_output(iio))
+        except Skip:
+            pass
     src, trg = _ios(ns, rec)
-    src.connect(trg, replace=bool(rec.get("replace")))
+    src.connect(trg, replace=True)  # only edges the record names were in the way
 
 
 def apply_rm_edge(ns: fn.NodeSpace, rec: dict) -> None:
