@@ -461,14 +461,15 @@ class Commands:
 
     @command()
     def get_available_modules(self):
-        installed = [
-            {"name": name, "description": "", "version": (info["dep"].get("version") or ""), "homepage": "", "source": "", "releases": []}
-            for name, info in self.rt.dependencies.items()
-        ]
-        return {"installed": installed, "active": installed, "available": []}
+        from .modules import for_worker  # the FuncNodes module list (cache + background refresh)
+
+        return for_worker(self.rt).available()
 
     @command()
     def on_repo_refresh(self):
+        from .modules import for_worker
+
+        for_worker(self.rt).list.refresh(force=True)
         return None
 
     @command()
