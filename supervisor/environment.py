@@ -729,3 +729,58 @@ def install_into(
         data_dir, deps, python=python, progress=progress, worker_src=worker_src, timeout=timeout, recopy=False,
         cancel=cancel,
     )
+
+
+# --------------------------------------------------------------------------- --no-venv
+
+
+def install_into_interpreter(
+    python: str,
+    deps: dict | Iterable | None,
+    *,
+    progress: Progress | None = None,
+    timeout: float = INSTALL_TIMEOUT,
+    cancel: Cancel | None = None,
+) -> list[str]:
+    """--no-venv: install what is asked into the interpreter the worker runs in, as the stock
+    worker with --not-in-venv does. Returns the requirements installed (local modules need none).
+
+    There is no venv to build aside, so this changes the interpreter in place; uv installs
+    each package whole or not at all. When that interpreter is ours, funcnodes-core and
+    aiohttp are held at their versions (a user package must not move them under a running
+    worker and this supervisor).
+    """
+    import tempfile
+
+    norm = normalize_deps(deps)  # validation first: a bad name never reaches a subprocess
+    reqs = [d.requirement() for d in norm if d.installed]
+    if not reqs:
+        return []
+    uv = _uv_bin()
+    env = _child_env()
+    _report(progress, f"installing {', '.join(d.name for d in norm if d.installed)}", 0.2)
+    with tempfile.TemporaryDirectory(prefix="fn-supervise-install-") as tmp:
+        base = [uv, "pip", "install", "--python", str(python), "--no-progress"]
+        if os.path.abspath(python) == os.path.abspath(sys.executable):  # not realpath: venvs share one
+            pins = Path(tmp) / "core-constraints.txt"
+            pins.write_text("".join(f"{n}=={v}\n" for n, v in sorted(core_versions().items())))
+            base += ["-c", str(pins)]
+        online, offline = base, [*base, "--offline"]
+        # Index packages: resolve fresh, the cache only without network; local projects: cache first.
+        attempts = [online, offline] if any(d.kind == "index" for d in norm) else [offline, online]
+        deadline = time.monotonic() + timeout
+        failed: InstallError | None = None
+        for argv in attempts:
+            try:
+                _run([*argv, "--", *reqs], stage="install", timeout=max(1.0, deadline - time.monotonic()),
+                     cwd=Path(tmp), env=env, cancel=cancel)
+                _report(progress, "done", 1.0)
+                return reqs
+            except InstallError as e:
+                if e.timed_out or e.cancelled:
+                    raise
+                if argv is online or failed is None:
+                    failed = e
+    assert failed is not None
+    raise InstallError(f"installing {', '.join(reqs)} into {python} failed:\n{_tail(failed.output)}",
+                       stage="install", output=failed.output)

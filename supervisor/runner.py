@@ -643,8 +643,7 @@ class Supervisor:
     async def _install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
         if self.env.no_venv or not self.cfg.venv or self.cfg.python:
-            w.send({"type": "install_result", "id": rid, "ok": False,
-                    "error": "this worker runs without a venv of its own (--no-venv): installs are disabled"})
+            await self._install_in_place(w, msg)
             return
         loop = asyncio.get_running_loop()
 
@@ -667,6 +666,33 @@ class Supervisor:
                 w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
                 return
             self.worker_cfg["package_dependencies"] = deps
+        self.write_state()
+        w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
+
+    async def _install_in_place(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
+        """No venv of its own (--no-venv, venv=false, python=...): install into the interpreter
+        the worker runs in, one install at a time, progress to the worker, failures as results."""
+        rid = msg.get("id")
+        loop = asyncio.get_running_loop()
+
+        def progress(message: str, fraction: float | None = None) -> None:
+            loop.call_soon_threadsafe(w.send, {"type": "install_progress", "id": rid, "message": message,
+                                               "progress": fraction})
+
+        deps = {str(d["package"]): {k: v for k, v in d.items() if v is not None}
+                for d in msg.get("deps") or [] if isinstance(d, dict) and d.get("package")}
+        async with self._install_lock:
+            try:
+                from . import environment  # noqa: PLC0415 (lazy, as in Environment)
+
+                done = await asyncio.to_thread(environment.install_into_interpreter, self.python or sys.executable,
+                                               deps, progress=progress, cancel=self._install_cancel)
+            except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
+                self.logfile.event(f"install failed: {e}")
+                w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+                return
+            self.logfile.event(f"installed into {self.python or sys.executable}: {', '.join(done) or 'nothing'}")
+            self.worker_cfg.setdefault("package_dependencies", {}).update(deps)
         self.write_state()
         w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
 

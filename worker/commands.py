@@ -6,14 +6,11 @@ against the signature before the call, so a bad kwarg is a clear error, never a 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import inspect
 import json
 import logging
 import os
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import funcnodes_core as fn
@@ -31,22 +28,6 @@ ADD_NODE_KWARGS = {
     "uuid", "name", "reset_inputs_on_trigger", "render_options", "io_options",
     "trigger_on_create", "pretrigger_delay", "properties",
 }
-
-
-def _find_uv() -> str:
-    """uv for a standalone worker's own installs: the uv package if installed here, else PATH."""
-    try:
-        import uv
-
-        return uv.find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        pass
-    import shutil
-
-    exe = shutil.which("uv")
-    if exe is None:
-        raise DependencyError("no uv to install with: put uv on PATH, or run the worker under fn-supervise")
-    return exe
 
 
 def command(name: str | None = None, saves: bool = False):
@@ -502,34 +483,9 @@ class Commands:
         return None
 
     async def _install(self, spec: dict) -> None:
-        req = spec["package"] + (spec.get("version") or "")
-        if self.rt.channel is not None:
-            # The supervisor owns installs: it builds a new env beside the old one and swaps it in.
-            res = await self.rt.request_install([spec])
-            if not res.get("ok"):
-                raise DependencyError(f"install of {req} failed: {res.get('error')}")
-            return
-        if spec.get("path"):
-            req = str(Path(spec["path"]).resolve())  # a local project: install it from its folder
-        else:
-            try:
-                __import__(spec["package"].replace("-", "_"))
-                return
-            except ImportError:
-                pass
-        proc = await asyncio.create_subprocess_exec(
-            _find_uv(), "pip", "install", "--python", sys.executable, req,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 900)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise DependencyError(f"install of {req} timed out") from None
-        if proc.returncode != 0:
-            tail = out.decode(errors="replace").strip().splitlines()[-5:]
-            raise DependencyError(f"install of {req} failed: {' | '.join(tail)}")
+        from .install import install  # skips what is importable; else supervisor or uv, one at a time
+
+        await install(self.rt, spec)
 
     @command()
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):
