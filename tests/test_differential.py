@@ -745,7 +745,8 @@ def pair(stock_py, config_dir, tmp_path):
         write_config(config_dir, UUID, name=UUID, data_path=None, env_path=None, worker_dependencies={},
                      autostart="never", ssl=False,
                      update_on_startup={"funcnodes": False, "funcnodes-core": False, "funcnodes-worker": False})
-        ours = WorkerProc(config_dir, UUID, free_port())
+        # no module-list download from ours (stock's fails offline; the cache is what is compared)
+        ours = WorkerProc(config_dir, UUID, free_port(), env={"FN_SUPERVISE_MODULES_URL": ""})
 
         async def ready():
             await asyncio.gather(wait_ws(stock.url, stock.proc), wait_ws(ours.url, ours.proc))
