@@ -660,7 +660,7 @@ def _ensure(
     whash = worker_hash(src)
     wanted = _combine(env_key, whash)
 
-    if os.path.isdir(data_dir / PENDING):
+    if recopy and os.path.isdir(data_dir / PENDING):  # a prepare (not a live install): take an update
         _take_pending(data_dir, wanted)
     # Hot path: no lock, no subprocess. The swap is by rename, so what we read is whole.
     m = read_marker(venv)
