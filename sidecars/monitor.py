@@ -244,6 +244,9 @@ class Monitor:
         self.shutting_down = False
         self.done = asyncio.Event()
         self.runner: web.AppRunner | None = None
+        # Set once run() has bound (or failed to): a stop that arrives while we bind waits for it,
+        # so the runner is never cleaned up under a site that is still starting.
+        self.bound = asyncio.Event()
         self.app = web.Application()
         self.app.router.add_get("/", self.index)
         self.app.router.add_post("/spawn", self.spawn)
@@ -536,6 +539,7 @@ class Monitor:
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_result({"pid": None, "error": "subprocess monitor shutting down"})
+            await self.bound.wait()
             if self.runner is not None:
                 await self.runner.cleanup()
         finally:
@@ -549,11 +553,17 @@ class Monitor:
         loop.add_signal_handler(signal.SIGTERM, self.request_shutdown, "SIGTERM")
         if self.conn is not None:
             loop.add_reader(self.conn.fileno(), self._on_conn)
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=1.0)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port)
-        await site.start()
+        try:
+            self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                        shutdown_timeout=1.0)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, self.host, self.port)
+            await site.start()
+        finally:
+            self.bound.set()
+        if self.shutting_down:  # a stop came while we bound: never announce an address
+            await self.done.wait()
+            return
         self.port = self.runner.addresses[0][1]  # the real one when port=0
         self.send({"type": "monitor", "host": self.host, "port": self.port, "pid": os.getpid(),
                    "env_pid": self.owner_pid})

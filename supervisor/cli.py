@@ -194,9 +194,19 @@ def live_status(paths: WorkerPaths) -> dict[str, Any]:
     out.setdefault("host", cfg.get("host"))
     if out.get("port") is None:
         out["port"] = cfg.get("port")
+    out["update"] = _update_line(paths, cfg)
     ready_at = out.get("ready_at")
     out["uptime"] = (time.time() - ready_at) if (alive and ready_at) else None
     return out
+
+
+def _update_line(paths: WorkerPaths, cfg: dict[str, Any]) -> str | None:
+    """What update_on_startup found (a pending venv is used at the next restart)."""
+    try:
+        from .environment import describe_update  # noqa: PLC0415
+    except ImportError:
+        return None
+    return describe_update(paths.data_dir(cfg))
 
 
 def _sidecars_for(paths: WorkerPaths):
@@ -222,6 +232,8 @@ def _fmt_status(s: dict[str, Any]) -> str:
     lines.append(f"  restarts:    {s.get('restarts', 0)}")
     env = s.get("env") or {}
     lines.append(f"  environment: {env.get('fingerprint') or '-'}  ({env.get('python') or '-'})")
+    if s.get("update"):
+        lines.append(f"  update:      {s['update']}")
     crashes = s.get("crashes") or []
     lines.append(f"  crashes:     {len(crashes)} recorded")
     from .crash import CrashRecord  # noqa: PLC0415

@@ -505,7 +505,10 @@ def _report(progress: Progress | None, message: str, fraction: float | None) -> 
             pass
 
 
-def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, env, cwd, cancel) -> None:
+def _install(uv: str, py: Path, venv: Path, deps: list[Dep], *, timeout: float, env, cwd, cancel,
+             upgrade: bool = False) -> None:
+    if upgrade:
+        return _install_newest(uv, py, deps, timeout=timeout, env=env, cwd=cwd, cancel=cancel)
     pins = core_versions()
     core = [f"{n}=={pins[n]}" if n in pins else n for n in CORE_PACKAGES]
     reqs = core + [d.requirement() for d in deps if d.installed]
@@ -551,14 +554,16 @@ def _build(
     progress: Progress | None,
     timeout: float,
     cancel: Cancel | None,
+    upgrade: bool = False,
+    prefix: str = ".venv.new-",
 ) -> Path:
-    """Build a complete venv in ``.venv.new-<rand>``; return it (marker written) or raise."""
+    """Build a complete venv in ``<prefix><rand>``; return it (marker written) or raise."""
     for d in deps:
         if d.kind == "local" and not os.path.exists(d.path or ""):
             raise InvalidDependency(f"{d.name}: path {d.path} does not exist")
     uv = _uv_bin()
     env = _child_env()
-    new = data_dir / f".venv.new-{secrets.token_hex(4)}"
+    new = data_dir / f"{prefix}{secrets.token_hex(4)}"
     try:
         _report(progress, "creating venv", 0.05)
         _run(
@@ -572,7 +577,7 @@ def _build(
         py = venv_python(new)
         n = len(CORE_PACKAGES) + sum(d.installed for d in deps)
         _report(progress, f"installing {n} packages", 0.15)
-        _install(uv, py, new, deps, timeout=timeout, env=env, cwd=data_dir, cancel=cancel)
+        _install(uv, py, new, deps, timeout=timeout, env=env, cwd=data_dir, cancel=cancel, upgrade=upgrade)
         _report(progress, "copying worker code", 0.8)
         sp = _site_packages(new)
         copy_worker(sp, worker_src)
@@ -655,6 +660,8 @@ def _ensure(
     whash = worker_hash(src)
     wanted = _combine(env_key, whash)
 
+    if recopy and os.path.isdir(data_dir / PENDING):  # a prepare (not a live install): take an update
+        _take_pending(data_dir, wanted)
     # Hot path: no lock, no subprocess. The swap is by rename, so what we read is whole.
     m = read_marker(venv)
     if m is not None and m.get("fingerprint") == wanted:
@@ -729,3 +736,214 @@ def install_into(
         data_dir, deps, python=python, progress=progress, worker_src=worker_src, timeout=timeout, recopy=False,
         cancel=cancel,
     )
+
+
+# --------------------------------------------------------------------------- --no-venv
+
+
+def install_into_interpreter(
+    python: str,
+    deps: dict | Iterable | None,
+    *,
+    progress: Progress | None = None,
+    timeout: float = INSTALL_TIMEOUT,
+    cancel: Cancel | None = None,
+) -> list[str]:
+    """--no-venv: install what is asked into the interpreter the worker runs in, as the stock
+    worker with --not-in-venv does. Returns the requirements installed (local modules need none).
+
+    There is no venv to build aside, so this changes the interpreter in place; uv installs
+    each package whole or not at all. When that interpreter is ours, funcnodes-core and
+    aiohttp are held at their versions (a user package must not move them under a running
+    worker and this supervisor).
+    """
+    import tempfile
+
+    norm = normalize_deps(deps)  # validation first: a bad name never reaches a subprocess
+    reqs = [d.requirement() for d in norm if d.installed]
+    if not reqs:
+        return []
+    uv = _uv_bin()
+    env = _child_env()
+    _report(progress, f"installing {', '.join(d.name for d in norm if d.installed)}", 0.2)
+    with tempfile.TemporaryDirectory(prefix="fn-supervise-install-") as tmp:
+        base = [uv, "pip", "install", "--python", str(python), "--no-progress"]
+        if os.path.abspath(python) == os.path.abspath(sys.executable):  # not realpath: venvs share one
+            pins = Path(tmp) / "core-constraints.txt"
+            pins.write_text("".join(f"{n}=={v}\n" for n, v in sorted(core_versions().items())))
+            base += ["-c", str(pins)]
+        online, offline = base, [*base, "--offline"]
+        # Index packages: resolve fresh, the cache only without network; local projects: cache first.
+        attempts = [online, offline] if any(d.kind == "index" for d in norm) else [offline, online]
+        deadline = time.monotonic() + timeout
+        failed: InstallError | None = None
+        for argv in attempts:
+            try:
+                _run([*argv, "--", *reqs], stage="install", timeout=max(1.0, deadline - time.monotonic()),
+                     cwd=Path(tmp), env=env, cancel=cancel)
+                _report(progress, "done", 1.0)
+                return reqs
+            except InstallError as e:
+                if e.timed_out or e.cancelled:
+                    raise
+                if argv is online or failed is None:
+                    failed = e
+    assert failed is not None
+    raise InstallError(f"installing {', '.join(reqs)} into {python} failed:\n{_tail(failed.output)}",
+                       stage="install", output=failed.output)
+
+
+# --------------------------------------------------------------------------- update_on_startup
+#
+# The FuncNodes config's `update_on_startup` ({"funcnodes": .., "funcnodes-core": ..,
+# "funcnodes-worker": ..}): any flag set means "pick up newer FuncNodes and package
+# dependencies". Never at the cost of a start: after the worker is ready, the supervisor builds
+# a venv aside (`.venv.update-<rand>`) with the newest versions that resolve, keeps it as
+# `.venv.pending` only if something is newer, and the next prepare (restart) swaps it in.
+# Offline or failing, nothing changes. `.venv.update.json` says what the last check found.
+
+PENDING = ".venv.pending"
+UPDATE_STATUS = ".venv.update.json"
+
+
+def update_wanted(flags: Any) -> bool:
+    return isinstance(flags, dict) and any(bool(v) for v in flags.values())
+
+
+def _install_newest(uv: str, py: Path, deps: list[Dep], *, timeout: float, env, cwd, cancel) -> None:
+    """A fresh venv with the newest core and dependencies that resolve: the network first,
+    then the cache alone (offline that finds what the cache has, usually nothing newer)."""
+    reqs = list(CORE_PACKAGES) + [d.requirement() for d in deps if d.installed]
+    base = [uv, "pip", "install", "--python", str(py), "--no-progress"]
+    failed: InstallError | None = None
+    deadline = time.monotonic() + timeout
+    for argv in (base, [*base, "--offline"]):
+        try:
+            _run([*argv, "--", *reqs], stage="install", timeout=max(1.0, deadline - time.monotonic()),
+                 cwd=cwd, env=env, cancel=cancel)
+            return
+        except InstallError as e:
+            if e.timed_out or e.cancelled:
+                raise
+            failed = failed or e
+    assert failed is not None
+    raise InstallError(f"updating {', '.join(reqs)} failed:\n{_tail(failed.output)}", stage="install",
+                       output=failed.output)
+
+
+def installed_versions(venv: Path) -> dict[str, str]:
+    """Distribution versions in a venv, by canonical name, from its *.dist-info folders."""
+    out: dict[str, str] = {}
+    try:
+        sp = _site_packages(venv)
+    except InstallError:
+        return out
+    for d in sp.glob("*.dist-info"):
+        name, _, version = d.name[: -len(".dist-info")].partition("-")
+        if version:
+            out[canonical_name(name)] = version
+    return out
+
+
+def _write_update_status(data_dir: Path, status: dict) -> None:
+    tmp = data_dir / f".{UPDATE_STATUS}.{secrets.token_hex(4)}.tmp"
+    try:
+        tmp.write_text(json.dumps(status, indent=2, sort_keys=True))
+        os.replace(tmp, data_dir / UPDATE_STATUS)
+    except OSError:
+        _rmtree(tmp)
+
+
+def read_update_status(data_dir: Path) -> dict | None:
+    try:
+        st = json.loads((Path(data_dir) / UPDATE_STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    return st if isinstance(st, dict) else None
+
+
+def check_update(
+    data_dir: Path,
+    deps: dict | Iterable | None,
+    flags: Any,
+    *,
+    python: str = sys.executable,
+    worker_src: Path | None = None,
+    timeout: float = INSTALL_TIMEOUT,
+    cancel: Cancel | None = None,
+) -> dict:
+    """Build an updated venv aside; keep it as .venv.pending when anything in it is newer.
+    Never raises, never touches the venv in use. Returns (and records) what it found."""
+    data_dir = Path(os.path.abspath(data_dir))
+    if not update_wanted(flags):
+        return {"state": "off"}
+    now = time.time()
+    try:
+        norm = normalize_deps(deps)
+        src = worker_src or worker_source()
+        wanted = _combine(_env_key(norm, python), worker_hash(src))
+        venv = data_dir / ".venv"
+        for left in data_dir.glob(".venv.update-*"):  # a check killed with its supervisor
+            _rmtree(left)
+        current = read_marker(venv)
+        if current is None or current.get("fingerprint") != wanted:
+            return {"state": "skipped", "reason": "the venv in use is not the current one"}
+        new = _build(data_dir, norm, python, {**current, "fingerprint": wanted}, src, None, timeout, cancel,
+                     upgrade=True, prefix=".venv.update-")
+    except InstallError as e:
+        if e.cancelled:
+            return {"state": "cancelled"}
+        status = {"state": "failed", "checked": now, "error": str(e)[:2000]}
+        _write_update_status(data_dir, status)
+        return status
+    watched = set(CORE_PACKAGES) | {d.name for d in norm if d.installed}
+    before, after = installed_versions(venv), installed_versions(new)
+    changes = {n: [before.get(n), after.get(n)] for n in sorted(watched) if before.get(n) != after.get(n)}
+    if not changes:
+        _rmtree(new)
+        status = {"state": "current", "checked": now}
+    else:
+        m = read_marker(new) or {}
+        _write_marker(new, {**m, "update": changes, "core": {n: after.get(canonical_name(n)) for n in CORE_PACKAGES}})
+        with _Lock(data_dir / ".venv.lock"):
+            _rmtree(data_dir / PENDING)
+            os.rename(new, data_dir / PENDING)
+            _fsync_dir(data_dir)
+        status = {"state": "pending", "checked": now, "changes": changes}
+    _write_update_status(data_dir, status)
+    return status
+
+
+def _take_pending(data_dir: Path, wanted: str) -> None:
+    """At a prepare: swap the pending update in if it was built for this very request (same
+    deps, Python and worker code); a stale one (the deps changed since) is dropped."""
+    pending = data_dir / PENDING
+    with _Lock(data_dir / ".venv.lock"):
+        m = read_marker(pending)
+        if m is None or m.get("fingerprint") != wanted:
+            _rmtree(pending)
+            if m is not None:
+                _write_update_status(data_dir, {"state": "dropped", "checked": time.time(),
+                                                "reason": "the dependencies changed after the check"})
+            return
+        _swap(data_dir, pending)
+    _write_update_status(data_dir, {"state": "applied", "applied": time.time(), "changes": m.get("update") or {}})
+
+
+def describe_update(data_dir: Path) -> str | None:
+    """One line for `fn-supervise status`."""
+    st = read_update_status(data_dir)
+    if not st:
+        return None
+    changes = ", ".join(f"{n} {a or '-'} -> {b or '-'}" for n, (a, b) in (st.get("changes") or {}).items())
+    state = st.get("state")
+    if state == "pending":
+        return f"pending ({changes}), used at the next restart"
+    if state == "applied":
+        return f"applied ({changes})"
+    if state == "current":
+        return "up to date"
+    if state == "failed":
+        first = (st.get("error") or "").strip().splitlines()[:1]
+        return "check failed, nothing changed" + (f": {first[0]}" if first else "")
+    return str(state)

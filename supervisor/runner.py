@@ -572,6 +572,7 @@ class Supervisor:
         self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
+        self._check_update_after_ready()
         if not self.ready_once:
             self.notify.ready()
         self.ready_once = True
@@ -643,8 +644,7 @@ class Supervisor:
     async def _install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
         rid = msg.get("id")
         if self.env.no_venv or not self.cfg.venv or self.cfg.python:
-            w.send({"type": "install_result", "id": rid, "ok": False,
-                    "error": "this worker runs without a venv of its own (--no-venv): installs are disabled"})
+            await self._install_in_place(w, msg)
             return
         loop = asyncio.get_running_loop()
 
@@ -669,6 +669,61 @@ class Supervisor:
             self.worker_cfg["package_dependencies"] = deps
         self.write_state()
         w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
+
+    async def _install_in_place(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
+        """No venv of its own (--no-venv, venv=false, python=...): install into the interpreter
+        the worker runs in, one install at a time, progress to the worker, failures as results."""
+        rid = msg.get("id")
+        loop = asyncio.get_running_loop()
+
+        def progress(message: str, fraction: float | None = None) -> None:
+            loop.call_soon_threadsafe(w.send, {"type": "install_progress", "id": rid, "message": message,
+                                               "progress": fraction})
+
+        deps = {str(d["package"]): {k: v for k, v in d.items() if v is not None}
+                for d in msg.get("deps") or [] if isinstance(d, dict) and d.get("package")}
+        async with self._install_lock:
+            try:
+                from . import environment  # noqa: PLC0415 (lazy, as in Environment)
+
+                done = await asyncio.to_thread(environment.install_into_interpreter, self.python or sys.executable,
+                                               deps, progress=progress, cancel=self._install_cancel)
+            except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
+                self.logfile.event(f"install failed: {e}")
+                w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
+                return
+            self.logfile.event(f"installed into {self.python or sys.executable}: {', '.join(done) or 'nothing'}")
+            self.worker_cfg.setdefault("package_dependencies", {}).update(deps)
+        self.write_state()
+        w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
+
+    def _check_update_after_ready(self) -> None:
+        """update_on_startup: once per supervisor run, after ready, build an updated venv aside
+        (supervisor/environment.py check_update); the next prepare takes it. Never delays or
+        fails a start: it runs in a thread, and its outcome only goes to the log and status."""
+        if getattr(self, "_update_task", None) is not None or self.env.no_venv or not self.cfg.venv \
+                or self.cfg.python:
+            return
+        flags = self.worker_cfg.get("update_on_startup")
+        from . import environment  # noqa: PLC0415 (lazy, as in Environment)
+
+        if not environment.update_wanted(flags):
+            return
+        data_dir = self.paths.data_dir(self.worker_cfg)
+        deps = dict(self.worker_cfg.get("package_dependencies") or {})
+
+        async def check() -> None:
+            self.logfile.event("update_on_startup: checking for newer packages in the background")
+            try:
+                st = await asyncio.to_thread(environment.check_update, data_dir, deps, flags,
+                                             python=sys.executable, cancel=self._install_cancel)
+            except Exception as e:  # noqa: BLE001 (never a crash)
+                st = {"state": "failed", "error": f"{type(e).__name__}: {e}"}
+            if self._install_cancel.is_set():
+                return  # stopping: the log may be closed already
+            self.logfile.event(f"update_on_startup: {environment.describe_update(data_dir) or st.get('state')}")
+
+        self._update_task = asyncio.ensure_future(check())
 
     # ------------------------------------------------------------------ sidecars
     def on_sidecar_message(self, msg: dict[str, Any]) -> None:

@@ -745,7 +745,8 @@ def pair(stock_py, config_dir, tmp_path):
         write_config(config_dir, UUID, name=UUID, data_path=None, env_path=None, worker_dependencies={},
                      autostart="never", ssl=False,
                      update_on_startup={"funcnodes": False, "funcnodes-core": False, "funcnodes-worker": False})
-        ours = WorkerProc(config_dir, UUID, free_port())
+        # no module-list download from ours (stock's fails offline; the cache is what is compared)
+        ours = WorkerProc(config_dir, UUID, free_port(), env={"FN_SUPERVISE_MODULES_URL": ""})
 
         async def ready():
             await asyncio.gather(wait_ws(stock.url, stock.proc), wait_ws(ours.url, ours.proc))
@@ -810,3 +811,28 @@ def test_stop_worker(pair):
     assert pair.stock.proc.wait(15) is not None
     # the progress message both send while stopping (stock's may not get out before the close)
     assert set(o_seen) >= set(s_seen) - {'{"other": {"type": "pong"}}'}, (s_seen, o_seen)
+
+
+def test_available_modules_from_the_same_cached_list(pair):
+    """Manage Libraries: with the same FuncNodes module list in both config folders' cache, both
+    split it the same way (installed / active / available, versions, releases). Only the first
+    reply is compared: it comes from the cache on both sides (the refresh runs behind it)."""
+    from helpers import Client
+    from test_worker_modules import FIXTURE
+
+    for base in (pair.stock.base, pair.ours.base):
+        (base / "cache").mkdir(exist_ok=True)
+        (base / "cache" / "funcnodes_modules.csv").write_bytes(FIXTURE.read_bytes())
+
+    async def ask(url: str) -> dict:
+        async with Client(url) as c:
+            return await c.cmd("get_available_modules", timeout=30)
+
+    async def go():
+        return await asyncio.gather(ask(pair.stock.url), ask(pair.ours.url))
+    stock, ours = asyncio.run(asyncio.wait_for(go(), 60))
+    # DELIBERATE["package_dependency_name"]: the active demo module is 'demo-nodes' vs 'demo_nodes'
+    for m in ours["active"]:
+        m["name"] = m["name"].replace("_", "-")
+    assert len(stock["available"]) > 20
+    assert ours == stock

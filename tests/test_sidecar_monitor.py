@@ -412,3 +412,39 @@ def test_port_in_use_is_reported_and_ends_fatal_not_in_a_storm(port):
             assert st["restarts"] == 1 and st["last_exit"]["code"] == 1
         finally:
             h.close()
+
+
+STOP_DURING_START = r'''
+import sys, multiprocess
+from sidecars.monitor import run_monitor
+if __name__ == "__main__":
+    ctx = multiprocess.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    if sys.argv[1] == "stop":
+        ours.send({"type": "stop"})   # waiting in the pipe before the monitor binds
+    p = ctx.Process(target=run_monitor, args=(theirs, "127.0.0.1", 0), kwargs={"kill_timeout": 1.0})
+    p.start()
+    theirs.close()
+    if sys.argv[1] == "eof":
+        ours.close()                  # the supervisor is gone while the monitor binds
+    p.join(20)
+    if p.exitcode is None:
+        p.kill(); p.join(5)
+    while sys.argv[1] == "stop" and ours.poll(0):
+        try:
+            print("announced", ours.recv())
+        except EOFError:              # poll() is true at EOF too
+            break
+    print("exit", p.exitcode)
+'''
+
+
+@pytest.mark.parametrize("how", ["stop", "eof"])
+def test_stop_during_start_ends_cleanly(how):
+    """A stop (or the pipe's EOF) that reaches the monitor while it still binds, as when many
+    supervised workers stop together: exit 0, no traceback, no address announced."""
+    r = subprocess.run([PY, "-c", STOP_DURING_START, how], capture_output=True, text=True, timeout=60,
+                       cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.stdout.strip().splitlines()[-1] == "exit 0", r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "IndexError" not in r.stderr, r.stderr
+    assert "announced" not in r.stdout, r.stdout

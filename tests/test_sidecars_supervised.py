@@ -131,3 +131,30 @@ def test_supervisor_sigkill_takes_monitor_commands_and_their_children(config_dir
     sup.wait(10)
     poll_until(lambda: not psutil.pid_exists(pid) and not psutil.pid_exists(grandchild), 5, what="command and grandchild gone")
     # the autouse leak check then proves that the worker and both sidecars are gone too
+
+
+def test_script_present_at_start_is_listed_and_nothing_is_logged_at_error(config_dir, port, tmp_path):
+    """The discovery sidecar's first listing reaches the worker before it is ready: it is kept
+    and applied once the graph exists, instead of raising in the control handler."""
+    paths = make_worker(config_dir, port)
+    data = paths.data_dir(paths.read_config())
+    (data / "local_scripts").mkdir(parents=True, exist_ok=True)
+    (data / "local_scripts" / "early.py").write_text(SCRIPT.format(cls="Early", cid="early", name="Early"))
+    sup = start_supervisor(paths, tmp_path)
+    try:
+        poll_until(lambda: running_worker(paths), 30, what="worker ready")
+        poll_until(lambda: sidecar(paths, "discovery"), 30, what="discovery running")
+
+        async def go():
+            async with Client(f"http://127.0.0.1:{port}") as c:
+                t0 = time.monotonic()
+                while [w["nodeclassid"] for w in await c.cmd("list_local_workers")] != ["early"]:
+                    assert time.monotonic() - t0 < 10, "the early script was never listed"
+                    await asyncio.sleep(0.02)
+        run(go())
+    finally:
+        assert stop_supervisor(sup) == 0, output(sup)
+    log = paths.log_file(paths.read_config()).read_text(errors="replace") + output(sup)
+    assert "Listening" in log or "ready" in log.lower(), log[-2000:]  # the log is the worker's
+    bad = [ln for ln in log.splitlines() if " ERROR " in ln or "Traceback" in ln or "AttributeError" in ln]
+    assert not bad, "\n".join(bad)

@@ -18,8 +18,6 @@ import inspect
 import json
 import logging
 import os
-import sys
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import funcnodes_core as fn
@@ -35,6 +33,7 @@ class Host(Protocol):
     """What the verbs need from the worker process (the runtime provides it)."""
 
     uuid: str
+    base: Any
     config: dict
     paths: Any
     runstate: str
@@ -58,22 +57,6 @@ ADD_NODE_KWARGS = {
 }
 
 
-def _find_uv() -> str:
-    """uv for a standalone worker's own installs: the uv package if installed here, else PATH."""
-    try:
-        import uv
-
-        return uv.find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        pass
-    import shutil
-
-    exe = shutil.which("uv")
-    if exe is None:
-        raise DependencyError("no uv to install with: put uv on PATH, or run the worker under fn-supervise")
-    return exe
-
-
 def command(name: str | None = None, mutates: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
@@ -86,6 +69,7 @@ class Commands:
     def __init__(self, graph: Graph, store: Store, host: Host, local: localworkers.LocalScripts):
         self.graph, self.store, self.host, self.local = graph, store, host, local
         self._effects: list[dict] = []
+        self._modules: Any = None
         self.registry: dict[str, Callable] = {}
         self._signatures: dict[str, inspect.Signature] = {}
         for attr in dir(type(self)):
@@ -529,15 +513,21 @@ class Commands:
 
     @command()
     def get_available_modules(self):
-        installed = [
-            {"name": name, "description": "", "version": (info["dep"].get("version") or ""), "homepage": "", "source": "", "releases": []}
-            for name, info in self.graph.dependencies.items()
-        ]
-        return {"installed": installed, "active": installed, "available": []}
+        return self.modules.available()  # the FuncNodes module list (cache + background refresh)
 
     @command()
     def on_repo_refresh(self):
+        self.modules.list.refresh(force=True)
         return None
+
+    @property
+    def modules(self):
+        if self._modules is None:
+            from .modules import WorkerModules
+
+            self._modules = WorkerModules(self.host.base, self.host.config, lambda: self.graph.dependencies,
+                                          self.host.broadcast)
+        return self._modules
 
     @command()
     async def add_package_dependency(self, name: str, dep: dict | None = None, save: bool = True,
@@ -569,34 +559,9 @@ class Commands:
         return None
 
     async def _install(self, spec: dict) -> None:
-        req = spec["package"] + (spec.get("version") or "")
-        if self.host.channel is not None:
-            # The supervisor owns installs: it builds a new env beside the old one and swaps it in.
-            res = await self.host.request_install([spec])
-            if not res.get("ok"):
-                raise DependencyError(f"install of {req} failed: {res.get('error')}")
-            return
-        if spec.get("path"):
-            req = str(Path(spec["path"]).resolve())  # a local project: install it from its folder
-        else:
-            try:
-                __import__(spec["package"].replace("-", "_"))
-                return
-            except ImportError:
-                pass
-        proc = await asyncio.create_subprocess_exec(
-            _find_uv(), "pip", "install", "--python", sys.executable, req,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 900)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise DependencyError(f"install of {req} timed out") from None
-        if proc.returncode != 0:
-            tail = out.decode(errors="replace").strip().splitlines()[-5:]
-            raise DependencyError(f"install of {req} failed: {' | '.join(tail)}")
+        from .install import install  # skips what is importable; else supervisor or uv, one at a time
+
+        await install(self.host, spec)
 
     @command()
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):

@@ -73,6 +73,7 @@ class WorkerRuntime:
         self.last_heartbeat_cmd = time.monotonic()
         self.install_waiters: dict[str, asyncio.Future] = {}
         self.channel: control.ControlChannel | None = None
+        self._early_control: list[dict] = []  # frames that need the graph, held until ready
 
     # region lifecycle
     def set_runstate(self, state: str, detail: str = "") -> None:
@@ -128,6 +129,7 @@ class WorkerRuntime:
         self.write_config()
         self.ready = True
         self.server.set_core_ready()
+        self._apply_early_control()
         self.set_runstate("running")
         if self.channel is not None:
             self.channel.send({"type": "ready", "host": self.server.host, "port": self.server.port, "pid": os.getpid()})
@@ -240,12 +242,23 @@ class WorkerRuntime:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         elif t == "local_scripts":
+            if not self.ready:  # the discovery sidecar's first listing can beat the graph
+                self._early_control.append(msg)
+                return
             self.commands.on_local_scripts(msg.get("changes") or [], bool(msg.get("initial")))
         elif t == "monitor":
             self.config["subprocess_monitor"] = {"host": msg.get("host"), "port": msg.get("port")}
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+
+    def _apply_early_control(self) -> None:
+        early, self._early_control = self._early_control, []
+        for msg in early:
+            try:
+                self._on_control(msg)
+            except Exception:
+                log.exception("control frame %s failed", msg.get("type"))
 
     async def _heartbeat_loop(self) -> None:
         interval = float(self.config.get("heartbeat_interval") or 1.0)
