@@ -28,7 +28,7 @@ class EditStream:
     """One client, one edit at a time: add_node, add_edge, set_io_value, update_node_view,
     remove_node, group_nodes, as a person dragging and wiring nodes does."""
 
-    def __init__(self, seed: int, prefix: str = "n"):
+    def __init__(self, seed: int, prefix: str = "n", groups: bool = True):
         self.rng = random.Random(seed)
         self.model = Model()  # what the worker acknowledged
         self.inflight: Model | None = None  # the model if the edit in flight (unacknowledged) landed
@@ -36,6 +36,7 @@ class EditStream:
         self.prefix = prefix
         self._n = 0
         self.pinned: set[str] = set()  # nodes in groups are never removed (groups keep ids)
+        self.groups = groups  # off when several streams share a worker (group ids come from replies)
 
     def _new_id(self) -> str:
         self._n += 1
@@ -48,7 +49,7 @@ class EditStream:
     async def step(self, c: Client) -> None:
         m, rng = self.model, self.rng
         ops = ["add_number", "add_add"] if len(m.nodes) < 4 else [
-            "add_number", "add_add", "edge", "value", "value", "move", "move", "move", "remove", "group"]
+            "add_number", "add_add", "edge", "value", "value", "move", "move", "move", "remove"] + (["group"] if self.groups else [])
         op = rng.choice(ops)
         nxt = copy.deepcopy(m)
         if op in ("add_number", "add_add"):
@@ -126,6 +127,13 @@ async def observed(c: Client) -> Model:
     groups = await c.cmd("get_groups")
     m.groups = {g: sorted(info["node_ids"]) for g, info in groups.items()}
     return m
+
+
+def only(got: Model, prefix: str) -> Model:
+    """The part of a worker's graph that one stream (node ids `prefix`N) made."""
+    keep = {n for n in got.nodes if n.startswith(prefix)}
+    return Model({n: got.nodes[n] for n in keep}, {e for e in got.edges if e[0] in keep or e[2] in keep},
+                 {g: ids for g, ids in got.groups.items() if set(ids) & keep})
 
 
 def differences(expected: Model, got: Model) -> list[str]:

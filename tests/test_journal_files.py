@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from editstream import EditStream, check, observed
+from editstream import EditStream, check, observed, only
 from helpers import Client, RPCError, WorkerProc, run, write_config
 
 OPS = ("node", "rm_node", "edge", "rm_edge", "clear", "attrs", "io", "value_options", "value", "groups")
@@ -210,3 +210,29 @@ def test_parse_is_exact_about_good_torn_and_corrupt():
     p = journal.parse(ok + journal.encode({"seq": 8, "op": "nope"}) + journal.encode({"seq": 9, "op": "clear"}), set(OPS))
     assert p.corrupt_at == 4 and [r["seq"] for r in p.good] == [6, 7] and p.rest.count(b"\n") == 2
     assert journal.parse(b"", set(OPS)).good == []
+
+
+@pytest.mark.parametrize("durability", ["fsync", "process"])
+def test_concurrent_clients_share_syncs_and_lose_nothing(config_dir, port, durability):
+    """Four clients edit at once (group commit under fsync: records that arrive together share one
+    fdatasync); every reply arrives, and after kill -9 every acknowledged edit of each is back."""
+    uid = "group_" + durability
+    write_config(config_dir, uid, durability=durability, journal_min_bytes=8192, save_delay=0.05)
+    streams = [EditStream(seed=k, prefix=f"c{k}x", groups=False) for k in range(4)]
+    w = WorkerProc(config_dir, uid, port).wait_ready()
+
+    async def edit(s: EditStream):
+        async with Client(w.url) as c:
+            while s.acked < 60:
+                await s.step(c)
+
+    async def all_at_once():
+        await asyncio.wait_for(asyncio.gather(*(edit(s) for s in streams)), 90)
+
+    run(all_at_once())
+    w.kill9()
+    w.log.close()
+    got, out = _start_and_observe(config_dir, uid, port)
+    for s in streams:
+        assert not check(s, only(got, s.prefix)), (s.prefix, check(s, only(got, s.prefix)))
+    assert "ERROR" not in out

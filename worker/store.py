@@ -237,31 +237,31 @@ class Store:
         # Group commit: one fdatasync covers every record written before it started; whoever
         # arrives while it runs waits for the next one.
         while self._synced < upto:
-            if self._sync_task is None:
-                target = self._written
-                fd = os.dup(self.file.fd)  # a cut may close the segment's fd meanwhile
-
-                def sync(fd=fd):
-                    try:
-                        os.fdatasync(fd)
-                    finally:
-                        os.close(fd)
-
-                fut = asyncio.ensure_future(asyncio.to_thread(sync))
-                self._sync_task = fut
-
-                def done(f, target=target):
-                    self._sync_task = None
-                    if not f.cancelled() and f.exception() is None:
-                        self._synced = max(self._synced, target)
-                        self.stats["syncs"] += 1
-
-                fut.add_done_callback(done)
             task = self._sync_task
+            if task is None:
+                task = self._sync_task = asyncio.ensure_future(self._sync_once(self._written))
             try:
                 await asyncio.shield(task)
             except OSError as e:
                 raise JournalError(e.errno, f"the journal could not be synced: {e.strerror or e}") from None
+
+    async def _sync_once(self, target: int) -> None:
+        # The task itself records what it made durable before it completes: a waiter that finds
+        # it done must see the new _synced at once (awaiting a done future does not yield).
+        fd = os.dup(self.file.fd)  # a cut may close the segment's fd meanwhile
+
+        def sync() -> None:
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            await asyncio.to_thread(sync)
+            self._synced = max(self._synced, target)
+            self.stats["syncs"] += 1
+        finally:
+            self._sync_task = None
     # endregion
 
     # region snapshots
