@@ -230,7 +230,7 @@ class Store:
         if self._tail is not None:
             self._tail.append(data)
         self._changed()
-        if self.file.size > max(self._snap_bytes, int(self.config.get("journal_min_bytes") or 65536)):
+        if self.file.size > max(self._snap_bytes, int(self.config.get("journal_min_bytes") or 16384)):
             self.request_snapshot()
 
     async def _group_sync(self, upto: int) -> None:

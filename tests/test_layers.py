@@ -1,0 +1,47 @@
+"""worker/ is layered: every module imports only modules of a lower layer (no circle).
+
+The table is the architecture (STYLE.md section 3): the server knows a backend callable, the
+commands know the graph, the store and a narrow Host, the store knows only files. Imports inside
+functions and under TYPE_CHECKING count too: a lazy import is still a dependency.
+"""
+
+import ast
+from pathlib import Path
+
+WORKER = Path(__file__).resolve().parents[1] / "worker"
+
+LAYERS = [
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "packages", "__init__"},
+    {"config", "control", "persistence", "modules", "install"},
+    {"health", "effects", "store"},
+    {"graph", "localworkers", "server", "quarantine"},
+    {"commands"},
+    {"runtime"},
+    {"__main__", "forkserver"},
+]
+RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.ImportFrom):
+            if n.level == 1:
+                out |= {n.module.split(".")[0]} if n.module else {a.name for a in n.names}
+            elif n.module and n.module.split(".")[0] == "worker":
+                parts = n.module.split(".")
+                out |= {parts[1]} if len(parts) > 1 else {a.name for a in n.names}
+        elif isinstance(n, ast.Import):
+            out |= {a.name.split(".")[1] for a in n.names if a.name.startswith("worker.")}
+    return out
+
+
+def test_every_worker_module_imports_only_lower_layers():
+    bad = []
+    for f in sorted(WORKER.glob("*.py")):
+        m = f.stem
+        assert m in RANK, f"worker/{f.name} is in no layer: add it to LAYERS in {Path(__file__).name}"
+        for dep in sorted(imports(f)):
+            if dep in RANK and RANK[dep] >= RANK[m]:
+                bad.append(f"{m} (layer {RANK[m]}) imports {dep} (layer {RANK[dep]})")
+    assert not bad, "\n".join(bad)
