@@ -196,11 +196,13 @@ class Store:
         if fresh:
             self.file.rewrite(journal.header(self.seq))
             self._cut_seq = self.seq
+        self.enabled = True
         try:
             self._snap_bytes = self.paths.nodespace.stat().st_size
         except FileNotFoundError:
-            self._snap_bytes = 0
-        self.enabled = True
+            # A first snapshot, even of an empty graph: the journal carries edits, not the
+            # NodeSpace's id, which clients key on and which must survive the first crash too.
+            self.snapshot()
 
     def feed(self, rec: dict) -> None:
         """Queue the effect of an edit; the next flush writes it before any reply leaves."""
@@ -328,9 +330,10 @@ class Store:
         if self._pending:
             self._write_pending()
         state = self.state()
-        state.setdefault("meta", {})["journal_seq"] = self.seq
+        # journal_seq belongs to this file only: replies and exports get the state without it
+        on_disk = dict(state, meta=dict(state.get("meta") or {}, journal_seq=self.seq))
         self._first_unjournaled = None
-        return self.seq, state, persistence.dumps_state(state).encode("utf-8")
+        return self.seq, state, persistence.dumps_state(on_disk).encode("utf-8")
 
     def _write_snapshot(self, seq: int, text: bytes) -> None:
         with self._snap_lock:
