@@ -152,3 +152,25 @@ def test_a_failing_verb_writes_no_record(tmp_path):
         store.file.close()
 
     asyncio.run(go())
+
+
+def test_an_edit_no_record_can_hold_is_kept_by_a_snapshot_before_the_reply(tmp_path):
+    shelf = _demo()
+
+    async def go():
+        from worker.effects import OPS
+
+        loop = asyncio.get_running_loop()
+        g, store, cmds = _world(tmp_path, loop, shelf, {"save_delay": 3600})
+        store.open(loop)
+        await cmds.run("add_node", {"id": "demo.number", "uuid": "a"})
+        await store.flush()
+        await cmds.run("update_node", {"nid": "a", "data": {"properties": {"weird": float("nan")}}})
+        await store.flush()
+        store.file.close()
+        g2, store2, _ = _world(tmp_path, loop, shelf, {})
+        store2.load(g2.apply_state, g2.apply_record, OPS)
+        value = g2.nodespace.get_node_by_id("a").get_property("weird")
+        assert value != value  # NaN came back (from the snapshot)
+
+    asyncio.run(go())

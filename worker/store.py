@@ -77,6 +77,7 @@ class Store:
         self.seq = 0  # the last record fed
         self.covered = 0  # > 0 while a mutating verb runs: its events are in its record
         self._pending: list[bytes] = []
+        self._snapshot_due = False  # a record could not be encoded: snapshot before the reply
         self._written = 0  # bytes written since open, across segments
         self._synced = 0
         self._sync_task: asyncio.Future | None = None
@@ -208,12 +209,23 @@ class Store:
         """Queue the effect of an edit; the next flush writes it before any reply leaves."""
         if not self.enabled:
             return
+        try:
+            line = journal.encode({"seq": self.seq + 1, **rec})
+        except (TypeError, ValueError):
+            # Not plain JSON (NaN in a property, say): the edit is kept by a snapshot before the
+            # reply instead, which writes what the stock format can hold.
+            self._snapshot_due = True
+            return
         self.seq += 1
-        self._pending.append(journal.encode({"seq": self.seq, **rec}))
+        self._pending.append(line)
         self.stats["records"] += 1
 
     async def flush(self) -> None:
         """Write what was fed (and fdatasync under "fsync"); return only when it is durable."""
+        if self._snapshot_due:
+            self._snapshot_due = False
+            self.snapshot()  # durable (fsync + rename) before the reply, whatever the level
+            return
         if self._pending:
             self._write_pending()
         if self.durability == "fsync" and self._synced < self._written:
