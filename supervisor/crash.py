@@ -60,6 +60,9 @@ class CrashRecord:
     pid: int | None = None
     detail: str = ""
     last_log_lines: list[str] = field(default_factory=list)
+    # the restart that followed: launch ("fork"|"spawn") and seconds per phase (detect, delay,
+    # launch, boot, graph_load, total), filled in once the next worker is ready
+    restart: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +77,9 @@ class CrashRecord:
             s += f" node={self.node}"
         if self.detail:
             s += f": {self.detail}"
+        r = self.restart
+        if r:
+            s += f" -> back in {r.get('total', 0):.3f}s by {r.get('launch')}"
         return s
 
 
