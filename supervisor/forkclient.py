@@ -25,6 +25,7 @@ from typing import Any
 log = logging.getLogger("fn-supervise")
 
 FORK_TIMEOUT = 5.0
+READY_TIMEOUT = 300.0  # preloading a venv's packages; a worker start is not waiting for it
 
 
 class ForkError(RuntimeError):
@@ -47,6 +48,8 @@ class ForkServer:
         self.ready_at: float | None = None
         self._buf = bytearray()
         self._lock = asyncio.Lock()
+        self._ready_task: asyncio.Task | None = None
+        self.on_ready: Any = None  # called (no args) once the server has preloaded
 
     # lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -67,6 +70,8 @@ class ForkServer:
         ours.setblocking(False)
         self.sock = ours
         self.started_at = time.monotonic()
+        # Read its "ready" as soon as it comes (status shows it), not only at the next fork.
+        self._ready_task = asyncio.ensure_future(self._await_ready(READY_TIMEOUT))
 
     @property
     def pid(self) -> int | None:
@@ -81,22 +86,36 @@ class ForkServer:
         return self.ready_at is not None and self.alive
 
     async def wait_ready(self, timeout: float) -> bool:
-        """True once the server has preloaded; False if it died or took longer than timeout."""
+        """True once the server has preloaded; False if it died, or is not ready within timeout."""
         if self.ready:
             return True
+        if self._ready_task is None:
+            return False
+        if timeout <= 0:
+            return self.ready
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready_task), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return self.ready
+
+    async def _await_ready(self, timeout: float) -> None:
         try:
             msg = await self._read(timeout)
         except ForkError as e:
             log.warning("fork server %s not ready: %s", self.pid, e)
-            return False
+            return
         if msg.get("type") != "ready":
             log.warning("fork server %s said %s instead of ready", self.pid, msg)
-            return False
+            return
         self.info = msg
         self.ready_at = time.monotonic()
-        return True
+        if self.on_ready is not None:
+            self.on_ready()
 
     def close(self) -> None:
+        if self._ready_task is not None and not self._ready_task.done():
+            self._ready_task.cancel()
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -13,7 +13,10 @@ stops). So:
   is never FATAL; a failing start after that keeps backing off at the cap.
 - Safe mode: when `quarantine_after` crashes after ready within `run_window` all had the same
   node in flight, that node is quarantined (Decision.quarantine): the next worker loads the
-  graph but never runs that node. Lifting (`lift`) forgets that node's crashes.
+  graph but never runs that node. With several nodes in flight at a crash (`suspects`), the
+  node in flight at every one of those crashes counts; among several, the newest one of the
+  last crash (a node that kills the process at once is the last one started). Lifting
+  (`lift`) forgets that node's crashes.
 
 Time comes from an injectable monotonic clock, so a wall-clock jump changes nothing.
 """
@@ -47,7 +50,7 @@ class RestartPolicy:
         self.consecutive = 0          # failures (failed starts, early crashes) in a row
         self.start_failures = 0       # consecutive failed starts
         self.ever_ready = False       # once true, never FATAL
-        self.run_crashes: deque[tuple[float, str | None]] = deque()  # (time, node in flight)
+        self.run_crashes: deque[tuple[float, tuple[str, ...]]] = deque()  # (time, nodes in flight, newest last)
         self.total_restarts = 0
         self.started_at: float | None = None
         self.ready_at: float | None = None
@@ -85,7 +88,7 @@ class RestartPolicy:
 
     def lift(self, node: str) -> None:
         """The user lifted a quarantine: that node's earlier crashes no longer count."""
-        self.run_crashes = deque((t, n) for t, n in self.run_crashes if n != node)
+        self.run_crashes = deque((t, tuple(x for x in ns if x != node)) for t, ns in self.run_crashes)
 
     # decisions -----------------------------------------------------------------
     def delay_for(self, n: int) -> float:
@@ -95,6 +98,7 @@ class RestartPolicy:
         return max(0.0, min(c.backoff_cap, raw + spread))
 
     def on_exit(self, *, was_ready: bool, reason: str, node: str | None = None,
+                suspects: list[str] | tuple[str, ...] | None = None,
                 quarantined: frozenset[str] | set[str] = frozenset()) -> Decision:
         now = self.clock()
         healthy = was_ready and self.check_stable()
@@ -106,13 +110,16 @@ class RestartPolicy:
                                                  f"(start_budget {self.cfg.start_budget}); last: {reason}")
             return self._restart(reason)
         self.start_failures = 0
-        self.run_crashes.append((now, node))
+        nodes = tuple(suspects or ())
+        if node is not None and node not in nodes:
+            nodes += (node,)
+        self.run_crashes.append((now, nodes))
         while self.run_crashes and now - self.run_crashes[0][0] > self.cfg.run_window:
             self.run_crashes.popleft()
         poison = self._poison_node(quarantined)
         if poison is not None:
             # A new situation: the next worker runs without that node, so start counting afresh.
-            self.run_crashes = deque((t, n) for t, n in self.run_crashes if n != poison)
+            self.run_crashes.clear()
             self.consecutive = 0
             d = self._restart(f"{reason}; node {poison} quarantined after {self.cfg.quarantine_after} crashes "
                               f"with it in flight")
@@ -130,7 +137,11 @@ class RestartPolicy:
 
     def _poison_node(self, quarantined: frozenset[str] | set[str]) -> str | None:
         k = max(1, self.cfg.quarantine_after)
-        last = [n for _, n in list(self.run_crashes)[-k:]]
-        if len(last) < k or last[0] is None or any(n != last[0] for n in last):
+        last = [ns for _, ns in list(self.run_crashes)[-k:]]
+        if len(last) < k:
             return None
-        return None if last[0] in quarantined else last[0]
+        common = set(last[0]).intersection(*last[1:]) - set(quarantined)
+        for n in reversed(last[-1]):  # newest first
+            if n in common:
+                return n
+        return None

@@ -498,6 +498,7 @@ class Supervisor:
         kill_reason: tuple[str, str] | None = None
         deliberate: str | None = None
         stable_noted = False
+        in_flight: list[str] = []  # nodes running now, in start order (worker/quarantine.py)
         while True:
             now = time.monotonic()
             if kill_reason is not None:
@@ -516,7 +517,8 @@ class Supervisor:
                     log.error("worker %s did not die after SIGKILL; abandoning it", w.pid)
                     w.close()
                     self._after_exit(w, was_ready=ready, reason=kill_reason[0], detail=kill_reason[1] + "; unkillable",
-                                     status=ExitStatus(), oom_before=oom_before, node=health.node)
+                                     status=ExitStatus(), oom_before=oom_before,
+                                     node=in_flight[-1] if in_flight else health.node, suspects=in_flight)
                     return
                 if eof_at is not None and now >= eof_at + self.cfg.eof_grace:
                     kill_reason = ("crashed", "control channel closed without exit")
@@ -565,8 +567,9 @@ class Supervisor:
                     ready = True
                     self._on_worker_ready(w, msg)
                     health.arm()
-                elif t == "in_flight":
-                    health.node = str(msg["node"]) if msg.get("node") else None  # at once, not at the next beat
+                elif t == "in_flight":  # at once when a node starts or ends, not at the next beat
+                    nodes = msg.get("nodes")
+                    in_flight = [str(n) for n in nodes] if isinstance(nodes, list) else []
                 elif t == "runstate" and not ready:
                     detail = str(msg.get("detail") or "")
                     if detail == "Loading nodespace":
@@ -600,7 +603,8 @@ class Supervisor:
                     if not ready and status.code == WORKER_START_FAILURE:
                         detail += " (worker start failure)"
                 self._after_exit(w, was_ready=ready, reason=reason, detail=detail, status=status,
-                                 oom_before=oom_before, node=health.node, first_sign=eof_at)
+                                 oom_before=oom_before, node=in_flight[-1] if in_flight else health.node,
+                                 first_sign=eof_at, suspects=in_flight)
                 return
 
     def _keep_pidfile(self, pid: int) -> None:
@@ -710,6 +714,7 @@ class Supervisor:
         fs = ForkServer(self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
                         config_path=str(self.paths.config), key=self._fork_key(),
                         log_path=str(self.paths.log_file(self.worker_cfg)))
+        fs.on_ready = self.write_state
         try:
             fs.start()
         except OSError as e:
@@ -790,7 +795,7 @@ class Supervisor:
 
     def _after_exit(self, w: WorkerProcess | None, *, was_ready: bool, reason: str, detail: str,
                     status: ExitStatus, oom_before: int | None, node: str | None = None,
-                    first_sign: float | None = None) -> None:
+                    first_sign: float | None = None, suspects: list[str] | None = None) -> None:
         now = time.monotonic()
         self.restart_clock = {"first": min(first_sign or now, now), "handled": now}
         self.paths.remove_pid()
@@ -802,13 +807,13 @@ class Supervisor:
             we_signalled=w.signalled if w is not None else set(),
             oom_before=oom_before, oom_after=oom_kill_count(), uptime=uptime, node=node,
             pid=w.pid if w is not None else None,
-            last_lines=list(self.logfile.tail) if self.logfile else [], detail=detail)
+            last_lines=list(self.logfile.tail) if self.logfile else [], detail=detail, in_flight=suspects)
         self.crashes.append(rec.to_json())
         del self.crashes[:-max(1, self.cfg.crash_history)]
         self.logfile.event(f"worker {rec.pid} {rec.summary()}")
         self.worker = None
         decision = self.policy.on_exit(was_ready=was_ready, reason=f"{reason}: {detail}", node=node,
-                                       quarantined=frozenset(self.quarantine))
+                                       suspects=suspects, quarantined=frozenset(self.quarantine))
         if decision.quarantine is not None:
             self._quarantine(decision.quarantine, rec)
         if decision.action == "fatal":

@@ -126,6 +126,24 @@ def test_mixed_nodes_or_no_node_do_not_quarantine():
     assert run_and_crash(p, clock, 5.0, node="a").quarantine == "a"  # healthy runs count too
 
 
+def test_with_several_nodes_in_flight_the_one_in_every_crash_is_quarantined():
+    clock = FakeClock()
+    p = RestartPolicy(cfg(quarantine_after=3), clock=clock, rng=lambda: 0.5)
+    for suspects in (["bad"], ["sq", "bad"], ["other", "sq", "bad"]):
+        p.on_spawn(); p.on_ready(); clock.advance(0.05)
+        d = p.on_exit(was_ready=True, reason="x", node=suspects[0], suspects=suspects)
+    assert d.quarantine == "bad"
+    # always together: the newest of the last crash
+    p2 = RestartPolicy(cfg(quarantine_after=2), clock=clock, rng=lambda: 0.5)
+    for _ in range(2):
+        p2.on_spawn(); p2.on_ready(); clock.advance(0.05)
+        d = p2.on_exit(was_ready=True, reason="x", node="b", suspects=["a", "b"])
+    assert d.quarantine == "b"
+    p2.on_spawn(); p2.on_ready(); clock.advance(0.05)
+    d = p2.on_exit(was_ready=True, reason="x", node="b", suspects=["a", "b"], quarantined={"b"})
+    assert d.quarantine is None  # "a" has only one crash since "b" was quarantined
+
+
 def test_quarantine_counts_only_inside_run_window():
     clock = FakeClock()
     p = RestartPolicy(cfg(quarantine_after=2, run_window=100.0), clock=clock, rng=lambda: 0.5)

@@ -13,8 +13,8 @@ policy.py) and starts the worker with `--quarantine '{"<node id>": "<reason>"}'`
   refused trigger is asked for), `get_quarantine` lists them and `lift_quarantine(nid)` lifts
   one: the node is restored, triggered at once if ready (so a real poison comes straight back),
   and the supervisor is told (it forgets the node and keeps it out of the next start).
-- The node in flight reaches the supervisor the moment it starts (an `in_flight` frame), not at
-  the next heartbeat: a node that kills the process at once is still named in the crash record.
+- The nodes in flight reach the supervisor the moment one starts or ends (an `in_flight`
+  frame), not at the next heartbeat: a node that kills the process at once is still named.
 """
 
 from __future__ import annotations
@@ -54,22 +54,23 @@ def parse_arg(text: str | None) -> dict[str, str]:
 
 
 class _InFlight(dict):
-    """HEALTH.in_flight that tells the supervisor at once when the node in flight changes."""
+    """HEALTH.in_flight that tells the supervisor at once which nodes are running (in start
+    order): a node that kills the process the moment it starts is the newest one in flight."""
 
-    def _changed(self, before: str | None) -> None:
-        now = HEALTH.node()
-        if now != before and control.CURRENT is not None:
-            control.CURRENT.send({"type": "in_flight", "node": now})
+    def _changed(self) -> None:
+        if control.CURRENT is not None:
+            nodes = list(self)
+            control.CURRENT.send({"type": "in_flight", "node": nodes[-1] if nodes else None, "nodes": nodes})
 
     def __setitem__(self, k: str, v: float) -> None:
-        before = HEALTH.node()
         super().__setitem__(k, v)
-        self._changed(before)
+        self._changed()
 
     def pop(self, k: str, *default: Any) -> Any:
-        before = HEALTH.node()
+        had = k in self
         out = super().pop(k, *default)
-        self._changed(before)
+        if had:
+            self._changed()
         return out
 
 
@@ -114,7 +115,8 @@ def _block(node: Any) -> None:
 
         node._requests_trigger = False
         now = time.monotonic()
-        if now - _last_notice.get(nid, 0.0) >= NOTICE_EVERY:
+        listening = _rt is not None and bool(getattr(_rt.server, "clients", None))
+        if listening and now - _last_notice.get(nid, 0.0) >= NOTICE_EVERY:
             _last_notice[nid] = now
             _notify(nid, QUARANTINED.get(nid, "quarantined"))
         return triggerstack if triggerstack is not None else TriggerStack()
