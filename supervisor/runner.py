@@ -645,8 +645,9 @@ class Supervisor:
     # ------------------------------------------------------------------ restart phases
     def _note_restart_phases(self, w: WorkerProcess) -> None:
         """Seconds per phase of the restart that just became ready: detect (first sign of the
-        death -> handled), delay (backoff), fork|spawn (-> a pid), boot (pid -> graph load
-        starts: imports, packages), graph_load (-> ready), total (first sign -> ready)."""
+        death -> handled), delay (handled -> launch: the backoff the policy chose, `backoff`, plus
+        bookkeeping), fork|spawn (-> a pid), boot (pid -> graph load starts: imports, packages),
+        graph_load (-> ready), total (first sign -> ready)."""
         rc, self.restart_clock = self.restart_clock, {}
         if "first" not in rc or w.spawned_at is None:
             return
@@ -654,7 +655,7 @@ class Supervisor:
         graph = rc.get("graph", now)
         launch = rc.get("launch", w.spawned_at)
         r = {"launch": w.launch, "detect": round(rc["handled"] - rc["first"], 4),
-             "delay": round(max(0.0, launch - rc["handled"]), 4),
+             "delay": round(max(0.0, launch - rc["handled"]), 4), "backoff": round(rc.get("backoff", 0.0), 4),
              str(w.launch): round(w.launch_time or 0.0, 4),
              "boot": round(max(0.0, graph - w.spawned_at), 4), "graph_load": round(max(0.0, now - graph), 4),
              "total": round(now - rc["first"], 4), "pid": w.pid}
@@ -814,6 +815,7 @@ class Supervisor:
         self.worker = None
         decision = self.policy.on_exit(was_ready=was_ready, reason=f"{reason}: {detail}", node=node,
                                        suspects=suspects, quarantined=frozenset(self.quarantine))
+        self.restart_clock["backoff"] = decision.delay
         if decision.quarantine is not None:
             self._quarantine(decision.quarantine, rec)
         if decision.action == "fatal":
