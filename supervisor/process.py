@@ -1,8 +1,10 @@
 """Spawning the worker, capturing its output, the control channel, and the staged stop.
 
-The worker runs as `<python> -m <module> worker_<uuid> --dir <base> --control-fd N` in a
-new session (its own process group), with the child end of a socketpair passed by
-`pass_fds`. Its exit is seen at once through a pidfd in the event loop (no polling); on
+The worker runs as `<python> -m <module> worker_<uuid> --dir <base> --control-fd N
+[--listen-fd M]` in a new session (its own process group), with the child end of a socketpair
+(and the supervisor's held listening socket) passed by `pass_fds`; or it is forked by the warm
+fork server (`spawn_forked`, forkclient.py), which hands it the same fds and makes it a session
+leader re-parented to us, so everything below holds for it too. Its exit is seen at once through a pidfd in the event loop (no polling); on
 exit the rest of its process group is SIGKILLed *before* the zombie is reaped, so the
 group id cannot have been reused. Signals go through pidfd_send_signal / killpg of a group
 whose leader we have not reaped: a reused PID never gets one.

@@ -56,6 +56,7 @@ EXIT_FATAL = 4
 EXIT_ENV = 5
 
 WORKER_START_FAILURE = 3  # the worker's own "cannot start" exit code (bad config, port busy)
+FORK_GIVE_UP = 3  # fork servers in a row that die or fail before we stop replacing them
 
 
 class PrepareError(Exception):
@@ -150,6 +151,8 @@ class Supervisor:
         self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
         self.last_restart: dict[str, Any] | None = None
         self.launches = {"fork": 0, "spawn": 0}
+        self.fork_failures = 0  # fork servers in a row that died or failed; FORK_GIVE_UP -> spawn only
+        self.fork_given_up_key: str | None = None
 
     # ------------------------------------------------------------------ plumbing
     def _event(self, *ev: Any) -> None:
@@ -703,6 +706,8 @@ class Supervisor:
             return
         if self.fork is not None and self.fork.alive and self.fork.key == self._fork_key():
             return
+        self.fork_failures = 0  # a new environment gets a fresh chance
+        self.fork_given_up_key = None
         self._replace_fork_server("environment changed" if self.fork is not None else "first start")
 
     def _replace_fork_server(self, why: str) -> None:
@@ -711,6 +716,8 @@ class Supervisor:
             self.fork = None
         if not self.cfg.fork_server or self.cfg.worker_module != "worker":
             return
+        if self.fork_given_up_key == self._fork_key():
+            return  # this environment's fork servers keep dying: spawn until it changes
         _, env = self._worker_argv()
         fs = ForkServer(self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
                         config_path=str(self.paths.config), key=self._fork_key(),
@@ -737,6 +744,7 @@ class Supervisor:
                 try:
                     await w.spawn_forked(fs)
                     self.launches["fork"] += 1
+                    self.fork_failures = 0
                     return
                 except ForkError as e:
                     why = f"fork server {fs.pid} failed: {e}"
@@ -746,8 +754,13 @@ class Supervisor:
                 why = f"fork server {fs.pid} is still preloading"
             log.warning("%s: %s; spawning instead", self.paths.name, why)
             self.logfile.event(f"{why}; spawning instead")
-            if not fs.alive or fs.ready:
-                self._replace_fork_server(why)  # ready but failed (e.g. its venv was swapped), or dead
+            if not fs.alive or fs.ready:  # ready but failed (e.g. its venv was swapped), or dead
+                self.fork_failures += 1
+                if self.fork_failures >= FORK_GIVE_UP:
+                    self.fork_given_up_key = self._fork_key()
+                    self.logfile.event(f"{self.fork_failures} fork servers in a row failed: workers are "
+                                       "spawned until the environment changes")
+                self._replace_fork_server(why)
         w.spawn()
         self.launches["spawn"] += 1
 
