@@ -33,12 +33,13 @@ class ForkError(RuntimeError):
 
 
 class ForkServer:
-    def __init__(self, python: str, *, env: dict[str, str], cwd: str | None, config_path: str,
-                 key: str, log_path: str | None = None):
+    def __init__(self, python: str, *, env: dict[str, str], cwd: str | None, deps: dict[str, Any],
+                 key: str, worker: str = "", log_path: str | None = None):
         self.python = python
         self.env = env
         self.cwd = cwd
-        self.config_path = config_path
+        self.deps = deps
+        self.worker = worker
         self.key = key  # what it was built for (interpreter, fingerprint, deps): change -> replace
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -60,7 +61,7 @@ class ForkServer:
         try:
             self.proc = subprocess.Popen(
                 [self.python, "-m", "worker.forkserver", "--sock-fd", str(theirs.fileno()),
-                 "--config", self.config_path, "--parent", str(os.getpid())],
+                 "--parent", str(os.getpid()), "--worker", self.worker, "--deps", json.dumps(self.deps)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(theirs.fileno(),),
                 start_new_session=True, env=self.env, cwd=self.cwd, close_fds=True)
         finally:
@@ -185,4 +186,5 @@ class ForkServer:
 
     def status(self) -> dict[str, Any]:
         return {"pid": self.pid, "alive": self.alive, "ready": self.ready,
-                "preload": self.info.get("preload"), "python": self.python}
+                "preload": self.info.get("preload"), "python": self.python,
+                "imported": self.info.get("imported") or []}

@@ -720,7 +720,8 @@ class Supervisor:
             return  # this environment's fork servers keep dying: spawn until it changes
         _, env = self._worker_argv()
         fs = ForkServer(self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
-                        config_path=str(self.paths.config), key=self._fork_key(),
+                        deps=dict(self.worker_cfg.get("package_dependencies") or {}), key=self._fork_key(),
+                        worker=self.paths.name,
                         log_path=str(self.paths.log_file(self.worker_cfg)))
         fs.on_ready = self.write_state
         try:

@@ -1,6 +1,6 @@
 """A warm fork server: the worker's interpreter with the heavy imports done, waiting to fork.
 
-    <venv>/bin/python -m worker.forkserver --sock-fd N [--config PATH]
+    <venv>/bin/python -m worker.forkserver --sock-fd N --parent PID [--deps JSON] [--worker NAME]
 
 Started by the supervisor (supervisor/forkclient.py), one per worker. It imports
 funcnodes-core, aiohttp, the worker package and the worker's installed package dependencies
@@ -53,7 +53,7 @@ def _prefix_id() -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def preload(config_path: str | None) -> list[str]:
+def preload(deps: dict) -> list[str]:
     """Import what every worker start would import; return the module names."""
     mods = ["funcnodes_core", "aiohttp", "aiohttp.web", "worker.runtime", "worker.commands", "worker.server",
             "worker.persistence", "worker.packages", "worker.localworkers", "worker.quarantine"]
@@ -61,23 +61,21 @@ def preload(config_path: str | None) -> list[str]:
     for m in mods:
         importlib.import_module(m)
         done.append(m)
-    if config_path:
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, ValueError):
-            cfg = {}
-        from worker.packages import module_name  # noqa: PLC0415
+    from worker.packages import is_project, module_name  # noqa: PLC0415
 
-        for name, dep in ((cfg.get("package_dependencies") or {}) if isinstance(cfg, dict) else {}).items():
-            if not isinstance(dep, dict) or dep.get("path"):
+    for name, dep in (deps if isinstance(deps, dict) else {}).items():
+        if not isinstance(dep, dict):
+            continue
+        dep = dict(dep, package=dep.get("package") or name)
+        if dep.get("path"):
+            if not is_project(dep["path"]):
                 continue  # a path module is imported fresh by each worker: nothing to share
-            dep = dict(dep, package=dep.get("package") or name)
-            try:
-                importlib.import_module(module_name(dep))
-                done.append(module_name(dep))
-            except Exception as e:  # noqa: BLE001 (the worker reports it properly when it loads)
-                print(f"fork server: preloading {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            dep = {k: v for k, v in dep.items() if k != "path"}  # installed into the venv: by name
+        try:
+            importlib.import_module(module_name(dep))
+            done.append(module_name(dep))
+        except Exception as e:  # noqa: BLE001 (the worker reports it properly when it loads)
+            print(f"fork server: preloading {name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     return done
 
 
@@ -155,7 +153,10 @@ def _become_worker(req: dict, fds: dict[str, int], server_sock: socket.socket, r
             os._exit(code if isinstance(code, int) else 1)
 
 
-def fork_worker(req: dict, fds: list[int], sock: socket.socket, prefix: tuple[int, int] | None) -> dict:
+def fork_worker(req: dict, fds: list[int], sock: socket.socket, prefix: tuple[int, int] | None,
+                unsafe: str | None = None) -> dict:
+    if unsafe:
+        return {"type": "error", "error": unsafe}
     names = [str(n) for n in req.get("fds") or []]
     if len(names) != len(fds) or "control" not in names or "out" not in names:
         return {"type": "error", "error": f"fork request with fds {names} but {len(fds)} received"}
@@ -209,8 +210,9 @@ def _set_parent_death_signal() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m worker.forkserver")
     ap.add_argument("--sock-fd", type=int, required=True)
-    ap.add_argument("--config", help="worker config: its installed package dependencies are preloaded")
+    ap.add_argument("--deps", default="{}", help="the worker's package_dependencies (JSON): installed ones are preloaded")
     ap.add_argument("--parent", type=int, help="the supervisor's pid (checked after arming the death signal)")
+    ap.add_argument("--worker", help="worker_<uuid> it serves (in the command line, so tools can tell)")
     a = ap.parse_args(argv)
     _set_parent_death_signal()
     if a.parent and os.getppid() != a.parent:
@@ -218,7 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=a.sock_fd)
     sock.setblocking(True)
     t0 = time.monotonic()
-    imported = preload(a.config)
+    try:
+        deps = json.loads(a.deps)
+    except ValueError:
+        deps = {}
+    imported = preload(deps)
+    import threading  # noqa: PLC0415
+
+    unsafe = None
+    if threading.active_count() > 1:
+        # a fork copies only this thread: locks the others hold would stay locked in the worker
+        unsafe = (f"threads running after preload ({', '.join(t.name for t in threading.enumerate())}): "
+                  "forking is unsafe")
+        print(f"fork server: {unsafe}", file=sys.stderr, flush=True)
     gc.collect()
     gc.freeze()  # imported objects stay out of the collector: their pages stay shared after fork
     prefix = _prefix_id()
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if req.get("type") != "fork":
                 reply = {"type": "error", "error": f"unknown request {req.get('type')!r}"}
             else:
-                reply = fork_worker(req, fds, sock, prefix)
+                reply = fork_worker(req, fds, sock, prefix, unsafe)
         finally:
             for fd in fds:
                 os.close(fd)
