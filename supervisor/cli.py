@@ -7,9 +7,10 @@
   fn-supervise [--dir D] status worker_<uuid> [--json]
   fn-supervise [--dir D] stop worker_<uuid> [--timeout S]
   fn-supervise [--dir D] restart worker_<uuid>
+  fn-supervise [--dir D] lift worker_<uuid> NODE...   lift a quarantine (safe mode): the nodes run again
   fn-supervise [--dir D] logs worker_<uuid> [-n N] [-f]
   fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
-  fn-supervise [--dir D] systemd-unit (worker_<uuid> | --template) [--exec PATH] [--watchdog SEC]
+  fn-supervise [--dir D] systemd-unit (worker_<uuid> [--socket] | --template) [--exec PATH] [--watchdog SEC]
   fn-supervise [--dir D] supervisord-conf worker_<uuid> [--exec PATH]
   fn-supervise [--dir D] workermanager [--python PY] [--host H] [--port P] [--monitor-port P]
                                                   the real FuncNodes Workermanager (foreground); the
@@ -18,9 +19,11 @@
 <base> = --dir, else $FUNCNODES_CONFIG_DIR, else ~/.funcnodes.
 
 `run` stays in the foreground (what systemd and supervisord expect). SIGTERM/SIGINT stop the
-worker gracefully and exit 0; SIGHUP restarts the worker with its config re-read.
+worker gracefully and exit 0; SIGHUP restarts the worker with its config re-read; SIGUSR1
+makes it read lift requests (<workers>/worker_<uuid>.lift, written by `lift`).
 Exit codes: 0 ok, 1 error (or a stop that timed out), 2 usage / unknown worker,
-3 already running, 4 FATAL (the worker kept failing), 5 environment could not be prepared.
+3 already running, 4 FATAL (the worker never got ready in start_budget starts), 5 environment
+could not be prepared (or no free port).
 """
 
 from __future__ import annotations

@@ -151,6 +151,9 @@ class Supervisor:
         self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
         self.last_restart: dict[str, Any] | None = None
         self.launches = {"fork": 0, "spawn": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._files_due: dict[str, Any] = {}  # .runstate / state file writes of this turn (write_state)
+        self._flush_handle: asyncio.Handle | None = None
         self.fork_failures = 0  # fork servers in a row that died or failed; FORK_GIVE_UP -> spawn only
         self.fork_given_up_key: str | None = None
 
@@ -164,10 +167,7 @@ class Supervisor:
         if self.logfile is not None:
             self.logfile.event(msg)
         detail = reason if new in (State.PREPARING, State.STARTING, State.BACKOFF, State.FATAL) else ""
-        try:
-            self.paths.write_runstate(RUNSTATE[new], detail)
-        except OSError as e:
-            log.warning("cannot write runstate: %s", e)
+        self._runstate(RUNSTATE[new], detail)
         self.write_state()
         status = f"{new.value}: {reason}" if reason else new.value
         if new == State.STOPPING and not self.restarting:
@@ -177,7 +177,33 @@ class Supervisor:
         if new == State.PREPARING:
             self.notify.extend_timeout(EXTEND_STEP)
 
+    def _runstate(self, state: str, detail: str = "") -> None:
+        """.runstate, in the same deferred, last-one-wins write as the state file."""
+        self._files_due["runstate"] = (state, detail)
+        self.write_state()
+
     def write_state(self) -> None:
+        """Soon, not now: the transitions of one turn of the loop (RUNNING -> BACKOFF -> STARTING
+        on a crash) cost one write each of .runstate and the state file, done while the next
+        worker is being forked instead of before. `_flush_files` writes them at once."""
+        self._files_due["state"] = True
+        if self._loop is None:
+            self._flush_files()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_files)
+
+    def _flush_files(self) -> None:
+        self._flush_handle = None
+        due, self._files_due = self._files_due, {}
+        if "runstate" in due:
+            try:
+                self.paths.write_runstate(*due["runstate"])
+            except OSError as e:
+                log.warning("cannot write runstate: %s", e)
+        if due.get("state"):
+            self._write_state_now()
+
+    def _write_state_now(self) -> None:
         w = self.worker
         data = {
             "uuid": self.paths.uuid,
@@ -328,10 +354,11 @@ class Supervisor:
                 self.listen_sock.close()
                 self.listen_sock = None
             self.reaper.close()
+            self._flush_files()  # nothing may be written after the removals below
             self.paths.remove_pid()
             if self.sm.state in (State.STOPPED, State.STOPPING):
                 self.paths.remove_runstate()
-            self.write_state()
+            self._write_state_now()
             if self.logfile is not None:
                 self.logfile.close()
 
@@ -443,7 +470,7 @@ class Supervisor:
     def _prepare_progress(self, message: str, fraction: float | None) -> None:
         detail = message if fraction is None else f"{message} ({fraction * 100:.0f}%)"
         try:
-            self.paths.write_runstate("starting", detail)
+            self._runstate("starting", detail)
         except OSError:
             pass
         if self.logfile is not None:
@@ -491,7 +518,7 @@ class Supervisor:
         self.policy.on_spawn()
         self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
                            f"pid {w.pid}: {' '.join(argv)}")
-        self.paths.write_runstate("starting", f"worker process {w.pid} started")
+        self._runstate("starting", f"worker process {w.pid} started")
         self.write_state()
         health = HeartbeatMonitor(self.cfg.heartbeat_timeout)
         self.health = health
@@ -577,7 +604,7 @@ class Supervisor:
                     detail = str(msg.get("detail") or "")
                     if detail == "Loading nodespace":
                         self.restart_clock["graph"] = time.monotonic()
-                    self.paths.write_runstate("starting", detail)
+                    self._runstate("starting", detail)
                 elif t == "lift_quarantine":
                     self._lift(str(msg.get("node")), "a client")
                 elif t == "stopping":
