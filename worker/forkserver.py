@@ -131,7 +131,8 @@ def _become_worker(req: dict, fds: dict[str, int], server_sock: socket.socket, r
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
         random.seed()
-        gc.unfreeze()
+        # No gc.unfreeze(): the preloaded objects live as long as the worker anyway, and a full
+        # collection over them would write to (and so copy) every page the fork shares.
         argv = [str(a) for a in req.get("argv") or []]
         argv += ["--control-fd", str(fds["control"])]
         if "listen" in fds:
