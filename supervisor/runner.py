@@ -700,8 +700,12 @@ class Supervisor:
         FUNCNODES_WS_WORKER_ENDPORT; the port taken is written to the worker config before the
         worker (or a Workermanager) reads it."""
         if self.listen_systemd:
-            self.host, self.port = self.host or listener.address(self.listen_sock)[0], \
-                listener.address(self.listen_sock)[1]
+            addr_host, port = listener.address(self.listen_sock)
+            self.host = str(self.worker_cfg.get("host") or addr_host)
+            self.port = port
+            if self.worker_cfg.get("port") != port:  # clients (a Workermanager) look it up there
+                log.info("%s: serving on port %s from systemd socket activation", self.paths.name, port)
+                self.worker_cfg = self.paths.update_config(port=port)
             return
         host = str(self.worker_cfg.get("host") or "127.0.0.1")
         want = self.worker_cfg.get("port")

@@ -354,6 +354,7 @@ def test_systemd_socket_activation_fd3_is_served_and_never_refused(config_dir, p
         pid = poll_until(lambda: running_worker(paths), 30, what="worker ready: " + output(sup)[-1500:])
         st = state(paths)
         assert st["listen"]["fd_from"] == "systemd" and st["port"] == port
+        assert paths.read_config()["port"] == port  # what clients look up is the port served
         assert ws_uuid(port) == paths.uuid
         early.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert early.recv(64).startswith(b"HTTP/1."), "the connection from before the start was served"
