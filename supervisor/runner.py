@@ -867,6 +867,14 @@ class Supervisor:
             self.exit_code = EXIT_FATAL
             self.sm.fire("give_up", decision.reason)
             return
+        if not was_ready and status.code == WORKER_START_FAILURE:
+            # The worker could not start (its config?): an unreadable config can never work.
+            try:
+                self.paths.read_config()
+            except (OSError, ValueError) as e:
+                self.exit_code = EXIT_USAGE
+                self.sm.fire("give_up", f"cannot read {self.paths.config}: {e}")
+                return
         self.backoff_until = time.monotonic() + decision.delay
         self.sm.fire("crashed" if was_ready else "start_failed",
                      f"{reason}: {detail}; restart in {decision.delay:.2f}s")

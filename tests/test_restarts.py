@@ -388,3 +388,17 @@ def test_systemd_unit_socket_prints_a_matching_socket_unit(config_dir, port, tmp
     (tmp_path / f"fn-supervise-{paths.uuid}.service").write_text(r2.stdout)
     verify(tmp_path / f"fn-supervise-{paths.uuid}.socket")
     assert cli("systemd-unit", "--template", "--socket", base=config_dir).returncode == 2
+
+
+def test_a_worker_that_ran_and_then_finds_its_config_unreadable_ends_fatal(config_dir, port, tmp_path, sup_procs):
+    """Never FATAL after ready, except for what can never work: the config became unreadable."""
+    paths = make_worker(config_dir, port)
+    sup = start_supervisor(paths, tmp_path)
+    sup_procs.append(sup)
+    pid = poll_until(lambda: running_worker(paths), 30, what="worker ready")
+    paths.config.write_text("{ not json")
+    os.kill(pid, signal.SIGKILL)
+    assert sup.wait(30) == 2, output(sup)
+    st = state(paths)
+    assert st["state"] == "FATAL" and "cannot read" in st["reason"], st
+    assert st["crashes"][-1]["phase"] == "start" and st["crashes"][-1]["exit_code"] == 3
