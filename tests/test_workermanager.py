@@ -502,6 +502,8 @@ def test_five_workers_created_at_once_on_one_port_all_start_on_distinct_ports(fn
                     cfg["port"], cfg["host"] = start, "127.0.0.1"
                     cfg["supervisor"] = {"venv": False}
                     p.write_text(json.dumps(cfg))
+                # the manager finds new workers on its next scan (<= 10 s): activate them once listed
+                await ui.status_until(lambda s: all(listed(s, "inactive", u) for u in made), 30, "five listed")
                 n = len(ui.messages)
                 await asyncio.gather(*(ui.send({"type": "set_active", "workerid": u}) for u in made))
                 deadline = time.monotonic() + 120
