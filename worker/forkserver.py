@@ -4,7 +4,7 @@
 
 Started by the supervisor (supervisor/forkclient.py), one per worker. It imports
 funcnodes-core, aiohttp, the worker package and the worker's installed package dependencies
-(path dependencies are imported fresh by every worker anyway), calls gc.freeze() so the
+(plain path modules are imported fresh by every worker anyway), calls gc.freeze() so the
 collector never touches (and un-shares) the imported objects, says ready, and waits.
 
 Protocol on the unix socket N (one JSON line per message; fds by SCM_RIGHTS):
@@ -23,6 +23,10 @@ to the supervisor), wires stdout/stderr to the supervisor's pipe and runs
 The server ends when its socket closes (the supervisor is gone) or by its own parent-death
 signal; it refuses to fork once its environment was swapped (sys.prefix now names another
 directory): the supervisor then spawns and replaces it.
+
+A forked worker keeps the fork server's command line (`ps` shows `-m worker.forkserver ...
+--worker worker_<uuid>`); its name (`ps -o comm`, top) is set to `fn-worker`, the server's to
+`fn-forkserver`. The worker's PID is the one in `.p` and `fn-supervise status`.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ def _become_worker(req: dict, fds: dict[str, int], server_sock: socket.socket, r
     try:
         os.setsid()  # own process group and session, before anyone can signal the group
         os.write(report_w, f"{os.getpid()}\n".encode())
+        _set_name(b"fn-worker")
         os.close(report_w)
         server_sock.close()
         deadline = time.monotonic() + FORK_TIMEOUT
@@ -202,6 +207,16 @@ def _read_pid(r: int) -> int | None:
         return None
 
 
+def _set_name(name: bytes) -> None:
+    """PR_SET_NAME: what ps -o comm / top show (15 bytes at most)."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        ctypes.CDLL(None).prctl(15, name[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _set_parent_death_signal() -> None:
     from worker.control import set_parent_death_signal  # noqa: PLC0415
 
@@ -216,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help="worker_<uuid> it serves (in the command line, so tools can tell)")
     a = ap.parse_args(argv)
     _set_parent_death_signal()
+    _set_name(b"fn-forkserver")
     if a.parent and os.getppid() != a.parent:
         return 70  # the supervisor died before the death signal was armed
     sock = socket.socket(fileno=a.sock_fd)
