@@ -11,13 +11,14 @@ from pathlib import Path
 WORKER = Path(__file__).resolve().parents[1] / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "packages", "__init__"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "packages", "__init__"},
     {"config", "control", "persistence", "modules", "install"},
     {"health", "effects", "store"},
     {"graph", "localworkers", "server", "quarantine"},
     {"commands"},
     {"runtime"},
-    {"__main__", "forkserver"},
+    {"__main__"},
+    {"forkserver"},  # forks workers that run __main__.main
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 

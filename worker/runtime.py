@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from . import codec, control
+from . import codec, control, quarantine
 from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
@@ -113,6 +113,7 @@ class WorkerRuntime:
             await self.listen()
             self.set_runstate("starting", "Loading funcnodes-core")
             self._load_core()
+            quarantine.install(self)  # safe mode: quarantined nodes never run (worker/quarantine.py)
             self.set_runstate("starting", "Loading packages")
             self.graph.load_dependencies(self.config)
             from .localworkers import scan

@@ -196,7 +196,11 @@ class WorkerServer:
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port or 0, reuse_address=True)
+        from . import listener  # the supervisor's held socket, if it handed us one
+
+        held = listener.take()
+        site = (web.SockSite(self.runner, held) if held is not None
+                else web.TCPSite(self.runner, host, port or 0, reuse_address=True))
         try:
             await site.start()
         except BaseException:
