@@ -88,7 +88,7 @@ class Commands:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not func._fn_mutates:
+        if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
             res = func(**kwargs)
             if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
                 res = await res
