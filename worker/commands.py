@@ -422,17 +422,14 @@ class Commands:
 
     @command()
     def upload(self, data: str | bytes, filename: str):
-        from .server import safe_relative
-        from .fsutil import atomic_write
+        from .fsutil import write_confined
 
-        rel = safe_relative(str(filename))
         if isinstance(data, str):
             try:
                 data = base64.b64decode(data, validate=True)
             except ValueError:
                 raise ValueError("data must be base64") from None
-        target = self.rt.paths.files / rel
-        atomic_write(target, data)
+        write_confined(self.rt.paths.data, "files", str(filename), data)
         self.ns.set_secret_property("files_dir", str(self.rt.paths.files))
         return str(filename)
     # endregion

@@ -33,6 +33,7 @@ from aiohttp import WSMsgType, web
 
 from . import codec
 from .config import max_data_size, max_message_size
+from .fsutil import ConfinedWriter, safe_relative
 
 if TYPE_CHECKING:
     from .runtime import WorkerRuntime
@@ -550,53 +551,40 @@ class WorkerServer:
             reader = await request.multipart()
         except Exception:
             return web.json_response({"error": "expected a multipart/form-data body"}, status=400)
-        files_dir = self.rt.paths.files
         limit = int(self.rt.config.get("max_upload_size") or (1 << 30))
-        staged: list[tuple[Path, Path]] = []
         names: list[str] = []
         total = 0
-        try:
-            while True:
-                part = await reader.next()
-                if part is None:
-                    break
-                if part.name != "file" or not part.filename:
-                    await part.release()
-                    continue
-                # Browsers send 'dir/a.txt' raw; aiohttp clients percent-encode it.
-                rel = safe_relative(unquote(part.filename))
-                target = files_dir / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
-                staged.append((Path(tmp), target))
-                with os.fdopen(fd, "wb") as f:
-                    while True:
-                        chunk = await part.read_chunk(1 << 16)
-                        if not chunk:
-                            break
-                        total += len(chunk)
-                        if total > limit:
-                            raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes")
-                        f.write(chunk)
-                names.append(str(rel))
-            if not staged:
-                return web.json_response({"error": "No files uploaded"}, status=400)
-            # All parts arrived: only now do they become visible, so a failed upload leaves nothing.
-            for tmp, target in staged:
-                os.replace(tmp, target)
-            staged = []
-        except UploadTooLarge as e:
-            return web.json_response({"error": str(e)}, status=413)
-        except ValueError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        finally:
-            for tmp, _ in staged:
-                try:
-                    tmp.unlink()
-                except FileNotFoundError:
-                    pass
+        # Staged in files/ (never through a symlink), visible only once every part has arrived.
+        with ConfinedWriter(self.rt.paths.data, "files") as staged:
+            try:
+                while True:
+                    part = await reader.next()
+                    if part is None:
+                        break
+                    if part.name != "file" or not part.filename:
+                        await part.release()
+                        continue
+                    # Browsers send 'dir/a.txt' raw; aiohttp clients percent-encode it.
+                    rel = safe_relative(unquote(part.filename))
+                    with staged.open(rel) as f:
+                        while True:
+                            chunk = await part.read_chunk(1 << 16)
+                            if not chunk:
+                                break
+                            total += len(chunk)
+                            if total > limit:
+                                raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes")
+                            f.write(chunk)
+                    names.append(str(rel))
+                if not names:
+                    return web.json_response({"error": "No files uploaded"}, status=400)
+                staged.commit()
+            except UploadTooLarge as e:
+                return web.json_response({"error": str(e)}, status=413)
+            except ValueError as e:
+                return web.json_response({"error": str(e)}, status=400)
         if self.rt.nodespace is not None:
-            self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(files_dir))
+            self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(self.rt.paths.files))
         if len(names) == 1:
             common = names[0]
         else:
@@ -608,15 +596,3 @@ class WorkerServer:
 class UploadTooLarge(Exception):
     pass
 
-
-def safe_relative(name: str) -> PurePosixPath:
-    """A client path as a plain relative path inside files/, or ValueError."""
-    if "\x00" in name or "\\" in name:
-        raise ValueError(f"filename {name!r} contains forbidden characters")
-    p = PurePosixPath(name)
-    if p.is_absolute() or not p.parts or any(part in ("..", "") for part in p.parts):
-        raise ValueError(f"filename {name!r} must be a relative path inside files/")
-    parts = [x for x in p.parts if x != "."]
-    if not parts:
-        raise ValueError(f"filename {name!r} names no file")
-    return PurePosixPath(*parts)
