@@ -114,3 +114,58 @@ def test_export_and_import_do_not_follow_symlinks(worker, config_dir, outside):
     run(go())
     assert tree(outside) == ["secret.txt"] and (outside / "secret.txt").read_text() == "do not leak"
     assert not (files / "linkfile").is_symlink() and (files / "linkfile").read_text() == "replaced"
+
+
+@pytest.mark.parametrize("raw", [
+    "[" * 100000,
+    '{"type": "cmd", "cmd": "uuid", "id": "deep", "kwargs": {"x": ' + "[" * 5000 + "]" * 5000 + "}}",
+    '{"type": "cmd", "cmd": "set_io_value", "id": "deep", "kwargs": {"nid": "n", "ioid": "value", "value": '
+    + '{"a": ' * 900 + "1" + "}" * 900 + "}}",
+])
+def test_deeply_nested_json_gets_an_error_and_the_connection_stays(worker, raw):
+    async def go():
+        async with Client(worker.url) as c:
+            await c.send_raw(raw)
+            err = await c.wait_for(lambda e: e.get("type") == "error", what="error reply")
+            assert "nested" in err["error"], err
+            assert await c.cmd("uuid") == "s1"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(worker.url + "/message/", data=raw) as r:
+                assert r.status == 400 and "nested" in (await r.json())["error"]
+    run(go())
+
+
+def test_max_data_size_caps_uploads_with_a_413_that_says_so(config_dir, port):
+    write_config(config_dir, "m8")  # max_upload_size stays at its 1 GiB default: the smaller wins
+    w = WorkerProc(config_dir, "m8", port, env={"FUNCNODES_WS_WORKER_MAX_DATA_SIZE": str(8 << 20)}).wait_ready()
+    files = config_dir / "workers" / "worker_m8" / "files"
+
+    async def body():  # streamed: chunked, no Content-Length to refuse up front
+        chunk = b"z" * (1 << 20)
+        yield (b'--XX\r\nContent-Disposition: form-data; name="file"; filename="big/huge.bin"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(64):
+            yield chunk
+        yield b"\r\n--XX--\r\n"
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            hdrs = {"Content-Type": "multipart/form-data; boundary=XX"}
+            try:
+                async with s.post(w.url + "/upload/", data=body(), headers=hdrs) as r:
+                    status, reply = r.status, await r.json()
+            except aiohttp.ClientError as e:  # the worker may answer and close before we finish
+                raise AssertionError(f"no 413 reply: {e!r}")
+            assert status == 413 and "FUNCNODES_WS_WORKER_MAX_DATA_SIZE" in reply["error"], reply
+            # with a Content-Length, refused before a byte is read
+            data = aiohttp.FormData()
+            data.add_field("file", b"y" * (9 << 20), filename="sized.bin")
+            async with s.post(w.url + "/upload/", data=data) as r:
+                assert r.status == 413 and "FUNCNODES_WS_WORKER_MAX_DATA_SIZE" in (await r.json())["error"]
+            async with s.post(w.url + "/message/", data=b"{" + b" " * (9 << 20) + b"}") as r:
+                assert r.status == 413 and "FUNCNODES_WS_WORKER_MAX_DATA_SIZE" in (await r.json())["error"]
+            st, reply = await post_upload(w.url, [("small.txt", b"ok")])
+            assert st == 200
+    run(go())
+    assert tree(files) == ["small.txt"]
+    assert w.stop() == 0

@@ -7,6 +7,7 @@ still produce a frame, and header values that would break the `k=v; ` format are
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +33,78 @@ def dumps(obj: Any) -> str:
 def loads(text: str | bytes) -> Any:
     # The core decoder turns "<NoValue>" into the NoValue sentinel, as the stock worker does.
     return json.loads(text, cls=_core().JSONDecoder)
+
+
+# Deeper messages are refused before anything walks them: the parser, revive() and the encoders
+# recurse, and a '[' * 100000 frame must be an error reply, not a RecursionError that ends the
+# connection. 128 levels is far beyond any FuncNodes message.
+MAX_JSON_DEPTH = 128
+
+
+class MessageError(ValueError):
+    """A client message that cannot be parsed; the text says why."""
+
+
+def parse_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with bounded nesting (stdlib only: pings need no funcnodes-core)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise MessageError(f"message is nested too deeply (more than {max_depth} levels)") from None
+    except ValueError as e:
+        raise MessageError(f"message is not valid JSON: {e}") from None
+    # Counting brackets is cheap and bounds the depth from above; only then walk the tree.
+    if (text.count("[") + text.count("{") > max_depth) and _deeper_than(data, max_depth):
+        raise MessageError(f"message is nested too deeply (more than {max_depth} levels)")
+    return data
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:  # iterative: this is what must not recurse
+        o, d = stack.pop()
+        children = o.values() if isinstance(o, dict) else o if isinstance(o, list) else None
+        if children is None:
+            continue
+        if d > limit:
+            return True
+        stack.extend((v, d + 1) for v in children if isinstance(v, (dict, list)))
+    return False
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_SPACE = re.compile(r"\s*")
+
+
+def peek_id(text: str, scan: int = 1 << 16) -> Any:
+    """The top-level "id" of a JSON object message too large to parse, read from its first
+    `scan` characters; None when it is not there (or not a plain JSON scalar)."""
+    head = text[:scan]
+    depth, i, n = 0, 0, len(head)
+    dec = json.JSONDecoder()
+    while i < n:
+        c = head[i]
+        if c == '"':
+            m = _STRING.match(head, i)
+            if m is None:
+                return None  # a string longer than the scan
+            i = m.end()
+            if depth == 1:
+                j = _SPACE.match(head, i).end()
+                if j < n and head[j] == ":" and m.group(0) == '"id"':
+                    j = _SPACE.match(head, j + 1).end()
+                    try:
+                        value, _ = dec.raw_decode(head, j)
+                    except ValueError:
+                        return None
+                    return value if isinstance(value, (str, int, float, bool)) or value is None else None
+            continue
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        i += 1
+    return None
 
 
 def revive(obj: Any) -> Any:

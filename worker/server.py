@@ -352,9 +352,9 @@ class WorkerServer:
                     "send large requests with POST /message/"
                 )
             try:
-                data = json.loads(text)  # the stdlib: pings need no funcnodes-core
-            except ValueError as e:
-                raise ProtocolError(f"message is not valid JSON: {e}") from None
+                data = codec.parse_message(text)  # the stdlib: pings need no funcnodes-core
+            except codec.MessageError as e:
+                raise ProtocolError(str(e)) from None
             if not isinstance(data, dict):
                 raise ProtocolError(f"message must be a JSON object, got {type(data).__name__}")
             msg_id = data.get("id")
