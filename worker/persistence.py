@@ -135,6 +135,9 @@ def read_export(data: bytes | str, max_size: int = 1 << 30) -> zipfile.ZipFile:
         if required not in names:
             raise ExportError(f"export archive has no '{required}' entry")
     # Refuse, don't strip: an entry that escapes the data folder means the archive is hostile.
+    from .config import max_data_size
+
+    max_size = min(max_size, max_data_size())  # the stock variable bounds imports too
     total = sum(i.file_size for i in zf.infolist())
     if total > max_size:  # a zip bomb is refused before anything is decompressed
         raise ExportError(f"export archive unpacks to {total} bytes, over the limit of {max_size}")

@@ -313,9 +313,10 @@ class WorkerServer:
         if origin and not self.origin_allowed(origin):
             # Cross-site WebSocket hijacking: a foreign page must not drive the worker.
             return web.Response(status=403, text=f"origin {origin} not allowed")
-        # Frames up to 16x the protocol limit are read and answered with an error;
-        # only beyond that does aiohttp close with 1009.
-        ws = web.WebSocketResponse(max_msg_size=max(self.max_msg * 16, 64 << 20), autoping=True)
+        # Frames up to 16x the protocol limit (and within MAX_DATA_SIZE) are read and answered
+        # with an error; only beyond that does aiohttp close with 1009.
+        read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
+        ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
         await ws.prepare(request)
         client = Client(ws)
         client.writer = asyncio.ensure_future(client.write_loop())
@@ -513,6 +514,8 @@ class WorkerServer:
     async def handle_post_message(self, request: web.Request) -> web.Response:
         try:
             text = (await request.read()).decode("utf-8")
+        except web.HTTPRequestEntityTooLarge:
+            return self.too_large("message", self.max_data, DATA_VAR)
         except UnicodeDecodeError:
             return web.Response(status=400, text="Error processing message: body is not UTF-8")
         reply = await self.on_text(None, text, limit=self.max_data)  # HTTP is the route for big requests
@@ -521,6 +524,21 @@ class WorkerServer:
         if isinstance(reply, dict) and reply.get("type") == "error":
             return web.json_response(reply, status=400)
         return web.Response(text="Message received")
+    # endregion
+
+    # region limits
+    def upload_limit(self) -> tuple[int, str]:
+        """The stock worker's FUNCNODES_WS_WORKER_MAX_DATA_SIZE and our max_upload_size both
+        bound an upload: the smaller wins, and the 413 names it."""
+        own = int(self.rt.config.get("max_upload_size") or (1 << 30))
+        if self.max_data < own:
+            return self.max_data, DATA_VAR
+        return own, "max_upload_size"
+
+    @staticmethod
+    def too_large(what: str, limit: int, which: str) -> web.Response:
+        return web.json_response(
+            {"error": f"{what} exceeds the limit of {limit} bytes ({which})"}, status=413)
     # endregion
 
     # region other HTTP
@@ -551,7 +569,9 @@ class WorkerServer:
             reader = await request.multipart()
         except Exception:
             return web.json_response({"error": "expected a multipart/form-data body"}, status=400)
-        limit = int(self.rt.config.get("max_upload_size") or (1 << 30))
+        limit, which = self.upload_limit()
+        if request.content_length is not None and request.content_length > self.max_data:
+            return self.too_large(f"request body of {request.content_length} bytes", self.max_data, DATA_VAR)
         names: list[str] = []
         total = 0
         # Staged in files/ (never through a symlink), visible only once every part has arrived.
@@ -573,14 +593,14 @@ class WorkerServer:
                                 break
                             total += len(chunk)
                             if total > limit:
-                                raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes")
+                                raise UploadTooLarge(limit, which)
                             f.write(chunk)
                     names.append(str(rel))
                 if not names:
                     return web.json_response({"error": "No files uploaded"}, status=400)
                 staged.commit()
             except UploadTooLarge as e:
-                return web.json_response({"error": str(e)}, status=413)
+                return self.too_large("upload", *e.args)
             except ValueError as e:
                 return web.json_response({"error": str(e)}, status=400)
         if self.rt.nodespace is not None:
@@ -594,5 +614,8 @@ class WorkerServer:
 
 
 class UploadTooLarge(Exception):
-    pass
+    """args: (limit in bytes, the name of the setting that set it)."""
+
+
+DATA_VAR = "FUNCNODES_WS_WORKER_MAX_DATA_SIZE"
 
