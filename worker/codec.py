@@ -74,36 +74,46 @@ def _deeper_than(obj: Any, limit: int) -> bool:
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _SPACE = re.compile(r"\s*")
+_SPECIAL = re.compile(r'["\[\]{}]')
+_TAIL_ID = re.compile(
+    r'[,{]\s*"id"\s*:\s*("(?:[^"\\]|\\.){0,1024}"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)\s*}\s*$')
 
 
-def peek_id(text: str, scan: int = 1 << 16) -> Any:
-    """The top-level "id" of a JSON object message too large to parse, read from its first
-    `scan` characters; None when it is not there (or not a plain JSON scalar)."""
+def peek_id(text: str, scan: int = 1 << 16, tokens: int = 10000) -> Any:
+    """The top-level "id" of a JSON object message too large to parse, or None. Clients put it
+    first or last, so the first `scan` characters are walked (strings skipped by a regex, at
+    most `tokens` steps: this runs on the I/O loop), then the last member is tried."""
     head = text[:scan]
-    depth, i, n = 0, 0, len(head)
+    depth, i = 0, 0
     dec = json.JSONDecoder()
-    while i < n:
+    for _ in range(tokens):
+        m = _SPECIAL.search(head, i)
+        if m is None:
+            break
+        i = m.start()
         c = head[i]
-        if c == '"':
-            m = _STRING.match(head, i)
-            if m is None:
-                return None  # a string longer than the scan
-            i = m.end()
-            if depth == 1:
-                j = _SPACE.match(head, i).end()
-                if j < n and head[j] == ":" and m.group(0) == '"id"':
-                    j = _SPACE.match(head, j + 1).end()
-                    try:
-                        value, _ = dec.raw_decode(head, j)
-                    except ValueError:
-                        return None
-                    return value if isinstance(value, (str, int, float, bool)) or value is None else None
+        if c != '"':
+            depth += 1 if c in "[{" else -1
+            i += 1
             continue
-        if c in "[{":
-            depth += 1
-        elif c in "]}":
-            depth -= 1
-        i += 1
+        m = _STRING.match(head, i)
+        if m is None:
+            break  # a string longer than the scan
+        i = m.end()
+        if depth == 1 and m.group(0) == '"id"':
+            j = _SPACE.match(head, i).end()
+            if j < len(head) and head[j] == ":":
+                try:
+                    value, _ = dec.raw_decode(head, _SPACE.match(head, j + 1).end())
+                except ValueError:
+                    break
+                return value if isinstance(value, (str, int, float, bool)) or value is None else None
+    m = _TAIL_ID.search(text[-2048:])
+    if m is not None:
+        try:
+            return json.loads(m.group(1))
+        except ValueError:
+            return None
     return None
 
 

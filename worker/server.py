@@ -348,6 +348,7 @@ class WorkerServer:
         try:
             limit = self.max_msg if limit is None else limit
             if len(text) > limit // 4 and len(text.encode("utf-8", "surrogatepass")) > limit:
+                msg_id = codec.peek_id(text)  # so the client waiting for its id hears why
                 raise ProtocolError(
                     f"message of {len(text)} bytes exceeds the limit of {limit} bytes; "
                     "send large requests with POST /message/"
