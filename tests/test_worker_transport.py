@@ -41,3 +41,43 @@ def test_an_oversized_frame_is_answered_with_its_request_id(worker):
             assert err["id"] is None
             assert await c.cmd("uuid") == "t1"
     run(go())
+
+
+async def _health(url):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/healthz") as r:
+            return await r.json()
+
+
+def test_staged_large_messages_expire_on_their_own_and_after_their_fetch(worker):
+    """TTL is 1.5 s here. Nothing but /healthz (which does not touch the store) is asked."""
+    async def go():
+        async with aiohttp.ClientSession() as s, s.ws_connect(worker.url + "/") as ws:
+            async def stub(mid):
+                await ws.send_str(json.dumps({"type": "cmd", "cmd": "add_node", "id": "a" + mid,
+                                              "kwargs": {"id": "demo.text", "uuid": "n" + mid}}))
+                await ws.send_str(json.dumps({"type": "cmd", "cmd": "set_io_value", "id": mid,
+                                              "kwargs": {"nid": "n" + mid, "ioid": "value", "value": "v" * 1_000_000}}))
+                while True:
+                    frame = await ws.receive(timeout=10)
+                    if frame.type != aiohttp.WSMsgType.TEXT:
+                        continue  # the io_value preview
+                    msg = json.loads(frame.data)
+                    if msg.get("type") == "large_message":
+                        return msg
+            first = await stub("1")
+            assert (await _health(worker.url))["staged_messages"] == 1
+            t0 = time.monotonic()
+            while (await _health(worker.url))["staged_messages"]:
+                assert time.monotonic() - t0 < 10, "the staged message never expired"
+                await asyncio.sleep(0.1)
+            assert (await _health(worker.url))["staged_bytes"] == 0
+            async with s.get(first["url"]) as r:
+                assert r.status == 404
+            second = await stub("2")
+            async with s.get(second["url"]) as r:
+                assert r.status == 200 and json.loads(await r.text())["id"] == "2"
+            assert (await _health(worker.url))["staged_messages"] == 0  # gone with its one fetch
+            async with s.get(second["url"]) as r:
+                assert r.status == 404
+    run(go())

@@ -22,7 +22,6 @@ import os
 import re
 import tempfile
 import threading
-import time
 import traceback
 import uuid
 from pathlib import Path, PurePosixPath
@@ -159,8 +158,9 @@ class WorkerServer:
         self._outbox: collections.deque = collections.deque()
         self._flush_pending = False
         self.clients: dict[str, Client] = {}
-        self.large: dict[str, tuple[str, float]] = {}
+        self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
         self.large_bytes = 0
+        self.large_ttl = float(os.environ.get("FN_SUPERVISE_LARGE_MESSAGE_TTL") or LARGE_MESSAGE_TTL)
         self.runner: web.AppRunner | None = None
         self.host = ""
         self.port = 0
@@ -423,10 +423,10 @@ class WorkerServer:
         # Plain data only (pongs, protocol errors): stdlib json, no funcnodes-core needed.
         return self._stub_if_large(json.dumps(msg))
 
-    def _stub_if_large(self, text: str) -> str:
+    def _stub_if_large(self, text: str, fetches: int = 1) -> str:
         if len(text) * 1.1 > self.max_msg:
             msg_id = str(uuid.uuid4())
-            self.store_large(msg_id, text)
+            self.store_large(msg_id, text, fetches)
             return json.dumps(
                 {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
             )
@@ -450,7 +450,7 @@ class WorkerServer:
     def broadcast_text(self, text: str) -> None:
         if not self.clients:
             return
-        text = self._stub_if_large(text)
+        text = self._stub_if_large(text, fetches=len(self.clients))
         for c in list(self.clients.values()):
             c.put(text)
 
@@ -491,25 +491,32 @@ class WorkerServer:
     # endregion
 
     # region large messages
-    def store_large(self, msg_id: str, text: str) -> None:
-        self.expire_large()
+    # A reply too big for a frame is staged here and fetched by its id. Each entry is dropped
+    # by its own timer, or once every recipient has fetched it, whatever else happens (before,
+    # a staged 20 MB value stayed until some other request swept the store).
+    def store_large(self, msg_id: str, text: str, fetches: int = 1) -> None:
         size = len(text)
         while self.large and self.large_bytes + size > LARGE_STORE_MAX_BYTES:
-            old_id = next(iter(self.large))
-            self.large_bytes -= len(self.large.pop(old_id)[0])
-        self.large[msg_id] = (text, time.monotonic() + LARGE_MESSAGE_TTL)
+            self._drop_large(next(iter(self.large)))
+        loop = self.io.loop if self.io is not None else asyncio.get_running_loop()
+        timer = loop.call_later(self.large_ttl, self._drop_large, msg_id)
+        self.large[msg_id] = [text, max(1, fetches), timer]
         self.large_bytes += size
 
-    def expire_large(self) -> None:
-        now = time.monotonic()
-        for k in [k for k, (_, exp) in self.large.items() if exp < now]:
-            self.large_bytes -= len(self.large.pop(k)[0])
+    def _drop_large(self, msg_id: str) -> None:
+        item = self.large.pop(msg_id, None)
+        if item is not None:
+            item[2].cancel()
+            self.large_bytes -= len(item[0])
 
     async def handle_get_message(self, request: web.Request) -> web.Response:
-        self.expire_large()
-        item = self.large.get(request.match_info["msg_id"])
+        msg_id = request.match_info["msg_id"]
+        item = self.large.get(msg_id)
         if item is None:
             return web.Response(status=404, text="Message not found")
+        item[1] -= 1
+        if item[1] <= 0:
+            self._drop_large(msg_id)
         return web.Response(text=item[0], content_type="application/json")
 
     async def handle_post_message(self, request: web.Request) -> web.Response:
@@ -544,7 +551,8 @@ class WorkerServer:
 
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.rt.uuid})
+        return web.json_response({"status": "ok", "uuid": self.rt.uuid, "clients": len(self.clients),
+                                  "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
         if self.rt.ready:
