@@ -81,3 +81,67 @@ def test_staged_large_messages_expire_on_their_own_and_after_their_fetch(worker)
             async with s.get(second["url"]) as r:
                 assert r.status == 404
     run(go())
+
+
+def _raw_ws(port: int) -> socket.socket:
+    """A real WebSocket client on a plain socket with a tiny receive buffer, that never reads."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        assert chunk, "handshake failed"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def _frame(text: str) -> bytes:
+    data = text.encode()
+    n = len(data)
+    head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    return head + b"\0\0\0\0" + data  # a zero mask leaves the payload as it is
+
+
+def _worker_holds(pid: int, local_port: int) -> bool:
+    return any(c.raddr and c.raddr.port == local_port for c in psutil.Process(pid).net_connections("tcp"))
+
+
+def test_a_client_that_stops_reading_is_closed_and_let_go(worker):
+    s = _raw_ws(worker.port)
+    local_port = s.getsockname()[1]
+    try:
+        # Fast commands are answered inline: far more replies than the queue (10000) plus the
+        # kernel's buffers hold, since this client never reads one.
+        pad = "p" * 500
+        burst = b"".join(_frame(json.dumps({"type": "cmd", "cmd": "uuid", "id": f"{pad}{i}"})) for i in range(1000))
+        s.setblocking(False)
+        view, sent = memoryview(burst * 30), 0
+
+        def flood():  # send what the worker reads, never block: it may stop reading once it closes
+            nonlocal sent
+            try:
+                while sent < len(view):
+                    sent += s.send(view[sent:sent + (1 << 16)])
+            except BlockingIOError:
+                pass
+            except OSError:
+                return True  # reset: it let go already
+            return "too slow" in worker.output()
+
+        poll_until(flood, 30, what="the worker to notice the slow client")
+        # Let go within the bounded close handshake, although this client still reads nothing.
+        poll_until(lambda: not _worker_holds(worker.proc.pid, local_port), 10, what="the worker to drop the socket")
+        health = run(_health(worker.url))
+        assert health["clients"] == 0
+    finally:
+        s.close()
+
+    async def still_serving():
+        async with Client(worker.url) as c:
+            assert await c.cmd("uuid") == "t1"
+    run(still_serving())

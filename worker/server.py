@@ -44,6 +44,7 @@ LARGE_STORE_MAX_BYTES = 512 << 20
 CLIENT_QUEUE_MAX = 10000
 CLIENT_CMDS_MAX = 1000
 SEND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # for the close handshake with a client we drop
 
 
 class ProtocolError(Exception):
@@ -91,23 +92,44 @@ def is_loopback_origin(origin: str) -> bool:
 class Client:
     """One WebSocket connection with its own outbound queue, so a slow client stalls only itself."""
 
-    def __init__(self, ws: web.WebSocketResponse):
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None = None):
         self.ws = ws
+        self.transport = transport
         self.id = uuid.uuid4().hex
         self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
         self.cmds: asyncio.Queue = asyncio.Queue(CLIENT_CMDS_MAX)
         self.closing = False
         self.writer: asyncio.Task | None = None
 
-    def put(self, item: str | bytes) -> None:
+    def put(self, item: str | bytes | None) -> None:
+        if self.closing:
+            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             # A client that cannot keep up is told so and dropped, never silently starved.
-            if not self.closing:
-                self.closing = True
-                log.warning("client %s too slow, closing", self.id)
-                asyncio.ensure_future(self.ws.close(code=1013, message=b"client too slow"))
+            log.warning("client %s too slow, closing", self.id)
+            asyncio.ensure_future(self.drop(1013, b"client too slow"))
+
+    async def drop(self, code: int, message: bytes = b"") -> None:
+        """Close with code, and let go of the socket even if the client never reads again: the
+        queue is emptied at once, the close handshake gets CLOSE_TIMEOUT, then the transport is
+        aborted (transport.close() would wait for a buffer the client never drains)."""
+        if self.closing:
+            return
+        self.closing = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        if self.writer is not None and self.writer is not asyncio.current_task():
+            self.writer.cancel()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=message)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            if self.transport is not None:
+                self.transport.abort()
 
     async def write_loop(self) -> None:
         while True:
@@ -121,7 +143,7 @@ class Client:
                     else:
                         await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
-                await self.ws.close(code=1011)
+                await self.drop(1011)
                 return
 
 
@@ -228,7 +250,7 @@ class WorkerServer:
                     await asyncio.wait_for(c.writer, timeout / 2)
                 except (asyncio.TimeoutError, Exception):
                     c.writer.cancel()
-            await c.ws.close(code=1001, message=b"Server shutting down")
+            await c.drop(1001, b"Server shutting down")
         if clients:
             await asyncio.wait([asyncio.ensure_future(close_one(c)) for c in clients], timeout=timeout)
         if self.runner is not None:
@@ -318,7 +340,7 @@ class WorkerServer:
         read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
         ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
         await ws.prepare(request)
-        client = Client(ws)
+        client = Client(ws, request.transport)
         client.writer = asyncio.ensure_future(client.write_loop())
         runner = asyncio.ensure_future(self.cmd_loop(client))
         self.clients[client.id] = client
