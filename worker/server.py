@@ -19,13 +19,9 @@ import ipaddress
 import json
 import logging
 import os
-import re
-import tempfile
 import threading
-import traceback
 import uuid
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Protocol
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
@@ -34,8 +30,6 @@ from . import codec
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
 
-if TYPE_CHECKING:
-    from .runtime import WorkerRuntime
 
 log = logging.getLogger("fn_supervise.worker.server")
 
@@ -47,31 +41,27 @@ SEND_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0  # for the close handshake with a client we drop
 
 
+class Backend(Protocol):
+    """All the transport knows of the worker (STYLE.md section 3): the runtime implements it.
+    Everything but `fast` runs on `loop` (the main loop); the server makes that one hop itself."""
+
+    uuid: str
+    ready: bool  # /readyz
+    loop: asyncio.AbstractEventLoop
+    config: Mapping[str, Any]  # cors_origins, auth_token, max_upload_size
+    paths: Any  # .data: uploads go to its files/
+
+    def fast(self, cmd: str, kwargs: dict) -> Any: ...  # I/O thread: uuid, name, get_runstate, heartbeat
+
+    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]: ...
+
+    async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]: ...  # full value, mime
+
+    def files_changed(self) -> None: ...  # after an upload
+
+
 class ProtocolError(Exception):
     """A client message that is not valid protocol; answered with an error reply."""
-
-
-_PATH_RE = re.compile(r'File "([^"]+)"')
-
-
-def clean_traceback(exc: BaseException, debug: bool) -> list[str]:
-    tb = traceback.format_exception(exc)
-    if debug:
-        return tb
-
-    def short(m: re.Match) -> str:
-        p = m.group(1)
-        if not p.startswith("/"):
-            return m.group(0)
-        parts = PurePosixPath(p).parts
-        # Keep the package-relative tail: enough to read, no server layout.
-        if "site-packages" in parts:
-            parts = parts[parts.index("site-packages") + 1 :]
-        else:
-            parts = parts[-2:]
-        return f'File "<server>/{"/".join(parts)}"'
-
-    return [_PATH_RE.sub(short, line) for line in tb]
 
 
 def is_loopback_origin(origin: str) -> bool:
@@ -173,8 +163,8 @@ class IOThread:
 
 
 class WorkerServer:
-    def __init__(self, runtime: "WorkerRuntime"):
-        self.rt = runtime
+    def __init__(self, backend: "Backend"):
+        self.backend = backend
         self.io: IOThread | None = None
         self.core_ready: asyncio.Event | None = None  # set once commands can run
         self._outbox: collections.deque = collections.deque()
@@ -260,11 +250,11 @@ class WorkerServer:
 
     # region auth and CORS
     def origin_allowed(self, origin: str) -> bool:
-        allowed = self.rt.config.get("cors_origins") or []
+        allowed = self.backend.config.get("cors_origins") or []
         return is_loopback_origin(origin) or origin in allowed or "*" in allowed
 
     def token(self) -> str | None:
-        return self.rt.config.get("auth_token") or os.environ.get("FN_SUPERVISE_TOKEN") or None
+        return self.backend.config.get("auth_token") or os.environ.get("FN_SUPERVISE_TOKEN") or None
 
     def authorized(self, request: web.Request) -> bool:
         token = self.token()
@@ -406,7 +396,7 @@ class WorkerServer:
         as_bytes = bool(data.get("as_bytes"))
         if cmd in FAST_COMMANDS and not as_bytes:
             try:
-                out = json.dumps(codec.result(self.rt.fast_command(cmd, kwargs), msg_id))
+                out = json.dumps(codec.result(self.backend.fast(cmd, kwargs), msg_id))
             except TypeError as e:
                 out = json.dumps(codec.error(f"bad arguments for '{cmd}': {e}", [], msg_id))
             return self.deliver(client, out, msg_id)
@@ -425,7 +415,7 @@ class WorkerServer:
         await self.core_ready.wait()  # commands wait while the graph loads; pings do not
         # shield: a client that disconnects must not cancel a command half-way on the main loop
         out = await asyncio.shield(asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(self.rt.execute(cmd, kwargs, msg_id, as_bytes), self.rt.loop)
+            asyncio.run_coroutine_threadsafe(self.backend.execute(cmd, kwargs, msg_id, as_bytes), self.backend.loop)
         ))
         return self.deliver(client, out, msg_id)
 
@@ -560,7 +550,7 @@ class WorkerServer:
     def upload_limit(self) -> tuple[int, str]:
         """The stock worker's FUNCNODES_WS_WORKER_MAX_DATA_SIZE and our max_upload_size both
         bound an upload: the smaller wins, and the 413 names it."""
-        own = int(self.rt.config.get("max_upload_size") or (1 << 30))
+        own = int(self.backend.config.get("max_upload_size") or (1 << 30))
         if self.max_data < own:
             return self.max_data, DATA_VAR
         return own, "max_upload_size"
@@ -573,24 +563,19 @@ class WorkerServer:
 
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.rt.uuid, "clients": len(self.clients),
+        return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
                                   "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        if self.rt.ready:
-            return web.json_response({"status": "ready", "uuid": self.rt.uuid})
-        return web.json_response({"status": "starting", "uuid": self.rt.uuid}, status=503)
+        if self.backend.ready:
+            return web.json_response({"status": "ready", "uuid": self.backend.uuid})
+        return web.json_response({"status": "starting", "uuid": self.backend.uuid}, status=503)
 
     async def handle_io_value(self, request: web.Request) -> web.Response:
         await self.core_ready.wait()
-
-        async def full_value():
-            node = self.rt.nodespace.get_node_by_id(request.match_info["nid"])
-            io = node.get_input_or_output(request.match_info["ioid"])
-            return codec.encode_bytes(io.value, preview=False)
-
+        value = self.backend.io_value(request.match_info["nid"], request.match_info["ioid"])
         try:
-            payload, mime = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(full_value(), self.rt.loop))
+            payload, mime = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(value, self.backend.loop))
         except Exception as e:
             return web.json_response({"error": str(e)}, status=404)
         return web.Response(body=payload, content_type=mime.split(";")[0] if mime else "application/octet-stream")
@@ -606,7 +591,7 @@ class WorkerServer:
         names: list[str] = []
         total = 0
         # Staged in files/ (never through a symlink), visible only once every part has arrived.
-        with ConfinedWriter(self.rt.paths.data, "files") as staged:
+        with ConfinedWriter(self.backend.paths.data, "files") as staged:
             try:
                 while True:
                     part = await reader.next()
@@ -634,8 +619,7 @@ class WorkerServer:
                 return self.too_large("upload", *e.args)
             except ValueError as e:
                 return web.json_response({"error": str(e)}, status=400)
-        if self.rt.nodespace is not None:
-            self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(self.rt.paths.files))
+        self.backend.loop.call_soon_threadsafe(self.backend.files_changed)
         if len(names) == 1:
             common = names[0]
         else:
