@@ -166,10 +166,19 @@ def progress(message: str, status: str, progress: float, blocking: bool) -> dict
 
 def _header_value(v: Any) -> str:
     s = str(v)
-    # Node uuids are client-chosen; ';' '=' or CR/LF would corrupt the header.
-    if any(c in s for c in ";=\r\n%"):
-        return quote(s, safe="")
+    # Node uuids are client-chosen; ';' '=' or CR/LF would corrupt the header, and a lone
+    # surrogate (valid in a JSON string) cannot be encoded at all.
+    if any(c in s for c in ";=\r\n%") or not s.isascii() and not _encodable(s):
+        return quote(s.encode("utf-8", "surrogatepass"), safe="")
     return s
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def binary_frames(header: dict[str, Any], payload: bytes, max_size: int) -> list[bytes]:

@@ -123,6 +123,10 @@ def safe_relative(name: str) -> PurePosixPath:
     """A client path as a plain relative path inside files/, or ValueError."""
     if "\x00" in name or "\\" in name:
         raise PathEscape(f"filename {name!r} contains forbidden characters")
+    try:
+        name.encode("utf-8")  # a lone surrogate would become a name no archive can hold
+    except UnicodeEncodeError:
+        raise PathEscape(f"filename {name!r} is not valid Unicode") from None
     p = PurePosixPath(name)
     if p.is_absolute() or not p.parts or any(part in ("..", "") for part in p.parts):
         raise PathEscape(f"filename {name!r} must be a relative path inside files/")

@@ -109,11 +109,19 @@ def build_export(config: dict, state: dict, files_dir: Path, with_files: bool, p
             # file outside) is skipped, even one swapped in while the archive is written.
             for rel, fd in walk_confined(files_dir.parent, files_dir.name):
                 with os.fdopen(fd, "rb") as src:
-                    if rel.name.startswith(".upload-"):
-                        continue
+                    if rel.name.startswith(".upload-") or not _utf8_name(rel):
+                        continue  # a staged upload, or a name (made by a node) no ZIP can hold
                     with zf.open("files/" + rel.as_posix(), "w") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
     return buf.getvalue()
+
+
+def _utf8_name(rel: PurePosixPath) -> bool:
+    try:
+        str(rel).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class ExportError(ValueError):
