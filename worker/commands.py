@@ -259,6 +259,8 @@ class Commands:
 
     @command(saves=True)
     def update_node_view(self, nid: str, data: dict):
+        if not isinstance(data, dict):
+            raise TypeError("data must be an object")
         node = self.node(nid)
         if data.get("pos"):
             node.set_property("frontend:pos", data["pos"])
