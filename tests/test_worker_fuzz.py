@@ -386,7 +386,7 @@ def n(base: int) -> int:
     return max(1, int(base * SCALE))
 
 
-FUZZ = settings(max_examples=n(250), deadline=None, database=None, print_blob=True,
+FUZZ = settings(max_examples=n(500), deadline=None, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 
 
