@@ -99,19 +99,22 @@ class Client:
         except asyncio.QueueFull:
             # A client that cannot keep up is told so and dropped, never silently starved.
             log.warning("client %s too slow, closing", self.id)
-            asyncio.ensure_future(self.drop(1013, b"client too slow"))
+            self.drop(1013, b"client too slow")
 
-    async def drop(self, code: int, message: bytes = b"") -> None:
+    def drop(self, code: int, message: bytes = b"") -> asyncio.Future | None:
         """Close with code, and let go of the socket even if the client never reads again: the
         queue is emptied at once, the close handshake gets CLOSE_TIMEOUT, then the transport is
         aborted (transport.close() would wait for a buffer the client never drains)."""
         if self.closing:
-            return
+            return None
         self.closing = True
         while not self.queue.empty():
             self.queue.get_nowait()
         if self.writer is not None and self.writer is not asyncio.current_task():
             self.writer.cancel()
+        return asyncio.ensure_future(self._close(code, message))
+
+    async def _close(self, code: int, message: bytes) -> None:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=message)
@@ -133,7 +136,9 @@ class Client:
                     else:
                         await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
-                await self.drop(1011)
+                closing = self.drop(1011)
+                if closing is not None:
+                    await closing
                 return
 
 
@@ -240,7 +245,9 @@ class WorkerServer:
                     await asyncio.wait_for(c.writer, timeout / 2)
                 except (asyncio.TimeoutError, Exception):
                     c.writer.cancel()
-            await c.drop(1001, b"Server shutting down")
+            closing = c.drop(1001, b"Server shutting down")
+            if closing is not None:
+                await closing
         if clients:
             await asyncio.wait([asyncio.ensure_future(close_one(c)) for c in clients], timeout=timeout)
         if self.runner is not None:
