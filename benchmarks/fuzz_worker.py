@@ -48,8 +48,8 @@ def main() -> int:
         status = "ok" if r.returncode == 0 else "FOUND"
         print(f"round {rounds}: seed {seed}, {n} steps, {status} ({time.monotonic() - t0:.0f} s)", flush=True)
         if r.returncode != 0:
-            lines = [ln for ln in out.splitlines()
-                     if ln.startswith("E ") or "Falsifying" in ln or "FAILED" in ln or "reproduce_failure" in ln]
+            keep = ("Error:", "Draw ", "Falsifying", "FAILED", "reproduce_failure", "assert ")
+            lines = list(dict.fromkeys(ln.lstrip(" |E") for ln in out.splitlines() if any(k in ln for k in keep)))
             found.append((seed, "\n".join(lines[:60])))
         seed += 1
     print(f"\n{rounds} rounds, {steps} steps in {time.monotonic() - t0:.0f} s; {len(found)} round(s) found something")

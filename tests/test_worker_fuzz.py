@@ -438,6 +438,11 @@ def test_regressions_found_by_the_fuzzer(fz):
     reply = fz.cmd("upload", data="QQ==", filename="\udc80.txt")
     assert reply["type"] == "error" and "not valid Unicode" in reply["error"], reply
     assert fz.cmd("export_worker")["type"] == "result"
+    # Options of the wrong shape reached funcnodes-core: AttributeError ('list' object has no
+    # attribute 'get').
+    for opts in ({"io_options": [1]}, {"io_options": {"value": 5}}, {"render_options": {"io": []}}):
+        reply = fz.cmd("add_node", id="demo.number", **opts)
+        assert reply["type"] == "error" and "bad arguments for 'add_node'" in reply["error"], reply
     # A data that is not an object: AttributeError ('NoneType' object has no attribute 'get').
     reply = fz.cmd("update_node_view", nid="n1", data=None)
     assert reply["type"] == "error" and "data must be an object" in reply["error"], reply

@@ -206,7 +206,13 @@ class Commands:
             cls = self.ns.lib.get_node_by_id(id)
         except fn.NodeClassNotFoundError:
             raise ValueError(f"Node with id '{id}' not found") from None
-        node = cls(**kwargs)
+        for k in ("io_options", "render_options", "properties"):
+            if kwargs.get(k) is not None and not isinstance(kwargs[k], dict):
+                raise TypeError(f"bad arguments for 'add_node': {k} must be an object")
+        try:
+            node = cls(**kwargs)
+        except (AttributeError, KeyError, TypeError) as e:  # options of the wrong shape, deeper in
+            raise TypeError(f"bad arguments for 'add_node': {type(e).__name__}: {e}") from None
         self.ns.add_node_instance(node)
         return node
 
