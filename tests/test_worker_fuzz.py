@@ -189,10 +189,16 @@ class Harness:
             want = expect_id if not reply.get("binary") else (None if expect_id is None else str(expect_id))
             got = reply.get("id")
             assert got == want or (reply.get("binary") and got is not None), (got, want)
+        self.check()
+        return reply
+
+    def check(self) -> None:
+        """The invariants that hold after any step, whatever its reply."""
         assert not self.observer.replies, f"another client got {self.observer.replies!r:.500}"
         self.observer.replies.clear()
         self.observer.events.clear()
         self.sender.events.clear()
+        assert self.sender.closed is None and self.observer.closed is None, "a connection closed"
         assert self.proc.proc.poll() is None, f"worker exited: {self.proc.output()[-3000:]}"
         assert (self.base / "workers" / "worker_fz.p").read_text() == str(self.pid), "worker restarted"
         assert self.snapshot(self.outside) == self.outside_before, "something was written outside"
@@ -201,7 +207,6 @@ class Harness:
         ns = self.data / "nodespace.json"
         if ns.exists():
             json.loads(ns.read_text())
-        return reply
 
     def cmd(self, cmd: str, **kwargs):
         mid = uuid.uuid4().hex
@@ -423,6 +428,29 @@ def test_every_command_with_generated_kwargs(fz, data):
             fz.groups |= set(res)
         if cmd in ("clear", "load_data", "update", "update_from_export", "import_worker", "remove_node"):
             fz.nodes = {n["id"] for n in (fz.cmd("get_nodes").get("result") or [])}
+
+
+@settings(FUZZ, max_examples=n(150))
+@given(names=st.lists(st.sampled_from(PATHS) | st.text(min_size=1, max_size=30), min_size=1, max_size=3),
+       data=st.binary(max_size=100))
+def test_uploads_over_http(fz, names, data):
+    """POST /upload/ with generated file names: a clear 200 or 400, never a write outside."""
+    async def post():
+        with aiohttp.MultipartWriter("form-data") as mp:
+            for name in names:
+                part = mp.append(data)
+                part.set_content_disposition("form-data", name="file", filename=name)
+            async with aiohttp.ClientSession() as s:
+                async with s.post(fz.proc.url + "/upload/", data=mp) as r:
+                    return r.status, await r.json()
+    try:
+        status, body = fz.run(post())
+    except UnicodeEncodeError:
+        return  # the client library cannot send such a name
+    assert status in (200, 400), (status, body)
+    assert ("file" in body) if status == 200 else ("error" in body), body
+    assert not fz.sender.replies, fz.sender.replies
+    fz.check()
 
 
 def test_regressions_found_by_the_fuzzer(fz):
