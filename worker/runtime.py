@@ -305,7 +305,7 @@ class WorkerRuntime:
         self.server.post_broadcast(msg)
 
     def error_text(self, e: BaseException, msg_id: Any) -> str:
-        from .server import clean_traceback
+        from .errors import clean_traceback
 
         debug = bool(self.config.get("debug"))
         text = str(e) or type(e).__name__
@@ -353,7 +353,7 @@ class WorkerRuntime:
             err = data.get("error")
             data["error"] = str(err)
             if not self.config.get("debug") and isinstance(err, BaseException):
-                from .server import clean_traceback
+                from .errors import clean_traceback
                 data["tb"] = clean_traceback(err, False)
         self.broadcast(msg)
 
@@ -427,6 +427,19 @@ class WorkerRuntime:
         from .effects import OPS
 
         self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
+    # endregion
+
+    # region server backend (server.Backend): what the transport may ask of the graph
+    def fast(self, cmd: str, kwargs: dict) -> Any:
+        return self.fast_command(cmd, kwargs)
+
+    async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]:
+        io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
+        return codec.encode_bytes(io.value, preview=False)
+
+    def files_changed(self) -> None:
+        if self.nodespace is not None:
+            self.nodespace.set_secret_property("files_dir", str(self.paths.files))
     # endregion
 
 
