@@ -279,6 +279,11 @@ def cmd_new(a: argparse.Namespace, base: Path) -> int:
         prog.done()
         _err(f"environment could not be prepared: {type(e).__name__}: {e}")
         return EXIT_ENV
+    if getattr(a, "autostart", None):  # host mode: a running host starts it now
+        paths.update_config(autostart=a.autostart)
+        from .hostctl import after_new  # noqa: PLC0415
+
+        after_new(base, paths.name)
     print(paths.name)
     return EXIT_OK
 
@@ -538,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--no-venv", action="store_true", help="run with this interpreter, no venv")
     p.add_argument("--dep", action="append", metavar="SPEC", help="package dependency (repeatable)")
+    p.add_argument("--autostart", nargs="?", const="unless-stopped", choices=("always", "unless-stopped", "never"),
+                   help="supervise it under `fn-supervise host` (default unless-stopped)")
 
     p = sub.add_parser("run", parents=[common], help="supervise a worker in the foreground")
     p.add_argument("worker")
@@ -584,7 +591,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="manager port (default: worker_manager.port in <base>/config.json)")
     p.add_argument("--monitor-port", type=int, default=0, help="subprocess monitor port (default: a free one)")
     p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("host", parents=[common], help="supervise every autostart worker of the folder in one process")
+    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on 127.0.0.1:PORT (0: any)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")
+    p.add_argument("--no-sidecars", action="store_true", help="no shared discovery / subprocess monitor")
     return ap
+
+
+def cmd_host(a: argparse.Namespace, base: Path) -> int:
+    from .host import run_host  # noqa: PLC0415
+
+    _setup_logging()
+    return run_host(base, no_venv=a.no_venv, metrics_port=a.metrics_port, poll=a.poll, sidecars=not a.no_sidecars)
 
 
 def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
@@ -602,7 +622,7 @@ def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
             "restart": cmd_restart, "logs": cmd_logs, "demo": cmd_demo,
             "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf,
-            "workermanager": cmd_workermanager}
+            "workermanager": cmd_workermanager, "host": cmd_host}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -625,6 +645,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
     base = base_dir(a.dir)
+    from .hostctl import dispatch  # noqa: PLC0415 (a running host answers list/status/stop/restart)
+
+    hosted = dispatch(a, base)
+    if hosted is not None:
+        return hosted
     return COMMANDS[a.cmd](a, base)
 
 
