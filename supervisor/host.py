@@ -329,6 +329,7 @@ class HostSupervisor:
         self._stopping = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._metrics_server = None
+        self.metrics = None  # hostmetrics.HostMetrics with --metrics-port
 
     # region lookup
     def supervisors(self) -> list[Supervisor]:
@@ -392,6 +393,8 @@ class HostSupervisor:
         sup = Supervisor(e.paths, no_venv=self.no_venv, install_signals=False,
                          sidecar_factory=lambda s: WorkerSidecars(self.shared, s))
         sup.reaper = self.reaper.slot(e.paths.uuid)  # type: ignore[assignment]
+        if self.metrics is not None:
+            self.metrics.instrument(sup)
         e.sup, e.exit_code, e.held, e.blocked = sup, None, False, None
         e.started += 1
         e.task = asyncio.ensure_future(self._supervise(e, sup))

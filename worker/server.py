@@ -176,6 +176,7 @@ class WorkerServer:
         r.add_get("/", self.handle_ws)
         r.add_get("/healthz", self.handle_healthz)
         r.add_get("/readyz", self.handle_readyz)
+        r.add_get("/metrics", self.handle_metrics)
         r.add_get("/message/{msg_id}", self.handle_get_message)
         r.add_post("/message/", self.handle_post_message)
         r.add_post("/message", self.handle_post_message)
@@ -278,6 +279,7 @@ class WorkerServer:
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler):
         if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+                or (request.path == "/metrics" and self.rt.metrics.public)
                 or (request.method == "GET" and request.path.startswith("/message/"))):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
@@ -525,6 +527,10 @@ class WorkerServer:
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "uuid": self.rt.uuid})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        body, ctype = self.rt.metrics.render()  # worker/metrics.py (thread-safe: the library locks)
+        return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
         if self.rt.ready:
