@@ -597,14 +597,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on 127.0.0.1:PORT (0: any)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")
     p.add_argument("--no-sidecars", action="store_true", help="no shared discovery / subprocess monitor")
+    p.add_argument("--workermanager", action="store_true",
+                   help="also run the FuncNodes Workermanager; the workers it starts run in this host")
+    p.add_argument("--python", metavar="PY", help="with --workermanager: interpreter with funcnodes installed")
+    p.add_argument("--wm-host", help="with --workermanager: manager host (default: <base>/config.json)")
+    p.add_argument("--wm-port", type=int, help="with --workermanager: manager port (default: <base>/config.json)")
+    p.add_argument("--monitor-port", type=int, default=0, help="shared subprocess monitor port (default: a free one)")
     return ap
 
 
 def cmd_host(a: argparse.Namespace, base: Path) -> int:
     from .host import run_host  # noqa: PLC0415
 
+    argv = None
+    if a.workermanager:
+        from .managerhost import manager_command  # noqa: PLC0415
+
+        if a.no_sidecars:
+            _err("--workermanager needs the shared subprocess monitor (drop --no-sidecars)")
+            return EXIT_USAGE
+        try:
+            argv = manager_command(a.python, base, a.wm_host, a.wm_port)
+        except FileNotFoundError as e:
+            _err(str(e))
+            return EXIT_USAGE
     _setup_logging()
-    return run_host(base, no_venv=a.no_venv, metrics_port=a.metrics_port, poll=a.poll, sidecars=not a.no_sidecars)
+    return run_host(base, no_venv=a.no_venv, metrics_port=a.metrics_port, poll=a.poll, sidecars=not a.no_sidecars,
+                    manager_argv=argv, monitor_port=a.monitor_port)
 
 
 def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:

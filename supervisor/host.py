@@ -259,6 +259,7 @@ class SharedSidecars:
                 self.monitor.args = (MONITOR, msg.get("host"), msg.get("port"))  # a restart keeps the address
             for sup in self.host.supervisors():
                 sup._route_sidecar(self.monitor_addr)
+            self.host.start_manager(msg.get("host"), msg.get("port"))
         elif t == "spawn_worker":
             reply = self.host.spawn_request(str(msg.get("uuid") or ""), msg.get("args"))
             reply.update({"type": "spawn_worker_result", "request_id": msg.get("request_id")})
@@ -310,7 +311,7 @@ class Entry:
 
 class HostSupervisor:
     def __init__(self, base: Path, *, no_venv: bool = False, poll: float = 1.0, metrics_port: int | None = None,
-                 sidecars: bool = True, monitor_port: int = 0):
+                 sidecars: bool = True, monitor_port: int = 0, manager_argv: list[str] | None = None):
         self.base = Path(base).resolve()
         self.no_venv = no_venv
         self.poll = max(0.05, float(poll))
@@ -330,6 +331,11 @@ class HostSupervisor:
         self._server: asyncio.AbstractServer | None = None
         self._metrics_server = None
         self.metrics = None  # hostmetrics.HostMetrics with --metrics-port
+        # --workermanager: the real FuncNodes Workermanager as our child, its worker starts sent
+        # to the shared monitor (managerhost.py's hook A), so they land here, in-process
+        self.manager_argv = manager_argv
+        self.manager: subprocess.Popen | None = None
+        self.exit_code = EXIT_OK
 
     # region lookup
     def supervisors(self) -> list[Supervisor]:
@@ -502,6 +508,33 @@ class HostSupervisor:
             self._wake.clear()
     # endregion
 
+    # region the Workermanager (--workermanager)
+    def start_manager(self, host: Any, port: Any) -> None:
+        if not self.manager_argv or self.manager is not None or self._stopping.is_set():
+            return
+        from .sidecarset import _die_with_parent
+
+        env = dict(os.environ)
+        env.update({"SUBPROCESS_MONITOR_HOST": str(host), "SUBPROCESS_MONITOR_PORT": str(port),
+                    "SUBPROCESS_MONITOR_PID": str(os.getpid()), "FUNCNODES_CONFIG_DIR": str(self.base)})
+        self.manager = subprocess.Popen(self.manager_argv, env=env, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent)
+        log.info("host: workermanager pid %d (%s)", self.manager.pid, " ".join(self.manager_argv))
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self.manager.wait)
+        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(self._manager_exited))
+
+    def _manager_exited(self) -> None:
+        code = self.manager.returncode if self.manager is not None else None
+        if self._stopping.is_set():
+            return
+        # as `fn-supervise workermanager`: the manager ending (its `stop`, a crash) ends the pair
+        log.info("host: workermanager exited with %s: stopping", code)
+        self.exit_code = EXIT_OK if code == 0 else 1
+        self._stopping.set()
+        self._wake.set()
+    # endregion
+
     # region control socket (supervisor/hostctl.py is the client)
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -633,8 +666,14 @@ class HostSupervisor:
             scanner.cancel()
             await asyncio.gather(scanner, return_exceptions=True)
             self.notify.stopping("stopping every worker")
-            return EXIT_OK
+            return self.exit_code
         finally:
+            if self.manager is not None and self.manager.poll() is None:
+                self.manager.terminate()  # it stops first: no worker start may arrive meanwhile
+                try:
+                    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.manager.wait), 15)
+                except asyncio.TimeoutError:
+                    self.manager.kill()
             if self._server is not None:
                 self._server.close()
             with contextlib.suppress(OSError):
