@@ -20,7 +20,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
+import types
 from collections import deque
 from typing import Any, Callable
 
@@ -262,6 +264,19 @@ class SidecarHost:
     # -- process handling -------------------------------------------------------------------
 
     def _spawn(self) -> None:
+        # While the child is prepared, __main__ is an empty module: "spawn" would otherwise re-run
+        # the parent's main script (the `fn-supervise` console script: CLI, runner, ssl, argparse,
+        # ~6 MB and ~70 ms) in every sidecar only to rebuild a __main__ no sidecar uses. Targets
+        # are importable functions (sidecars.entry.run_named), pickled by reference.
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self._spawn_child()
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+
+    def _spawn_child(self) -> None:
         loop = self.loop
         parent_conn, child_conn = _CTX.Pipe(duplex=True)
         proc = _CTX.Process(target=self.target, args=(child_conn, *self.args),

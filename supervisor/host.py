@@ -41,7 +41,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -160,31 +159,6 @@ class ReaperSlot:
 
 
 # region shared sidecars
-@contextlib.contextmanager
-def _bare_main():
-    """While a sidecar is spawned, __main__ is an empty module: the spawn start method would
-    otherwise re-run the `fn-supervise` console script (CLI, runner, ssl, argparse...) in the
-    child only to rebuild a __main__ the sidecar never uses."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
-
-
-def _lean_sidecar_host():
-    from sidecars.host import SidecarHost
-
-    class LeanSidecarHost(SidecarHost):
-        def _spawn(self) -> None:  # restarts too
-            with _bare_main():
-                super()._spawn()
-
-    return LeanSidecarHost
-
-
 class SharedSidecars:
     """One discovery and one monitor for the host; messages routed by worker key."""
 
@@ -201,8 +175,8 @@ class SharedSidecars:
 
     def start(self) -> None:
         from sidecars.entry import run_named
+        from sidecars.host import SidecarHost as cls  # spawns with a bare __main__ (lean children)
 
-        cls = _lean_sidecar_host()
         loop = asyncio.get_running_loop()
         if self.want_discovery:
             self.discovery = cls("discovery", run_named, (DISCOVERY, dict(self.roots)), on_message=self.on_message,
