@@ -484,8 +484,29 @@ def _target(a: argparse.Namespace, base: Path):
     return units.Target(cmd, str(base), env)
 
 
+def _host_unit(a: argparse.Namespace, base: Path, kind: str) -> int:
+    """systemd-unit --host / supervisord-conf --host: the unit of `fn-supervise host`."""
+    from . import units  # noqa: PLC0415
+    from .files import list_workers as _workers  # noqa: PLC0415
+
+    try:
+        target = _target(a, base)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    cfgs = [SupervisorConfig.from_worker_config(p.read_config_or_empty()) for p in _workers(base)]
+    if kind == "systemd":
+        print(units.host_systemd_unit(target, cfgs, metrics_port=a.metrics_port), end="")
+    else:
+        print(units.host_supervisord_program(target, cfgs, logfile=str(base / "fn-supervise-host.log"),
+                                             metrics_port=a.metrics_port), end="")
+    return EXIT_OK
+
+
 def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
     from . import units  # noqa: PLC0415
+    if getattr(a, "host", False):
+        return _host_unit(a, base, "systemd")
     if a.watchdog is not None and a.watchdog <= 0:
         _err("--watchdog must be > 0")
         return EXIT_USAGE
@@ -512,6 +533,11 @@ def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
 
 def cmd_supervisord_conf(a: argparse.Namespace, base: Path) -> int:
     from . import units  # noqa: PLC0415
+    if getattr(a, "host", False):
+        return _host_unit(a, base, "supervisord")
+    if a.worker is None:
+        _err("supervisord-conf needs a worker (worker_<uuid>) or --host")
+        return EXIT_USAGE
     try:
         target = _target(a, base)
     except ValueError as e:
@@ -579,9 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", action="store_true", help="the template unit fn-supervise@.service (%%i = uuid)")
     p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
     p.add_argument("--watchdog", type=float, metavar="SEC", help="WatchdogSec= (pings stop while the worker hangs)")
+    p.add_argument("--host", action="store_true", help="the unit of `fn-supervise host` (every autostart worker)")
+    p.add_argument("--metrics-port", type=int, help="with --host: pass --metrics-port to the host")
 
     p = sub.add_parser("supervisord-conf", parents=[common], help="print a supervisord [program:...] section")
-    p.add_argument("worker")
+    p.add_argument("worker", nargs="?")
+    p.add_argument("--host", action="store_true", help="the section of `fn-supervise host` (every autostart worker)")
+    p.add_argument("--metrics-port", type=int, help="with --host: pass --metrics-port to the host")
     p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
 
     p = sub.add_parser("workermanager", parents=[common],
@@ -595,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("host", parents=[common], help="supervise every autostart worker of the folder in one process")
     p.add_argument("--no-venv", action="store_true")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on 127.0.0.1:PORT (0: any)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address of /metrics (0.0.0.0 in a container)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")
     p.add_argument("--no-sidecars", action="store_true", help="no shared discovery / subprocess monitor")
     p.add_argument("--workermanager", action="store_true",
@@ -623,7 +654,8 @@ def cmd_host(a: argparse.Namespace, base: Path) -> int:
             return EXIT_USAGE
     _setup_logging()
     return run_host(base, no_venv=a.no_venv, metrics_port=a.metrics_port, poll=a.poll, sidecars=not a.no_sidecars,
-                    manager_argv=argv, monitor_port=a.monitor_port)
+                    manager_argv=argv, monitor_port=a.monitor_port,
+                    metrics_bind=a.metrics_addr)
 
 
 def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:

@@ -285,11 +285,13 @@ class Entry:
 
 class HostSupervisor:
     def __init__(self, base: Path, *, no_venv: bool = False, poll: float = 1.0, metrics_port: int | None = None,
-                 sidecars: bool = True, monitor_port: int = 0, manager_argv: list[str] | None = None):
+                 sidecars: bool = True, monitor_port: int = 0, manager_argv: list[str] | None = None,
+                 metrics_bind: str = "127.0.0.1"):
         self.base = Path(base).resolve()
         self.no_venv = no_venv
         self.poll = max(0.05, float(poll))
         self.metrics_port = metrics_port
+        self.metrics_bind = metrics_bind
         self.metrics_addr: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
         self.stopped: set[str] = set()   # stopped by hand (or by themselves) while the host runs
@@ -629,7 +631,7 @@ class HostSupervisor:
             if self.metrics_port is not None:
                 from .hostmetrics import serve
 
-                self._metrics_server, self.metrics_addr = serve(self, self.metrics_port)
+                self._metrics_server, self.metrics_addr = serve(self, self.metrics_port, self.metrics_bind)
             await self.scan()
             self.notify.ready(f"host: {len(self.supervisors())} workers")
             log.info("host: %s, control socket %s%s", self.base, socket_path(self.base),
