@@ -99,18 +99,33 @@ def marked(marker: str) -> list[psutil.Process]:
     return out
 
 
-def is_worker(p: psutil.Process, mode: str) -> bool:
+def worker_pids(base: Path) -> set[int]:
+    """Our workers, by the pid each worker's state file records (a forked worker's command line
+    is its fork server's)."""
+    out = set()
+    for f in (base / "workers").glob("worker_*.supervisor"):
+        try:
+            w = json.loads(f.read_text()).get("worker") or {}
+        except (OSError, ValueError):
+            continue
+        if w.get("pid"):
+            out.add(int(w["pid"]))
+    return out
+
+
+def is_worker(p: psutil.Process, mode: str, ours: set[int]) -> bool:
+    if mode != "stock":
+        return p.pid in ours
     try:
         cmd = p.cmdline()
     except psutil.Error:
         return False
-    if mode == "stock":
-        return "-c" in cmd and any("WSWorker" in c for c in cmd)
-    return "-m" in cmd and "worker" in cmd and any(c.startswith("worker_") for c in cmd)
+    return "-c" in cmd and any("WSWorker" in c for c in cmd)
 
 
-def measure(marker: str, mode: str) -> dict:
+def measure(marker: str, mode: str, base: Path, detail: bool = False) -> dict:
     procs = marked(marker)
+    ours = worker_pids(base)
     tot = {"procs": 0, "rss": 0.0, "uss": 0.0, "pss": 0.0}
     sup = {"procs": 0, "rss": 0.0, "uss": 0.0, "pss": 0.0}
     for p in procs:
@@ -118,7 +133,14 @@ def measure(marker: str, mode: str) -> dict:
             m = p.memory_full_info()
         except psutil.Error:
             continue
-        for d in (tot,) + ((sup,) if not is_worker(p, mode) else ()):
+        w = is_worker(p, mode, ours)
+        if detail:
+            try:
+                print(f"    {'worker' if w else 'supervision':<11} pid {p.pid:<7} PSS {m.pss / 1e6:6.1f} USS "
+                      f"{m.uss / 1e6:6.1f} RSS {m.rss / 1e6:6.1f}  {' '.join(p.cmdline())[:70]}")
+            except psutil.Error:
+                pass
+        for d in (tot,) + ((sup,) if not w else ()):
             d["procs"] += 1
             d["rss"] += m.rss / 1e6
             d["uss"] += m.uss / 1e6
@@ -222,7 +244,7 @@ def one(mode: str, n: int, args) -> dict:
         try:
             start = wait_all_answer(ports, t0, args.timeout)
             time.sleep(args.settle)  # sidecars, module lists, first heartbeats settle
-            mem = measure(marker, mode)
+            mem = measure(marker, mode, base, args.detail)
             cpu = idle_cpu(marker, args.idle)
         finally:
             stop_all(mode, procs, marker)
@@ -273,6 +295,7 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU measurement")
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after all answer, before measuring")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for all N to answer")
+    ap.add_argument("--detail", action="store_true", help="print every process's memory")
     args = ap.parse_args()
     ns = [int(x) for x in args.n.split(",") if x]
     modes = [m for m in args.modes.split(",") if m]

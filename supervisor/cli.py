@@ -628,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address of /metrics (0.0.0.0 in a container)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")
     p.add_argument("--no-sidecars", action="store_true", help="no shared discovery / subprocess monitor")
+    p.add_argument("--no-fork-server", action="store_true", help="spawn every worker cold (no warm fork server)")
     p.add_argument("--workermanager", action="store_true",
                    help="also run the FuncNodes Workermanager; the workers it starts run in this host")
     p.add_argument("--python", metavar="PY", help="with --workermanager: interpreter with funcnodes installed")
@@ -655,7 +656,7 @@ def cmd_host(a: argparse.Namespace, base: Path) -> int:
     _setup_logging()
     return run_host(base, no_venv=a.no_venv, metrics_port=a.metrics_port, poll=a.poll, sidecars=not a.no_sidecars,
                     manager_argv=argv, monitor_port=a.monitor_port,
-                    metrics_bind=a.metrics_addr)
+                    metrics_bind=a.metrics_addr, fork_server=not a.no_fork_server)
 
 
 def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:

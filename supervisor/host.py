@@ -286,12 +286,14 @@ class Entry:
 class HostSupervisor:
     def __init__(self, base: Path, *, no_venv: bool = False, poll: float = 1.0, metrics_port: int | None = None,
                  sidecars: bool = True, monitor_port: int = 0, manager_argv: list[str] | None = None,
-                 metrics_bind: str = "127.0.0.1"):
+                 metrics_bind: str = "127.0.0.1", fork_server: bool = True):
         self.base = Path(base).resolve()
         self.no_venv = no_venv
         self.poll = max(0.05, float(poll))
         self.metrics_port = metrics_port
         self.metrics_bind = metrics_bind
+        self.fork_server = fork_server
+        self.forkserver = None  # forkserver.ForkServer: workers forked warm, sharing their imports
         self.metrics_addr: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
         self.stopped: set[str] = set()   # stopped by hand (or by themselves) while the host runs
@@ -598,6 +600,19 @@ class HostSupervisor:
     # endregion
 
     # region run
+    async def _start_fork_server(self) -> None:
+        """Workers of this interpreter are forked from one warm process (worker/zygote.py).
+        runner's WorkerProcess is swapped for the forking one in this process only (the host's
+        Supervisors); a worker with a venv of its own, or a fork server failure, spawns as usual."""
+        from . import runner
+        from .forkserver import ForkedWorkerProcess, ForkServer
+
+        fs = ForkServer()
+        if await asyncio.to_thread(fs.start):
+            self.forkserver = fs
+            ForkedWorkerProcess.forkserver = fs
+            runner.WorkerProcess = ForkedWorkerProcess  # type: ignore[misc]
+
     def _reap(self) -> None:
         for sup in self.supervisors():
             if getattr(sup, "_loop", None) is not None:
@@ -626,6 +641,8 @@ class HostSupervisor:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
             self._load_stopped()
+            if self.fork_server:
+                await self._start_fork_server()
             self.shared.start()
             await self._open_socket()
             if self.metrics_port is not None:
@@ -660,6 +677,8 @@ class HostSupervisor:
 
             await stop_all(list(self.children.values()), [], 15.0)
             await self.shared.stop()
+            if self.forkserver is not None:
+                self.forkserver.close()
             self.reaper.close()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()

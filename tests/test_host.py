@@ -141,9 +141,10 @@ def test_three_workers_answer_a_kill_restarts_only_it_a_stop_leaves_nothing(conf
     poll_until(lambda: not marked_processes(no_leaked_processes), 10, what="nothing left after the host stopped")
 
 
-def test_sigkill_of_the_host_leaves_no_process(config_dir, tmp_path, hosts, no_leaked_processes):
+@pytest.mark.parametrize("spawn", ["forked", "spawned"])
+def test_sigkill_of_the_host_leaves_no_process(spawn, config_dir, tmp_path, hosts, no_leaked_processes):
     ws = workers(config_dir)
-    host = start_host(config_dir, tmp_path)
+    host = start_host(config_dir, tmp_path, *(["--no-fork-server"] if spawn == "spawned" else []))
     hosts.append(host)
     for p in ws:
         poll_until(lambda p=p: running_pid(p), 40, what=f"{p.name} answers")
@@ -151,6 +152,12 @@ def test_sigkill_of_the_host_leaves_no_process(config_dir, tmp_path, hosts, no_l
     poll_until(lambda: len(psutil.Process(host.pid).children()) >= 3, 20, what="sidecars started")
     before = marked_processes(no_leaked_processes)
     assert len(before) >= N + 3
+    for p in ws:  # forked by the fork server or spawned: either way the host is the parent
+        wpid = running_pid(p)
+        assert psutil.Process(wpid).ppid() == host.pid
+        assert os.getpgid(wpid) == wpid  # a process group (and session) of its own
+        cmd = " ".join(psutil.Process(wpid).cmdline())
+        assert ("worker.zygote" in cmd) == (spawn == "forked"), cmd
     host.send_signal(signal.SIGKILL)
     host.wait(10)
     poll_until(lambda: not marked_processes(no_leaked_processes), 15, what="no process left after SIGKILL")
