@@ -29,7 +29,8 @@ SPAWN_TIMEOUT = 10.0
 
 
 class ForkServer:
-    def __init__(self, env: dict[str, str] | None = None):
+    def __init__(self, base: str | None = None, env: dict[str, str] | None = None):
+        self.base = base
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
@@ -49,6 +50,8 @@ class ForkServer:
         root = project_root()
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["FN_SUPERVISE_PID"] = str(os.getpid())
+        if self.base:  # funcnodes-core reads (and may create) its config folder at import
+            env["FUNCNODES_CONFIG_DIR"] = str(self.base)
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-u", "-c", f"from worker.zygote import serve; serve({child.fileno()})"],

@@ -607,7 +607,7 @@ class HostSupervisor:
         from . import runner
         from .forkserver import ForkedWorkerProcess, ForkServer
 
-        fs = ForkServer()
+        fs = ForkServer(str(self.base))
         if await asyncio.to_thread(fs.start):
             self.forkserver = fs
             ForkedWorkerProcess.forkserver = fs

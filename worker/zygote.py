@@ -76,7 +76,8 @@ def _child(req: dict, fds: list[int], sock: socket.socket, w: int, intermediate:
         os.environ.update({str(k): str(v) for k, v in (req.get("env") or {}).items()})
         args = [str(a) for a in req["args"]] + ["--control-fd", str(ctl)]
         sys.argv = ["python -m worker", *args]
-        gc.unfreeze()
+        # the preloaded objects stay frozen (permanent): a full collection would otherwise walk
+        # them and write their GC headers, unsharing the very pages the fork shares
         from .__main__ import main
 
         code = main(args)
