@@ -277,6 +277,7 @@ class Entry:
         self.held: bool = False        # the host is stopping it (not a deliberate stop of its own)
         self.blocked: str | None = None  # FATAL / env failure / supervised elsewhere: wait for a change
         self.started = 0               # supervisor runs started by this host (metrics)
+        self.stamp: tuple | None = None  # the config file's (mtime, size, inode) at the last scan
 
     @property
     def running(self) -> bool:
@@ -309,6 +310,7 @@ class HostSupervisor:
         self._server: asyncio.AbstractServer | None = None
         self._metrics_server = None
         self.metrics = None  # hostmetrics.HostMetrics with --metrics-port
+        self._last_state: dict[str, Any] | None = None
         # --workermanager: the real FuncNodes Workermanager as our child, its worker starts sent
         # to the shared monitor (managerhost.py's hook A), so they land here, in-process
         self.manager_argv = manager_argv
@@ -364,6 +366,9 @@ class HostSupervisor:
                 "metrics": ({"host": self.metrics_addr[0], "port": self.metrics_addr[1]}
                             if self.metrics_addr else None),
                 "workers": sorted(u for u, e in self.entries.items() if e.running)}
+        if data == self._last_state:
+            return  # the scan runs every second: write (and fsync) only what changed
+        self._last_state = data
         try:
             atomic_write_json(self._state_file(), data)
         except OSError as e:
@@ -444,11 +449,21 @@ class HostSupervisor:
         present = set()
         for paths in list_workers(self.base):
             present.add(paths.uuid)
+            e = self.entries.setdefault(paths.uuid, Entry(paths))
+            try:
+                st = paths.config.stat()
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                continue
+            idle = e.running or e.blocked or paths.uuid in self.stopped or not (
+                e.mode in AUTOSTART or paths.uuid in self.manual)
+            if stamp == e.stamp and idle:
+                continue  # unchanged since the last scan and nothing to do: not even parsed
             try:
                 cfg = paths.read_config()
             except (OSError, ValueError):
                 continue  # half-written or broken: looked at again next scan, nothing lost
-            e = self.entries.setdefault(paths.uuid, Entry(paths))
+            e.stamp = stamp
             mode = autostart_mode(cfg.get("autostart"))
             sig = config_signature(cfg)
             changed = e.signature is not None and sig != e.signature
