@@ -5,7 +5,8 @@ the stock worker, in one run; and whether the journal stays bounded under an end
 
 Per worker (fresh config folder, the demo nodes, a 30-node graph built first):
 - ack latency of `update_node_view` and `set_io_value`: one client, sequential, p50/p99
-- sustained edits per second: --clients clients in a closed loop of `update_node_view`
+- sustained edits per second: --clients clients in a closed loop of `update_node_view`, and the
+  worker's CPU time per edit (user + system; steadier than wall clock on a shared host)
 - ours only: journal and snapshot sizes sampled during the sustained phase (max journal/snapshot)
 And in this process, without any socket: Commands.run + store.flush for update_node_view with the
 store on vs off (the journal's own cost per acknowledged edit, free of network noise).
@@ -142,9 +143,15 @@ async def measure(p: Proc, acks: int, seconds: float, clients: int) -> dict:
                 pass
             await asyncio.sleep(0.02)
 
+    import psutil
+
+    proc = psutil.Process(p.proc.pid)
+    cpu0 = sum(proc.cpu_times()[:2])
     t0 = time.monotonic()
     await asyncio.gather(*(editor(k) for k in range(clients)), sampler() if p.kind != "stock" else asyncio.sleep(0))
     out["edits_per_s"] = count[0] / (time.monotonic() - t0)
+    # the worker's own CPU per edit: steadier than wall clock on a shared host
+    out["cpu_us_per_edit"] = (sum(proc.cpu_times()[:2]) - cpu0) / max(1, count[0]) * 1e6
     if sizes:
         out["journal_max_bytes"] = max(j for j, _ in sizes)
         out["snapshot_bytes"] = max(s for _, s in sizes)
@@ -230,6 +237,7 @@ def main() -> None:
             ("set_io_value ack p50 (us)", lambda r: r["set_io_value"]["p50_us"]),
             ("set_io_value ack p99 (us)", lambda r: r["set_io_value"]["p99_us"]),
             (f"edits/s ({a.clients} clients)", lambda r: r["edits_per_s"]),
+            ("worker CPU per edit (us)", lambda r: r["cpu_us_per_edit"]),
             ("journal max (bytes)", lambda r: r.get("journal_max_bytes", float("nan"))),
             ("snapshot (bytes)", lambda r: r.get("snapshot_bytes", float("nan"))),
             ("journal/snapshot max", lambda r: r.get("journal_over_snapshot_max", float("nan")))]

@@ -11,6 +11,16 @@ Figures (median, min..max over --runs):
   supervisor_rss     RSS of the supervisor process (and its sh dead-man's switch) (target <= 40 MB)
 With --stock, the stock FuncNodes CLI's `worker new --not-in-venv` start to first pong too
 (the stock worker is never restarted after kill -9 unless a manager autostarts it).
+
+  python benchmarks/bench_supervisor.py restarts [--kills 10] [--nodes 30 200] [--stock PATH]
+
+Issue 9: SIGKILL of a worker after a short healthy run (1.2 s, past min_uptime) -> serving
+again, for a graph of N nodes, with the fork server on and off. Per kill: `pong` answered,
+`.p` names the new live PID, and the whole graph (`get_nodes` has N nodes); p50 and max over
+--kills, the restart delay the supervisor chose, the phases it recorded (fork|spawn, boot,
+graph_load), connections refused to a client connecting every 10 ms across all kills
+(targets: p50 <= 0.25 s, max <= 0.5 s for 30 nodes, 0 refused), and the memory (PSS, from
+/proc/PID/smaps_rollup) of the fork server and of a worker.
 """
 
 from __future__ import annotations
@@ -212,7 +222,225 @@ def bench_stock(args, tmp: Path) -> list[float]:
     return res
 
 
+# ---------------------------------------------------------------------- restarts (issue 9)
+DEMO_NODES = REPO / "examples" / "demo_nodes.py"
+
+
+async def _graph_probe(port: int, n: int, marks: dict[str, float], t0: float, deadline: float) -> None:
+    """Connect again and again until `ping` -> pong (marks["pong"]) and get_nodes has n nodes
+    (marks["graph"]). Connections wait in the held socket's backlog, so a connect succeeds early."""
+    while time.monotonic() < deadline and "graph" not in marks:
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.ws_connect(f"ws://127.0.0.1:{port}/", timeout=aiohttp.ClientWSTimeout(ws_close=1)) as ws:
+                    await ws.send_str(json.dumps({"type": "ping"}))
+                    while "pong" not in marks:
+                        m = await asyncio.wait_for(ws.receive(), 5)
+                        if m.type == aiohttp.WSMsgType.TEXT and json.loads(m.data).get("type") == "pong":
+                            marks["pong"] = time.monotonic() - t0
+                        elif m.type != aiohttp.WSMsgType.TEXT:
+                            raise ConnectionError("closed")
+                    while "graph" not in marks:
+                        await ws.send_str(json.dumps({"type": "cmd", "cmd": "get_nodes", "kwargs": {}, "id": "g"}))
+                        while True:
+                            m = await asyncio.wait_for(ws.receive(), 5)
+                            if m.type != aiohttp.WSMsgType.TEXT:
+                                raise ConnectionError("closed")
+                            js = json.loads(m.data)
+                            if js.get("id") == "g":
+                                break
+                        if js.get("type") == "result" and len(js.get("result") or []) == n:
+                            marks["graph"] = time.monotonic() - t0
+                        else:
+                            await asyncio.sleep(0.002)
+        except (OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, ConnectionError):
+            await asyncio.sleep(0.002)
+
+
+async def _build_graph(port: int, n: int) -> None:
+    """n nodes: a chain of demo.add fed by one demo.number (each add: a + 1)."""
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"ws://127.0.0.1:{port}/", max_msg_size=0) as ws:
+            async def cmd(c: str, **kw):
+                mid = f"{c}{time.monotonic_ns()}"
+                await ws.send_str(json.dumps({"type": "cmd", "cmd": c, "kwargs": kw, "id": mid}))
+                while True:
+                    m = await ws.receive()
+                    if m.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    js = json.loads(m.data)
+                    if js.get("id") == mid:
+                        if js.get("type") == "error":
+                            raise RuntimeError(js)
+                        return js.get("result")
+            await cmd("add_node", id="demo.number", uuid="n0")
+            await cmd("set_io_value", nid="n0", ioid="value", value=1)
+            for i in range(1, n):
+                await cmd("add_node", id="demo.add", uuid=f"n{i}")
+                await cmd("set_io_value", nid=f"n{i}", ioid="b", value=1)
+                await cmd("add_edge", src_nid=f"n{i - 1}", src_ioid="out", trg_nid=f"n{i}", trg_ioid="a")
+            await cmd("save")
+
+
+def pss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class Knocker:
+    """A client connecting every 10 ms: refused connects are what the held socket prevents."""
+
+    def __init__(self, port: int):
+        import threading
+        self.port, self.ok, self.refused, self.halt = port, 0, 0, threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self) -> None:
+        import socket
+        while not self.halt.is_set():
+            s = socket.socket()
+            s.settimeout(5)
+            try:
+                s.connect(("127.0.0.1", self.port))
+                self.ok += 1
+            except ConnectionRefusedError:
+                self.refused += 1
+            except OSError:
+                pass
+            finally:
+                s.close()
+            self.halt.wait(0.01)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.t.join(10)
+
+
+def bench_restarts(args) -> dict:
+    res: dict = {}
+    tmp = Path(tempfile.mkdtemp(prefix="fnsup-bench-restarts-"))
+    try:
+        base = tmp / "cfg"
+        for n in args.nodes:
+            for fork in (True, False):
+                key = f"{n} nodes, fork server {'on' if fork else 'off'}"
+                paths = create_worker(base, name=f"r{n}{int(fork)}", port=free_port(), no_venv=True,
+                                      supervisor={"fork_server": fork, "heartbeat_timeout": 10.0})
+                cfg = paths.read_config()
+                cfg["package_dependencies"] = {"demo_nodes": {"package": "demo_nodes", "path": str(DEMO_NODES)}}
+                paths.write_config(cfg)
+                port = cfg["port"]
+                sup = start_supervisor(paths)
+                knock = None
+                try:
+                    pid = wait_for(lambda: worker_pid(paths), 60)
+                    asyncio.run(_build_graph(port, n))
+                    r = {"pong": [], "pidfile": [], "graph": [], "delay": [], "launch": [], "boot": [],
+                         "graph_load": [], "launches": None, "refused": 0, "connects": 0}
+                    knock = Knocker(port)
+                    for _ in range(args.kills):
+                        ready = time.monotonic()
+                        while time.monotonic() - ready < 1.2:  # a short healthy run (past min_uptime)
+                            time.sleep(0.05)
+                        old = pid
+                        os.kill(old, signal.SIGKILL)
+                        t0 = time.monotonic()
+                        marks: dict[str, float] = {}
+
+                        def pidfile_new():
+                            try:
+                                p = int(paths.pidfile.read_text().strip())
+                            except (OSError, ValueError):
+                                return None
+                            return p if p != old and psutil.pid_exists(p) else None
+                        import threading
+                        pf: dict[str, float] = {}
+
+                        def watch_pidfile():
+                            wait_for(pidfile_new, 60, 0.002)
+                            pf["t"] = time.monotonic() - t0
+                        th = threading.Thread(target=watch_pidfile, daemon=True)
+                        th.start()
+                        asyncio.run(_graph_probe(port, n, marks, t0, t0 + 60))
+                        th.join(60)
+                        r["pong"].append(marks.get("pong", float("nan")))
+                        r["graph"].append(marks.get("graph", float("nan")))
+                        r["pidfile"].append(pf.get("t", float("nan")))
+                        pid = wait_for(lambda: worker_pid(paths, not_pid=old), 30)
+                        rr = ((paths.read_state() or {}).get("crashes") or [{}])[-1].get("restart") or {}
+                        r["delay"].append(rr.get("delay", float("nan")))
+                        r["launch"].append(rr.get(rr.get("launch"), float("nan")))
+                        r["boot"].append(rr.get("boot", float("nan")))
+                        r["graph_load"].append(rr.get("graph_load", float("nan")))
+                    knock.stop()
+                    r["refused"], r["connects"] = knock.refused, knock.ok
+                    st = paths.read_state() or {}
+                    r["launches"] = st.get("launches")
+                    fs = (st.get("fork_server") or {}).get("pid")
+                    r["pss_worker_mb"] = pss_mb(pid)
+                    r["pss_fork_server_mb"] = pss_mb(fs) if fs else None
+                    r["rss_fork_server_mb"] = psutil.Process(fs).memory_info().rss / 2**20 if fs else None
+                    res[key] = r
+                finally:
+                    if knock is not None:
+                        knock.stop()
+                    stop(sup)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(x for x in xs if x == x)
+    if not xs:
+        return float("nan")
+    k = max(0, min(len(xs) - 1, int(round(q * (len(xs) - 1)))))
+    return xs[k]
+
+
+def print_restarts(res: dict, args) -> None:
+    print(f"SIGKILL -> serving again, {args.kills} kills after 1.2 s healthy runs ({os.cpu_count()} cores, "
+          f"python {sys.version.split()[0]})")
+    for key, r in res.items():
+        print(f"  {key}: launches {r['launches']}, refused {r['refused']} of {r['connects']} connects")
+        for m in ("pong", "pidfile", "graph"):
+            print(f"    {m:<10} p50 {pct(r[m], 0.5):.3f} s  max {max(r[m]):.3f} s")
+        print("    phases p50: " + ", ".join(f"{m} {pct(r[m], 0.5):.3f} s" for m in ("delay", "launch", "boot",
+                                                                                    "graph_load")))
+        print(f"    delays chosen: {' '.join(f'{d:.3f}' for d in r['delay'])}")
+        if r.get("pss_fork_server_mb") is not None:
+            print(f"    PSS fork server {r['pss_fork_server_mb']:.1f} MB (RSS {r['rss_fork_server_mb']:.1f} MB), "
+                  f"worker {r['pss_worker_mb']:.1f} MB")
+        elif r.get("pss_worker_mb") is not None:
+            print(f"    PSS worker {r['pss_worker_mb']:.1f} MB")
+    if args.stock:
+        print("  stock FuncNodes CLI after SIGKILL: never restarted (no supervisor; a Workermanager with autostart"
+              " only restarts it on its next 10 s scan)")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "restarts":
+        ap = argparse.ArgumentParser(prog="bench_supervisor.py restarts")
+        ap.add_argument("--kills", type=int, default=10)
+        ap.add_argument("--nodes", type=int, nargs="+", default=[30, 200])
+        ap.add_argument("--stock", default=None, help="path of the stock `funcnodes` CLI (start time is compared)")
+        ap.add_argument("--json", action="store_true")
+        a = ap.parse_args(sys.argv[2:])
+        res = bench_restarts(a)
+        if a.json:
+            print(json.dumps(res, indent=2))
+        else:
+            print_restarts(res, a)
+        if a.stock and Path(a.stock).exists():
+            a.runs = 3
+            print(f"  stock `worker new --not-in-venv` start to first pong: {fmt(bench_stock(a, Path(tempfile.mkdtemp())))}")
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--hang-timeout", type=float, default=2.0)

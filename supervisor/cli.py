@@ -7,9 +7,10 @@
   fn-supervise [--dir D] status worker_<uuid> [--json]
   fn-supervise [--dir D] stop worker_<uuid> [--timeout S]
   fn-supervise [--dir D] restart worker_<uuid>
+  fn-supervise [--dir D] lift worker_<uuid> NODE...   lift a quarantine (safe mode): the nodes run again
   fn-supervise [--dir D] logs worker_<uuid> [-n N] [-f]
   fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
-  fn-supervise [--dir D] systemd-unit (worker_<uuid> | --template) [--exec PATH] [--watchdog SEC]
+  fn-supervise [--dir D] systemd-unit (worker_<uuid> [--socket] | --template) [--exec PATH] [--watchdog SEC]
   fn-supervise [--dir D] supervisord-conf worker_<uuid> [--exec PATH]
   fn-supervise [--dir D] workermanager [--python PY] [--host H] [--port P] [--monitor-port P]
                                                   the real FuncNodes Workermanager (foreground); the
@@ -18,9 +19,11 @@
 <base> = --dir, else $FUNCNODES_CONFIG_DIR, else ~/.funcnodes.
 
 `run` stays in the foreground (what systemd and supervisord expect). SIGTERM/SIGINT stop the
-worker gracefully and exit 0; SIGHUP restarts the worker with its config re-read.
+worker gracefully and exit 0; SIGHUP restarts the worker with its config re-read; SIGUSR1
+makes it read lift requests (<workers>/worker_<uuid>.lift, written by `lift`).
 Exit codes: 0 ok, 1 error (or a stop that timed out), 2 usage / unknown worker,
-3 already running, 4 FATAL (the worker kept failing), 5 environment could not be prepared.
+3 already running, 4 FATAL (the worker never got ready in start_budget starts), 5 environment
+could not be prepared (or no free port).
 """
 
 from __future__ import annotations
@@ -229,7 +232,25 @@ def _fmt_status(s: dict[str, Any]) -> str:
     lines.append(f"  address:     {s.get('host')}:{s.get('port')}")
     up = s.get("uptime")
     lines.append(f"  uptime:      {f'{up:.1f}s' if up is not None else '-'}")
-    lines.append(f"  restarts:    {s.get('restarts', 0)}")
+    launches = s.get("launches") or {}
+    lines.append(f"  restarts:    {s.get('restarts', 0)}"
+                 + (f"  (workers forked {launches.get('fork', 0)}, spawned {launches.get('spawn', 0)})"
+                    if launches else ""))
+    r = s.get("last_restart")
+    if r:
+        phases = ", ".join(f"{k} {r[k]:.3f}s" for k in ("detect", "delay", r.get("launch"), "boot", "graph_load")
+                           if isinstance(r.get(k), (int, float)))
+        lines.append(f"  last restart: {r.get('total', 0):.3f}s by {r.get('launch')} ({phases})")
+    fs = s.get("fork_server")
+    if fs:
+        lines.append(f"  fork server: pid {fs.get('pid')} " + ("ready" if fs.get("ready") else
+                                                               "alive, preloading" if fs.get("alive") else "dead")
+                     + (f", preload {fs['preload']:.2f}s" if isinstance(fs.get("preload"), (int, float)) else ""))
+    q = s.get("quarantine") or {}
+    if q:
+        lines.append(f"  SAFE MODE:   {len(q)} node(s) quarantined (never run; lift: fn-supervise lift {s['id']} NODE)")
+        for nid, info in q.items():
+            lines.append(f"    {nid}: {(info or {}).get('reason')}")
     env = s.get("env") or {}
     lines.append(f"  environment: {env.get('fingerprint') or '-'}  ({env.get('python') or '-'})")
     if s.get("update"):
@@ -354,6 +375,38 @@ def cmd_stop(a: argparse.Namespace, base: Path) -> int:
             return EXIT_ERROR
         time.sleep(0.05)
     print(f"{paths.name} stopped")
+    return EXIT_OK
+
+
+def cmd_lift(a: argparse.Namespace, base: Path) -> int:
+    """Lift the quarantine of nodes (safe mode): the running supervisor tells its worker at once."""
+    paths = _known(base, a.worker)
+    if paths is None:
+        return EXIT_USAGE
+    cfg = paths.read_config_or_empty()
+    q = paths.read_quarantine(cfg)
+    unknown = [n for n in a.node if n not in q]
+    if unknown:
+        _err(f"not quarantined in {paths.name}: {' '.join(unknown)}"
+             + (f" (quarantined: {' '.join(q)})" if q else " (nothing is quarantined)"))
+        return EXIT_USAGE
+    st = paths.read_state() or {}
+    ident = st.get("supervisor")
+    if identity_alive(ident) and lock_held(paths.lock):
+        with open(paths.lift_requests, "a", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in a.node))
+        os.kill(int(ident["pid"]), signal.SIGUSR1)  # identity verified by PID + start time + boot id
+        deadline = time.monotonic() + 10.0
+        while any(n in paths.read_quarantine(cfg) for n in a.node):
+            if time.monotonic() > deadline:
+                _err(f"supervisor {ident['pid']} did not lift {' '.join(a.node)} within 10s")
+                return EXIT_ERROR
+            time.sleep(0.05)
+    else:
+        for n in a.node:
+            q.pop(n, None)
+        paths.write_quarantine(q, cfg)
+    print(f"{paths.name}: lifted {' '.join(a.node)}")
     return EXIT_OK
 
 
@@ -513,6 +566,9 @@ def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
     if a.template == (a.worker is not None):
         _err("systemd-unit needs a worker (worker_<uuid>) or --template, not both")
         return EXIT_USAGE
+    if a.socket and a.template:
+        _err("--socket needs a worker: each worker listens on a port of its own")
+        return EXIT_USAGE
     try:
         target = _target(a, base)
     except ValueError as e:
@@ -525,6 +581,18 @@ def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
     if paths is None:
         return EXIT_USAGE
     wcfg = paths.read_config_or_empty()
+    if a.socket:
+        port = wcfg.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or port <= 0:
+            _err(f"{paths.name} has no port in its config; set one (`port` in {paths.config}) for a socket unit")
+            return EXIT_USAGE
+        try:
+            print(units.systemd_socket_unit(worker=paths.name, port=port, host=wcfg.get("host"),
+                                            name=wcfg.get("name")), end="")
+        except OSError as e:
+            _err(f"cannot resolve host {wcfg.get('host')!r}: {e}")
+            return EXIT_USAGE
+        return EXIT_OK
     cfg = SupervisorConfig.from_worker_config(wcfg)
     print(units.systemd_unit(target, cfg, worker=paths.name, name=wcfg.get("name"),
                              venv=bool(cfg.venv and not cfg.python), watchdog=a.watchdog), end="")
@@ -590,6 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("restart", parents=[common], help="restart the worker (SIGHUP to its supervisor)")
     p.add_argument("worker")
 
+    p = sub.add_parser("lift", parents=[common], help="lift the quarantine of nodes (safe mode): they run again")
+    p.add_argument("worker")
+    p.add_argument("node", nargs="+", help="node id(s), as `status` lists them")
+
     p = sub.add_parser("logs", parents=[common], help="show the worker's log")
     p.add_argument("worker")
     p.add_argument("-n", "--lines", type=int, default=50)
@@ -605,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", action="store_true", help="the template unit fn-supervise@.service (%%i = uuid)")
     p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
     p.add_argument("--watchdog", type=float, metavar="SEC", help="WatchdogSec= (pings stop while the worker hangs)")
+    p.add_argument("--socket", action="store_true",
+                   help="print the matching .socket unit (systemd holds the port and passes it as fd 3)")
     p.add_argument("--host", action="store_true", help="the unit of `fn-supervise host` (every autostart worker)")
     p.add_argument("--metrics-port", type=int, help="with --host: pass --metrics-port to the host")
 
@@ -672,7 +746,7 @@ def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
 
 
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
-            "restart": cmd_restart, "logs": cmd_logs, "demo": cmd_demo,
+            "restart": cmd_restart, "lift": cmd_lift, "logs": cmd_logs, "demo": cmd_demo,
             "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf,
             "workermanager": cmd_workermanager, "host": cmd_host}
 

@@ -12,10 +12,11 @@ Defaults (seconds unless stated):
   backoff_factor      2.0   growth per consecutive crash
   backoff_cap        30.0   upper bound of the delay
   backoff_jitter      0.2   +-20 % random spread (never above the cap)
-  start_budget        5     consecutive failed starts (exit or timeout before ready) -> FATAL
-  run_budget         10     crashes after ready within run_window -> FATAL
-  run_window        600.0   sliding window of the long-run budget
-  stable_after       30.0   this long RUNNING resets the backoff and the start-failure count
+  start_budget        5     consecutive failed starts of a worker that never reached ready -> FATAL
+  min_uptime          1.0   a crash this long after ready is a healthy run: restart at once, no delay
+  quarantine_after    3     crashes after ready with the same node in flight -> that node is quarantined
+  run_window        600.0   how far back crashes count for quarantine_after
+  fork_server      true     keep a warm fork server per worker (false = always a plain spawn)
   log_max_bytes  100000     rotating <data>/worker.log
   log_backups         5
   log_tail_lines     30     lines of output kept in a crash record
@@ -46,9 +47,10 @@ class SupervisorConfig:
     backoff_cap: float = 30.0
     backoff_jitter: float = 0.2
     start_budget: int = 5
-    run_budget: int = 10
+    min_uptime: float = 1.0
+    quarantine_after: int = 3
     run_window: float = 600.0
-    stable_after: float = 30.0
+    fork_server: bool = True
     log_max_bytes: int = 100_000
     log_backups: int = 5
     log_tail_lines: int = 30

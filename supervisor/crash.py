@@ -56,10 +56,14 @@ class CrashRecord:
     suspected_oom: bool = False
     oom_evidence: str | None = None
     uptime: float | None = None
-    node: str | None = None
+    node: str | None = None          # the node in flight (the newest one when several ran)
+    in_flight: list[str] = field(default_factory=list)  # every node running at the end, in start order
     pid: int | None = None
     detail: str = ""
     last_log_lines: list[str] = field(default_factory=list)
+    # the restart that followed: launch ("fork"|"spawn") and seconds per phase (detect, delay,
+    # launch, boot, graph_load, total), filled in once the next worker is ready
+    restart: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +78,9 @@ class CrashRecord:
             s += f" node={self.node}"
         if self.detail:
             s += f": {self.detail}"
+        r = self.restart
+        if r:
+            s += f" -> back in {r.get('total', 0):.3f}s by {r.get('launch')}"
         return s
 
 
@@ -112,10 +119,11 @@ def oom_kill_count() -> int | None:
 
 def make_record(*, status: ExitStatus, reason: str, phase: str, we_signalled: set[int],
                 oom_before: int | None, oom_after: int | None, uptime: float | None,
-                node: str | None, pid: int | None, last_lines: list[str], detail: str = "") -> CrashRecord:
+                node: str | None, pid: int | None, last_lines: list[str], detail: str = "",
+                in_flight: list[str] | None = None) -> CrashRecord:
     rec = CrashRecord(time=time.time(), reason=reason, phase=phase, exit_code=status.code,
                       signal=status.signal, uptime=uptime, node=node, pid=pid,
-                      last_log_lines=list(last_lines), detail=detail)
+                      last_log_lines=list(last_lines), detail=detail, in_flight=list(in_flight or []))
     if status.signal is not None:
         try:
             rec.signal_name = signal.Signals(status.signal).name

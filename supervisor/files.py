@@ -97,6 +97,34 @@ class WorkerPaths:
     def remove_runstate(self) -> None:
         _unlink(self.runstate)
 
+    # safe mode ----------------------------------------------------------------------
+    def quarantine_file(self, cfg: dict[str, Any] | None = None) -> Path:
+        """{node id: {"reason", "since", "crashes"}}: kept across supervisor restarts."""
+        return self.data_dir(cfg) / "quarantine.json"
+
+    def read_quarantine(self, cfg: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        try:
+            with open(self.quarantine_file(cfg), "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): (v if isinstance(v, dict) else {"reason": str(v)}) for k, v in data.items()}
+
+    def write_quarantine(self, q: dict[str, dict[str, Any]], cfg: dict[str, Any] | None = None) -> None:
+        path = self.quarantine_file(cfg)
+        if not q:
+            _unlink(path)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, q)
+
+    @property
+    def lift_requests(self) -> Path:
+        """Node ids to lift, one a line: written by `fn-supervise lift`, read on SIGUSR1."""
+        return self.workers / f"worker_{self.uuid}.lift"
+
     # state file -------------------------------------------------------------------
     def write_state(self, data: dict[str, Any]) -> None:
         data = dict(data)

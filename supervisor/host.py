@@ -264,6 +264,16 @@ class WorkerSidecars:
 # endregion
 
 
+class _NoForkServer:
+    """`host --no-fork-server`: every worker is spawned (the runner's fallback on OSError)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        self.on_ready = None
+
+    def start(self) -> None:
+        raise OSError("no fork server (fn-supervise host --no-fork-server)")
+
+
 class Entry:
     """One worker the host knows of."""
 
@@ -294,7 +304,7 @@ class HostSupervisor:
         self.metrics_port = metrics_port
         self.metrics_bind = metrics_bind
         self.fork_server = fork_server
-        self.forkserver = None  # forkserver.ForkServer: workers forked warm, sharing their imports
+        self.forkpool = None  # forkpool.ForkPool: one warm fork server per environment, shared
         self.metrics_addr: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
         self.stopped: set[str] = set()   # stopped by hand (or by themselves) while the host runs
@@ -615,18 +625,14 @@ class HostSupervisor:
     # endregion
 
     # region run
-    async def _start_fork_server(self) -> None:
-        """Workers of this interpreter are forked from one warm process (worker/zygote.py).
-        runner's WorkerProcess is swapped for the forking one in this process only (the host's
-        Supervisors); a worker with a venv of its own, or a fork server failure, spawns as usual."""
+    def _share_fork_servers(self) -> None:
+        """One warm fork server per environment for every Supervisor of the host (forkpool.py):
+        runner's ForkServer constructor is swapped for the pool's in this process only."""
         from . import runner
-        from .forkserver import ForkedWorkerProcess, ForkServer
+        from .forkpool import ForkPool
 
-        fs = ForkServer(str(self.base))
-        if await asyncio.to_thread(fs.start):
-            self.forkserver = fs
-            ForkedWorkerProcess.forkserver = fs
-            runner.WorkerProcess = ForkedWorkerProcess  # type: ignore[misc]
+        self.forkpool = ForkPool()
+        runner.ForkServer = self.forkpool.make  # type: ignore[assignment]
 
     def _reap(self) -> None:
         for sup in self.supervisors():
@@ -657,7 +663,11 @@ class HostSupervisor:
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
             self._load_stopped()
             if self.fork_server:
-                await self._start_fork_server()
+                self._share_fork_servers()
+            else:
+                from . import runner
+
+                runner.ForkServer = _NoForkServer  # type: ignore[assignment]
             self.shared.start()
             await self._open_socket()
             if self.metrics_port is not None:
@@ -692,8 +702,8 @@ class HostSupervisor:
 
             await stop_all(list(self.children.values()), [], 15.0)
             await self.shared.stop()
-            if self.forkserver is not None:
-                self.forkserver.close()
+            if self.forkpool is not None:
+                self.forkpool.close()  # the Supervisors closed their handles already
             self.reaper.close()
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()

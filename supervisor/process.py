@@ -1,8 +1,10 @@
 """Spawning the worker, capturing its output, the control channel, and the staged stop.
 
-The worker runs as `<python> -m <module> worker_<uuid> --dir <base> --control-fd N` in a
-new session (its own process group), with the child end of a socketpair passed by
-`pass_fds`. Its exit is seen at once through a pidfd in the event loop (no polling); on
+The worker runs as `<python> -m <module> worker_<uuid> --dir <base> --control-fd N
+[--listen-fd M]` in a new session (its own process group), with the child end of a socketpair
+(and the supervisor's held listening socket) passed by `pass_fds`; or it is forked by the warm
+fork server (`spawn_forked`, forkclient.py), which hands it the same fds and makes it a session
+leader re-parented to us, so everything below holds for it too. Its exit is seen at once through a pidfd in the event loop (no polling); on
 exit the rest of its process group is SIGKILLed *before* the zombie is reaped, so the
 group id cannot have been reused. Signals go through pidfd_send_signal / killpg of a group
 whose leader we have not reaped: a reused PID never gets one.
@@ -196,8 +198,12 @@ class WorkerProcess:
 
     def __init__(self, argv: list[str], *, env: dict[str, str], cwd: str | None, logfile: RotatingLog,
                  on_frame: Callable[[dict[str, Any]], None], on_exit: Callable[["WorkerProcess"], None],
-                 on_eof: Callable[["WorkerProcess"], None] | None = None, reaper: GroupReaper | None = None):
+                 on_eof: Callable[["WorkerProcess"], None] | None = None, reaper: GroupReaper | None = None,
+                 listen_fd: int | None = None):
         self.argv = list(argv)
+        self.listen_fd = listen_fd  # the supervisor's held listening socket, passed to the worker
+        self.launch: str | None = None  # "spawn" | "fork"
+        self.launch_time: float | None = None  # seconds to get a pid
         self.reaper = reaper
         self.env = env
         self.cwd = cwd
@@ -224,22 +230,61 @@ class WorkerProcess:
 
     # spawn ---------------------------------------------------------------------
     def spawn(self, loop: asyncio.AbstractEventLoop | None = None, control: bool = True) -> int:
+        """Start `argv` as a new process (its own session) with the channel and output pipe."""
         self._loop = loop or asyncio.get_running_loop()
-        self.exited = self._loop.create_future()
+        t0 = time.monotonic()
         parent, child = socket.socketpair()
         out_r, out_w = os.pipe()
         argv = list(self.argv)
+        fds = []
         if control:
             argv += ["--control-fd", str(child.fileno())]
+            fds.append(child.fileno())
+        if self.listen_fd is not None:
+            argv += ["--listen-fd", str(self.listen_fd)]
+            fds.append(self.listen_fd)
         try:
             self._popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
-                pass_fds=(child.fileno(),) if control else (), start_new_session=True,
+                pass_fds=tuple(fds), start_new_session=True,
                 env=self.env, cwd=self.cwd, close_fds=True)
+        except BaseException:
+            parent.close()
+            os.close(out_r)
+            raise
         finally:
             child.close()
             os.close(out_w)
-        self.pid = self.pgid = self._popen.pid
+        self.launch, self.launch_time = "spawn", time.monotonic() - t0
+        return self._attach(self._popen.pid, parent, out_r, control)
+
+    async def spawn_forked(self, server: Any, loop: asyncio.AbstractEventLoop | None = None) -> int:
+        """Get the worker from the warm fork server (supervisor/forkclient.py). Raises ForkError
+        (nothing is left open) when the server cannot deliver; the caller then spawns."""
+        self._loop = loop or asyncio.get_running_loop()
+        t0 = time.monotonic()
+        parent, child = socket.socketpair()
+        out_r, out_w = os.pipe()
+        fds = {"control": child.fileno(), "out": out_w}
+        if self.listen_fd is not None:
+            fds["listen"] = self.listen_fd
+        # argv[0:3] is `<python> -m <module>`: the fork server runs worker.__main__.main itself.
+        try:
+            pid = await server.fork(self.argv[3:], self.env, self.cwd, fds)
+        except BaseException:
+            parent.close()
+            os.close(out_r)
+            raise
+        finally:
+            child.close()
+            os.close(out_w)
+        self.launch, self.launch_time = "fork", time.monotonic() - t0
+        return self._attach(pid, parent, out_r, True)
+
+    def _attach(self, pid: int, parent: socket.socket, out_r: int, control: bool) -> int:
+        assert self._loop is not None
+        self.exited = self._loop.create_future()
+        self.pid = self.pgid = pid  # a spawned or forked worker leads its own session
         self.spawned_at = time.monotonic()
         parent.setblocking(False)
         self._sock = parent

@@ -6,18 +6,26 @@ channel EOF, and the worker's exit (pidfd readable, no polling). The main loop w
 state machine (states.py), asks the restart policy (policy.py) and the hang detector
 (health.py) for decisions, and keeps .p, .runstate and the state file (files.py) in step.
 
+Restarts are a blink: the supervisor holds the worker's listening socket (listener.py) and
+hands it to every worker, so clients wait in the backlog while a worker is replaced; new
+workers come from a warm fork server (forkclient.py, worker/forkserver.py), or a plain spawn
+when it cannot deliver. Safe mode: a node the policy quarantines is passed to the next worker
+(`--quarantine`), kept in <data>/quarantine.json, lifted by a client (`lift_quarantine`) or
+`fn-supervise lift` (SIGUSR1 + <workers>/worker_<uuid>.lift).
+
 Exit codes of `fn-supervise run` (also in cli.py):
   0  stopped gracefully (SIGTERM/SIGINT, or the worker was stopped with stop_worker)
   1  unexpected error
   2  usage error / unknown worker
   3  another supervisor already runs this worker
-  4  FATAL: the worker kept failing (start budget or run budget exhausted)
+  4  FATAL: the worker can never work (it failed start_budget starts in a row, never ready)
   5  the worker's environment could not be prepared (venv / install failure)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -28,8 +36,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import SupervisorConfig
+from . import listener
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
+from .forkclient import ForkError, ForkServer
 from .health import HeartbeatMonitor
 from .policy import RestartPolicy
 from .process import GroupReaper, RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
@@ -46,6 +56,7 @@ EXIT_FATAL = 4
 EXIT_ENV = 5
 
 WORKER_START_FAILURE = 3  # the worker's own "cannot start" exit code (bad config, port busy)
+FORK_GIVE_UP = 3  # fork servers in a row that die or fail before we stop replacing them
 
 
 class PrepareError(Exception):
@@ -133,6 +144,18 @@ class Supervisor:
         self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
         self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
         self.restarting = False  # a SIGHUP restart passes STOPPING: no STOPPING=1 for it
+        self.listen_sock: Any = None  # the worker's listening socket, held across restarts
+        self.listen_systemd = False  # it came from systemd socket activation
+        self.fork: ForkServer | None = None  # the warm fork server of the current environment
+        self.quarantine: dict[str, dict[str, Any]] = {}  # node id -> {reason, since, crashes}
+        self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
+        self.last_restart: dict[str, Any] | None = None
+        self.launches = {"fork": 0, "spawn": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._files_due: dict[str, Any] = {}  # .runstate / state file writes of this turn (write_state)
+        self._flush_handle: asyncio.Handle | None = None
+        self.fork_failures = 0  # fork servers in a row that died or failed; FORK_GIVE_UP -> spawn only
+        self.fork_given_up_key: str | None = None
 
     # ------------------------------------------------------------------ plumbing
     def _event(self, *ev: Any) -> None:
@@ -144,10 +167,7 @@ class Supervisor:
         if self.logfile is not None:
             self.logfile.event(msg)
         detail = reason if new in (State.PREPARING, State.STARTING, State.BACKOFF, State.FATAL) else ""
-        try:
-            self.paths.write_runstate(RUNSTATE[new], detail)
-        except OSError as e:
-            log.warning("cannot write runstate: %s", e)
+        self._runstate(RUNSTATE[new], detail)
         self.write_state()
         status = f"{new.value}: {reason}" if reason else new.value
         if new == State.STOPPING and not self.restarting:
@@ -157,7 +177,33 @@ class Supervisor:
         if new == State.PREPARING:
             self.notify.extend_timeout(EXTEND_STEP)
 
+    def _runstate(self, state: str, detail: str = "") -> None:
+        """.runstate, in the same deferred, last-one-wins write as the state file."""
+        self._files_due["runstate"] = (state, detail)
+        self.write_state()
+
     def write_state(self) -> None:
+        """Soon, not now: the transitions of one turn of the loop (RUNNING -> BACKOFF -> STARTING
+        on a crash) cost one write each of .runstate and the state file, done while the next
+        worker is being forked instead of before. `_flush_files` writes them at once."""
+        self._files_due["state"] = True
+        if self._loop is None:
+            self._flush_files()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush_files)
+
+    def _flush_files(self) -> None:
+        self._flush_handle = None
+        due, self._files_due = self._files_due, {}
+        if "runstate" in due:
+            try:
+                self.paths.write_runstate(*due["runstate"])
+            except OSError as e:
+                log.warning("cannot write runstate: %s", e)
+        if due.get("state"):
+            self._write_state_now()
+
+    def _write_state_now(self) -> None:
         w = self.worker
         data = {
             "uuid": self.paths.uuid,
@@ -181,6 +227,13 @@ class Supervisor:
             "exit_code": self.exit_code,
             "log": str(self.paths.log_file(self.worker_cfg)),
             "sidecars": self.sidecars.status() if self.sidecars is not None else [],
+            "safe_mode": bool(self.quarantine),
+            "quarantine": self.quarantine,
+            "listen": {"fd_from": "systemd" if self.listen_systemd else "supervisor",
+                       "address": list(listener.address(self.listen_sock))} if self.listen_sock is not None else None,
+            "fork_server": self.fork.status() if self.fork is not None else None,
+            "launches": dict(self.launches),
+            "last_restart": self.last_restart,
         }
         try:
             self.paths.write_state(data)
@@ -190,10 +243,11 @@ class Supervisor:
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._event, "signal", sig)
+        loop.add_signal_handler(signal.SIGUSR1, self._lift_requested)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
 
     def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
             try:
                 loop.remove_signal_handler(sig)
             except (ValueError, RuntimeError):
@@ -241,6 +295,9 @@ class Supervisor:
         # Only this process notifies systemd: read NOTIFY_SOCKET/WATCHDOG_* and drop them from
         # os.environ before any child (worker env, sidecars) is made from it.
         self.notify = Notifier.from_environ()
+        # Same for socket activation: take fd 3 and drop LISTEN_* before any child exists.
+        self.listen_sock = listener.from_systemd()
+        self.listen_systemd = self.listen_sock is not None
         self.lock.acquire()  # raises AlreadyRunning
         try:
             return await self._run(loop)
@@ -260,7 +317,8 @@ class Supervisor:
                 log.error("cannot read %s: %s", self.paths.config, e)
                 return EXIT_USAGE
             self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
-            self.policy.cfg = self.cfg
+            self.policy.reconfigure(self.cfg)
+            self.quarantine = self.paths.read_quarantine(self.worker_cfg)
             self._open_log()
             await self._clear_leftovers()
             if self.sidecar_factory is not None:
@@ -289,11 +347,18 @@ class Supervisor:
                 await self.worker.kill(self.cfg.kill_timeout)
             if self.worker is not None:
                 self.worker.close()
+            if self.fork is not None:
+                self.fork.close()
+                self.fork = None
+            if self.listen_sock is not None:
+                self.listen_sock.close()
+                self.listen_sock = None
             self.reaper.close()
+            self._flush_files()  # nothing may be written after the removals below
             self.paths.remove_pid()
             if self.sm.state in (State.STOPPED, State.STOPPING):
                 self.paths.remove_runstate()
-            self.write_state()
+            self._write_state_now()
             if self.logfile is not None:
                 self.logfile.close()
 
@@ -358,7 +423,13 @@ class Supervisor:
             self.sm.fire("prepare_failed", f"cannot read config: {e}")
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
-        self.policy.cfg = self.cfg
+        self.policy.reconfigure(self.cfg)
+        try:
+            self._ensure_listener()
+        except OSError as e:
+            self.exit_code = EXIT_ENV
+            self.sm.fire("prepare_failed", f"cannot listen: {e}")
+            return
         data_dir = self.paths.data_dir(self.worker_cfg)
         data_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
@@ -393,12 +464,13 @@ class Supervisor:
             self.exit_code = EXIT_ENV
             self.sm.fire("prepare_failed", f"environment error: {type(e).__name__}: {e}")
             return
+        self._ensure_fork_server()
         self.sm.fire("prepared", f"python {self.python}")
 
     def _prepare_progress(self, message: str, fraction: float | None) -> None:
         detail = message if fraction is None else f"{message} ({fraction * 100:.0f}%)"
         try:
-            self.paths.write_runstate("starting", detail)
+            self._runstate("starting", detail)
         except OSError:
             pass
         if self.logfile is not None:
@@ -406,10 +478,15 @@ class Supervisor:
         self.notify.extend_timeout(EXTEND_STEP)  # a live venv build: systemd may wait longer
 
     def _worker_argv(self) -> tuple[list[str], dict[str, str]]:
+        """`<python> -m <module> worker_<uuid> ...`; the fds (--control-fd, --listen-fd) are added
+        by whoever starts it (WorkerProcess.spawn, or the fork server for its own fd numbers)."""
         argv = [self.python, "-m", self.cfg.worker_module, self.paths.name, "--dir", str(self.paths.base)]
         if self.port and not isinstance(self.worker_cfg.get("port"), int):
             # no port in the config (the worker chose one): pin it, so a restart comes back on it
             argv += ["--port", str(self.port)]
+        if self.quarantine:
+            argv += ["--quarantine", json.dumps({k: str(v.get("reason") or "quarantined")
+                                                 for k, v in self.quarantine.items()})]
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["FUNCNODES_CONFIG_DIR"] = str(self.paths.base)
@@ -424,11 +501,13 @@ class Supervisor:
         argv, env = self._worker_argv()
         w = WorkerProcess(argv, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)), logfile=self.logfile,
                           on_frame=lambda m, _w=None: None, on_exit=lambda wp: self._event("exit", wp),
-                          on_eof=lambda wp: self._event("eof", wp), reaper=self.reaper)
+                          on_eof=lambda wp: self._event("eof", wp), reaper=self.reaper,
+                          listen_fd=self.listen_sock.fileno() if self.listen_sock is not None else None)
         w.on_frame = lambda m: self._event("frame", w, m)
         oom_before = oom_kill_count()
+        self.restart_clock["launch"] = time.monotonic()
         try:
-            w.spawn()
+            await self._launch(w)
         except OSError as e:
             self.logfile.event(f"spawn failed: {e}")
             self._after_exit(None, was_ready=False, reason="start_failed", detail=f"spawn failed: {e}",
@@ -437,8 +516,9 @@ class Supervisor:
         self.worker = w
         self.pgids.add(w.pgid)
         self.policy.on_spawn()
-        self.logfile.event(f"worker spawned: pid {w.pid}: {' '.join(argv)}")
-        self.paths.write_runstate("starting", f"worker process {w.pid} started")
+        self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
+                           f"pid {w.pid}: {' '.join(argv)}")
+        self._runstate("starting", f"worker process {w.pid} started")
         self.write_state()
         health = HeartbeatMonitor(self.cfg.heartbeat_timeout)
         self.health = health
@@ -448,6 +528,7 @@ class Supervisor:
         kill_reason: tuple[str, str] | None = None
         deliberate: str | None = None
         stable_noted = False
+        in_flight: list[str] = []  # nodes running now, in start order (worker/quarantine.py)
         while True:
             now = time.monotonic()
             if kill_reason is not None:
@@ -457,7 +538,7 @@ class Supervisor:
                 if eof_at is not None:
                     deadline = min(deadline, eof_at + self.cfg.eof_grace)
                 if ready and not stable_noted:
-                    deadline = min(deadline, (self.policy.ready_at or now) + self.cfg.stable_after + 0.01)
+                    deadline = min(deadline, (self.policy.ready_at or now) + self.cfg.min_uptime + 0.01)
             ev = await self._next(deadline - now)
             if ev is None:
                 now = time.monotonic()
@@ -466,7 +547,8 @@ class Supervisor:
                     log.error("worker %s did not die after SIGKILL; abandoning it", w.pid)
                     w.close()
                     self._after_exit(w, was_ready=ready, reason=kill_reason[0], detail=kill_reason[1] + "; unkillable",
-                                     status=ExitStatus(), oom_before=oom_before, node=health.node)
+                                     status=ExitStatus(), oom_before=oom_before,
+                                     node=in_flight[-1] if in_flight else health.node, suspects=in_flight)
                     return
                 if eof_at is not None and now >= eof_at + self.cfg.eof_grace:
                     kill_reason = ("crashed", "control channel closed without exit")
@@ -515,9 +597,16 @@ class Supervisor:
                     ready = True
                     self._on_worker_ready(w, msg)
                     health.arm()
+                elif t == "in_flight":  # at once when a node starts or ends, not at the next beat
+                    nodes = msg.get("nodes")
+                    in_flight = [str(n) for n in nodes] if isinstance(nodes, list) else []
                 elif t == "runstate" and not ready:
                     detail = str(msg.get("detail") or "")
-                    self.paths.write_runstate("starting", detail)
+                    if detail == "Loading nodespace":
+                        self.restart_clock["graph"] = time.monotonic()
+                    self._runstate("starting", detail)
+                elif t == "lift_quarantine":
+                    self._lift(str(msg.get("node")), "a client")
                 elif t == "stopping":
                     deliberate = str(msg.get("reason") or "stopping")
                     self.logfile.event(f"worker is stopping on its own: {deliberate}")
@@ -544,7 +633,8 @@ class Supervisor:
                     if not ready and status.code == WORKER_START_FAILURE:
                         detail += " (worker start failure)"
                 self._after_exit(w, was_ready=ready, reason=reason, detail=detail, status=status,
-                                 oom_before=oom_before, node=health.node)
+                                 oom_before=oom_before, node=in_flight[-1] if in_flight else health.node,
+                                 first_sign=eof_at, suspects=in_flight)
                 return
 
     def _keep_pidfile(self, pid: int) -> None:
@@ -568,6 +658,7 @@ class Supervisor:
             self.port = port
         self.ready_wall = time.time()
         self.policy.on_ready()
+        self._note_restart_phases(w)
         self.paths.write_pid(w.pid)
         self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
@@ -582,8 +673,178 @@ class Supervisor:
             except Exception as e:  # noqa: BLE001
                 log.warning("on_ready callback failed: %s", e)
 
+    # ------------------------------------------------------------------ restart phases
+    def _note_restart_phases(self, w: WorkerProcess) -> None:
+        """Seconds per phase of the restart that just became ready: detect (first sign of the
+        death -> handled), delay (handled -> launch: the backoff the policy chose, `backoff`, plus
+        bookkeeping), fork|spawn (-> a pid), boot (pid -> graph load starts: imports, packages),
+        graph_load (-> ready), total (first sign -> ready)."""
+        rc, self.restart_clock = self.restart_clock, {}
+        if "first" not in rc or w.spawned_at is None:
+            return
+        now = time.monotonic()
+        graph = rc.get("graph", now)
+        launch = rc.get("launch", w.spawned_at)
+        r = {"launch": w.launch, "detect": round(rc["handled"] - rc["first"], 4),
+             "delay": round(max(0.0, launch - rc["handled"]), 4), "backoff": round(rc.get("backoff", 0.0), 4),
+             str(w.launch): round(w.launch_time or 0.0, 4),
+             "boot": round(max(0.0, graph - w.spawned_at), 4), "graph_load": round(max(0.0, now - graph), 4),
+             "total": round(now - rc["first"], 4), "pid": w.pid}
+        self.last_restart = r
+        if self.crashes:
+            self.crashes[-1]["restart"] = r
+        self.logfile.event("restart phases: " + ", ".join(f"{k} {v}" for k, v in r.items()))
+
+    # ------------------------------------------------------------------ listening socket
+    def _ensure_listener(self) -> None:
+        """Bind (or keep) the worker's port. A busy port walks to the next free one up to
+        FUNCNODES_WS_WORKER_ENDPORT; the port taken is written to the worker config before the
+        worker (or a Workermanager) reads it."""
+        if self.listen_systemd:
+            addr_host, port = listener.address(self.listen_sock)
+            self.host = str(self.worker_cfg.get("host") or addr_host)
+            self.port = port
+            if self.worker_cfg.get("port") != port:  # clients (a Workermanager) look it up there
+                log.info("%s: serving on port %s from systemd socket activation", self.paths.name, port)
+                self.worker_cfg = self.paths.update_config(port=port)
+            return
+        host = str(self.worker_cfg.get("host") or "127.0.0.1")
+        want = self.worker_cfg.get("port")
+        if not isinstance(want, int) or isinstance(want, bool) or want <= 0:
+            want = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
+        if self.listen_sock is not None:
+            if self.host == host and listener.address(self.listen_sock)[1] == want:
+                return
+            self.listen_sock.close()  # the config names another address now (SIGHUP)
+            self.listen_sock = None
+        self.listen_sock = listener.bind(host, want)
+        port = listener.address(self.listen_sock)[1]
+        self.host, self.port = host, port
+        if self.worker_cfg.get("port") != port:
+            log.warning("%s: port %s is busy, listening on %s instead", self.paths.name, want, port)
+            self.worker_cfg = self.paths.update_config(port=port)
+
+    # ------------------------------------------------------------------ fork server
+    def _fork_key(self) -> str:
+        return json.dumps([self.python, self.fingerprint, self.worker_cfg.get("package_dependencies") or {}],
+                          sort_keys=True, default=str)
+
+    def _ensure_fork_server(self) -> None:
+        """A warm fork server for the current environment (replaced when it changed)."""
+        if not self.cfg.fork_server or self.cfg.worker_module != "worker":
+            if self.fork is not None:
+                self.fork.close()
+                self.fork = None
+            return
+        if self.fork is not None and self.fork.alive and self.fork.key == self._fork_key():
+            return
+        self.fork_failures = 0  # a new environment gets a fresh chance
+        self.fork_given_up_key = None
+        self._replace_fork_server("environment changed" if self.fork is not None else "first start")
+
+    def _replace_fork_server(self, why: str) -> None:
+        if self.fork is not None:
+            self.fork.close()
+            self.fork = None
+        if not self.cfg.fork_server or self.cfg.worker_module != "worker":
+            return
+        if self.fork_given_up_key == self._fork_key():
+            return  # this environment's fork servers keep dying: spawn until it changes
+        _, env = self._worker_argv()
+        fs = ForkServer(self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
+                        deps=dict(self.worker_cfg.get("package_dependencies") or {}), key=self._fork_key(),
+                        worker=self.paths.name,
+                        log_path=str(self.paths.log_file(self.worker_cfg)))
+        fs.on_ready = self.write_state
+        try:
+            fs.start()
+        except OSError as e:
+            log.warning("%s: cannot start a fork server (%s); workers are spawned", self.paths.name, e)
+            return
+        self.fork = fs
+        if self.logfile is not None:
+            self.logfile.event(f"fork server {fs.pid} started ({why})")
+
+    async def _launch(self, w: WorkerProcess) -> None:
+        """From the fork server when it can deliver, else a plain spawn (logged)."""
+        fs = self.fork
+        if fs is not None:
+            if not fs.ready and fs.alive:
+                # The first start waits for the preload (a spawn would import the same); a restart
+                # never waits for a server that is still warming up.
+                await fs.wait_ready(min(self.cfg.start_timeout, 60.0) if not self.ready_once else 0.0)
+            if fs.ready:
+                try:
+                    await w.spawn_forked(fs)
+                    self.launches["fork"] += 1
+                    self.fork_failures = 0
+                    return
+                except ForkError as e:
+                    why = f"fork server {fs.pid} failed: {e}"
+            elif not fs.alive:
+                why = f"fork server {fs.pid} is dead ({fs.proc.returncode if fs.proc else '?'})"
+            else:
+                why = f"fork server {fs.pid} is still preloading"
+            log.warning("%s: %s; spawning instead", self.paths.name, why)
+            self.logfile.event(f"{why}; spawning instead")
+            if not fs.alive or fs.ready:  # ready but failed (e.g. its venv was swapped), or dead
+                self.fork_failures += 1
+                if self.fork_failures >= FORK_GIVE_UP:
+                    self.fork_given_up_key = self._fork_key()
+                    self.logfile.event(f"{self.fork_failures} fork servers in a row failed: workers are "
+                                       "spawned until the environment changes")
+                self._replace_fork_server(why)
+        w.spawn()
+        self.launches["spawn"] += 1
+
+    # ------------------------------------------------------------------ safe mode
+    def _quarantine(self, node: str, rec: CrashRecord) -> None:
+        n = self.cfg.quarantine_after
+        reason = (f"{n} crashes with this node in flight (last: {rec.reason}, "
+                  f"{rec.signal_name or f'exit code {rec.exit_code}'})")
+        self.quarantine[node] = {"reason": reason, "since": time.time(), "crashes": n}
+        self._save_quarantine()
+        log.warning("%s: SAFE MODE: node %s quarantined: %s", self.paths.name, node, reason)
+        self.logfile.event(f"safe mode: node {node} quarantined: {reason}; "
+                           f"lift with `fn-supervise lift {self.paths.name} {node}`")
+
+    def _save_quarantine(self) -> None:
+        try:
+            self.paths.write_quarantine(self.quarantine, self.worker_cfg)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.paths.quarantine_file(self.worker_cfg), e)
+
+    def _lift(self, node: str, who: str) -> None:
+        if node not in self.quarantine:
+            self.logfile.event(f"{who} asked to lift node {node}, which is not quarantined")
+            return
+        del self.quarantine[node]
+        self.policy.lift(node)
+        self._save_quarantine()
+        self.logfile.event(f"{who} lifted the quarantine of node {node}")
+        log.info("%s: quarantine of node %s lifted by %s", self.paths.name, node, who)
+        if who != "a client" and self.worker is not None and self.worker.alive:
+            self.worker.send({"type": "quarantine",
+                              "nodes": {k: str(v.get("reason")) for k, v in self.quarantine.items()}})
+        self.write_state()
+
+    def _lift_requested(self) -> None:
+        """SIGUSR1 from `fn-supervise lift`: the node ids are in <workers>/worker_<uuid>.lift."""
+        taken = self.paths.lift_requests.with_name(self.paths.lift_requests.name + ".taken")
+        try:
+            os.replace(self.paths.lift_requests, taken)
+            nodes = taken.read_text().split()
+            taken.unlink()
+        except OSError:
+            return
+        for node in nodes:
+            self._lift(node, "fn-supervise lift")
+
     def _after_exit(self, w: WorkerProcess | None, *, was_ready: bool, reason: str, detail: str,
-                    status: ExitStatus, oom_before: int | None, node: str | None = None) -> None:
+                    status: ExitStatus, oom_before: int | None, node: str | None = None,
+                    first_sign: float | None = None, suspects: list[str] | None = None) -> None:
+        now = time.monotonic()
+        self.restart_clock = {"first": min(first_sign or now, now), "handled": now}
         self.paths.remove_pid()
         uptime = None
         if w is not None and w.spawned_at is not None:
@@ -593,16 +854,28 @@ class Supervisor:
             we_signalled=w.signalled if w is not None else set(),
             oom_before=oom_before, oom_after=oom_kill_count(), uptime=uptime, node=node,
             pid=w.pid if w is not None else None,
-            last_lines=list(self.logfile.tail) if self.logfile else [], detail=detail)
+            last_lines=list(self.logfile.tail) if self.logfile else [], detail=detail, in_flight=suspects)
         self.crashes.append(rec.to_json())
         del self.crashes[:-max(1, self.cfg.crash_history)]
         self.logfile.event(f"worker {rec.pid} {rec.summary()}")
         self.worker = None
-        decision = self.policy.on_exit(was_ready=was_ready, reason=f"{reason}: {detail}")
+        decision = self.policy.on_exit(was_ready=was_ready, reason=f"{reason}: {detail}", node=node,
+                                       suspects=suspects, quarantined=frozenset(self.quarantine))
+        self.restart_clock["backoff"] = decision.delay
+        if decision.quarantine is not None:
+            self._quarantine(decision.quarantine, rec)
         if decision.action == "fatal":
             self.exit_code = EXIT_FATAL
             self.sm.fire("give_up", decision.reason)
             return
+        if not was_ready and status.code == WORKER_START_FAILURE:
+            # The worker could not start (its config?): an unreadable config can never work.
+            try:
+                self.paths.read_config()
+            except (OSError, ValueError) as e:
+                self.exit_code = EXIT_USAGE
+                self.sm.fire("give_up", f"cannot read {self.paths.config}: {e}")
+                return
         self.backoff_until = time.monotonic() + decision.delay
         self.sm.fire("crashed" if was_ready else "start_failed",
                      f"{reason}: {detail}; restart in {decision.delay:.2f}s")
@@ -667,6 +940,7 @@ class Supervisor:
                 w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
                 return
             self.worker_cfg["package_dependencies"] = deps
+        self._replace_fork_server("environment changed by an install")  # its imports are stale now
         self.write_state()
         w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
 

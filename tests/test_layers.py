@@ -11,13 +11,15 @@ from pathlib import Path
 WORKER = Path(__file__).resolve().parents[1] / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "packages", "__init__"},
-    {"config", "control", "persistence", "modules", "install"},
-    {"health", "effects", "store"},
-    {"graph", "localworkers", "server", "quarantine"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "packages", "__init__"},
+    {"config", "control", "install", "modules"},
+    {"persistence", "health"},
+    {"effects", "store", "localworkers", "server", "quarantine"},
+    {"graph"},
     {"commands"},
     {"runtime"},
-    {"__main__", "forkserver"},
+    {"__main__"},
+    {"forkserver"},  # forks workers that run __main__.main
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
@@ -45,3 +47,8 @@ def test_every_worker_module_imports_only_lower_layers():
             if dep in RANK and RANK[dep] >= RANK[m]:
                 bad.append(f"{m} (layer {RANK[m]}) imports {dep} (layer {RANK[dep]})")
     assert not bad, "\n".join(bad)
+
+
+def test_the_transport_never_touches_the_graph():
+    src = (WORKER / "server.py").read_text()
+    assert "nodespace" not in src and "self.rt" not in src

@@ -31,25 +31,42 @@ class FakeClock:
 
 def cfg(**kw) -> SupervisorConfig:
     c = SupervisorConfig(backoff_base=1.0, backoff_factor=2.0, backoff_cap=10.0, backoff_jitter=0.0,
-                         start_budget=3, run_budget=4, run_window=100.0, stable_after=30.0)
+                         start_budget=3, min_uptime=1.0, quarantine_after=3, run_window=100.0)
     for k, v in kw.items():
         setattr(c, k, v)
     return c
 
 
+def run_and_crash(p: RestartPolicy, clock: FakeClock, up: float, node: str | None = None, quarantined=frozenset()):
+    p.on_spawn()
+    p.on_ready()
+    clock.advance(up)
+    return p.on_exit(was_ready=True, reason="crash", node=node, quarantined=quarantined)
+
+
 # ------------------------------------------------------------------ policy
-def test_backoff_schedule_is_exponential_and_capped():
+def test_early_crashes_back_off_exponentially_and_capped():
     clock = FakeClock()
-    p = RestartPolicy(cfg(run_budget=100), clock=clock, rng=lambda: 0.5)
-    delays = []
-    for _ in range(7):
-        p.on_spawn()
-        p.on_ready()
-        clock.advance(1.0)  # crash well before stable_after
-        d = p.on_exit(was_ready=True, reason="crash")
-        assert d.action == "restart"
-        delays.append(d.delay)
+    p = RestartPolicy(cfg(), clock=clock, rng=lambda: 0.5)
+    delays = [run_and_crash(p, clock, 0.2).delay for _ in range(7)]  # each within min_uptime of ready
     assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+
+
+def test_crashes_after_healthy_runs_restart_at_once_every_time():
+    """Issue 9: SIGKILL after 1-1.5 s of healthy running must not grow the delay."""
+    clock = FakeClock()
+    p = RestartPolicy(cfg(), clock=clock, rng=lambda: 0.5)
+    decisions = [run_and_crash(p, clock, 1.0 + 0.05 * i) for i in range(50)]
+    assert all(d.action == "restart" and d.delay == 0.0 and d.healthy_run for d in decisions)
+    assert p.total_restarts == 50 and p.consecutive == 0
+
+
+def test_healthy_run_forgets_earlier_failures():
+    clock = FakeClock()
+    p = RestartPolicy(cfg(), clock=clock, rng=lambda: 0.5)
+    assert [run_and_crash(p, clock, 0.1).delay for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert run_and_crash(p, clock, 5.0).delay == 0.0
+    assert run_and_crash(p, clock, 0.1).delay == 1.0  # the count started again
 
 
 @pytest.mark.parametrize("r", [0.0, 0.25, 0.5, 0.999])
@@ -60,18 +77,7 @@ def test_jitter_bounds_and_never_above_cap(r):
         assert raw * 0.8 - 1e-9 <= d <= min(10.0, raw * 1.2) + 1e-9
 
 
-def test_stable_period_resets_backoff():
-    clock = FakeClock()
-    p = RestartPolicy(cfg(run_budget=10), clock=clock, rng=lambda: 0.5)
-    for _ in range(3):
-        p.on_spawn(); p.on_ready(); clock.advance(1)
-        last = p.on_exit(was_ready=True, reason="x")
-    assert last.delay == 4.0
-    p.on_spawn(); p.on_ready(); clock.advance(31)  # stable
-    assert p.on_exit(was_ready=True, reason="x").delay == 1.0
-
-
-def test_start_budget_goes_fatal_after_consecutive_failures():
+def test_never_ready_worker_goes_fatal_after_start_budget():
     clock = FakeClock()
     p = RestartPolicy(cfg(start_budget=3), clock=clock, rng=lambda: 0.5)
     decisions = []
@@ -79,31 +85,82 @@ def test_start_budget_goes_fatal_after_consecutive_failures():
         p.on_spawn(); clock.advance(0.1)
         decisions.append(p.on_exit(was_ready=False, reason="exit code 1"))
     assert [d.action for d in decisions] == ["restart", "restart", "fatal"]
+    assert [d.delay for d in decisions[:2]] == [1.0, 2.0]
     assert "start_budget 3" in decisions[-1].reason and "exit code 1" in decisions[-1].reason
 
 
-def test_ready_resets_start_failures_but_not_run_window():
+def test_a_worker_that_was_ever_ready_is_never_fatal():
     clock = FakeClock()
     p = RestartPolicy(cfg(start_budget=2), clock=clock, rng=lambda: 0.5)
-    p.on_spawn(); assert p.on_exit(was_ready=False, reason="a").action == "restart"
-    p.on_spawn(); p.on_ready(); clock.advance(1)
-    assert p.on_exit(was_ready=True, reason="b").action == "restart"
-    p.on_spawn(); assert p.on_exit(was_ready=False, reason="c").action == "restart"  # count restarted
+    run_and_crash(p, clock, 0.1)
+    delays = []
+    for _ in range(50):  # e.g. an install broke an import: starts fail from now on
+        p.on_spawn(); clock.advance(0.1)
+        d = p.on_exit(was_ready=False, reason="exit code 1")
+        assert d.action == "restart"
+        delays.append(d.delay)
+    assert max(delays) == 10.0 and delays[-1] == 10.0
+    for _ in range(200):  # a crash loop after ready without a node in flight: backs off, never FATAL
+        d = run_and_crash(p, clock, 0.01)
+        assert d.action == "restart" and d.quarantine is None and d.delay <= 10.0
 
 
-def test_run_budget_in_sliding_window():
+def test_repeated_crashes_with_the_same_node_quarantine_it():
     clock = FakeClock()
-    p = RestartPolicy(cfg(run_budget=3, run_window=100, stable_after=5), clock=clock, rng=lambda: 0.5)
-    # crashes after long (stable) runs still count against the long-run budget (supervisord #1285)
-    p.on_spawn(); p.on_ready(); clock.advance(60)
-    assert p.on_exit(was_ready=True, reason="r1").action == "restart"
-    p.on_spawn(); p.on_ready(); clock.advance(60)
-    assert p.on_exit(was_ready=True, reason="r2").action == "restart"
-    p.on_spawn(); p.on_ready(); clock.advance(60)  # the first crash (t+60) is out of the window now (t+180)
-    assert p.on_exit(was_ready=True, reason="r3").action == "restart"
-    p.on_spawn(); p.on_ready(); clock.advance(5)
-    d = p.on_exit(was_ready=True, reason="r4")
-    assert d.action == "fatal" and "run_budget 3" in d.reason
+    p = RestartPolicy(cfg(quarantine_after=3), clock=clock, rng=lambda: 0.5)
+    d1 = run_and_crash(p, clock, 0.05, node="n1")
+    d2 = run_and_crash(p, clock, 0.05, node="n1")
+    assert d1.quarantine is None and d2.quarantine is None
+    d3 = run_and_crash(p, clock, 0.05, node="n1")
+    assert d3.action == "restart" and d3.quarantine == "n1" and "n1 quarantined" in d3.reason
+    # already quarantined: never asked for again
+    q = frozenset({"n1"})
+    assert all(run_and_crash(p, clock, 0.05, node="n1", quarantined=q).quarantine is None for _ in range(5))
+
+
+def test_mixed_nodes_or_no_node_do_not_quarantine():
+    clock = FakeClock()
+    p = RestartPolicy(cfg(quarantine_after=2), clock=clock, rng=lambda: 0.5)
+    for node in ["a", "b", None, "a", None, "b", "a"]:
+        assert run_and_crash(p, clock, 0.05, node=node).quarantine is None
+    assert run_and_crash(p, clock, 5.0, node="a").quarantine == "a"  # healthy runs count too
+
+
+def test_with_several_nodes_in_flight_the_one_in_every_crash_is_quarantined():
+    clock = FakeClock()
+    p = RestartPolicy(cfg(quarantine_after=3), clock=clock, rng=lambda: 0.5)
+    for suspects in (["bad"], ["sq", "bad"], ["other", "sq", "bad"]):
+        p.on_spawn(); p.on_ready(); clock.advance(0.05)
+        d = p.on_exit(was_ready=True, reason="x", node=suspects[0], suspects=suspects)
+    assert d.quarantine == "bad"
+    # always together: the newest of the last crash
+    p2 = RestartPolicy(cfg(quarantine_after=2), clock=clock, rng=lambda: 0.5)
+    for _ in range(2):
+        p2.on_spawn(); p2.on_ready(); clock.advance(0.05)
+        d = p2.on_exit(was_ready=True, reason="x", node="b", suspects=["a", "b"])
+    assert d.quarantine == "b"
+    p2.on_spawn(); p2.on_ready(); clock.advance(0.05)
+    d = p2.on_exit(was_ready=True, reason="x", node="b", suspects=["a", "b"], quarantined={"b"})
+    assert d.quarantine is None  # "a" has only one crash since "b" was quarantined
+
+
+def test_quarantine_counts_only_inside_run_window():
+    clock = FakeClock()
+    p = RestartPolicy(cfg(quarantine_after=2, run_window=100.0), clock=clock, rng=lambda: 0.5)
+    run_and_crash(p, clock, 5.0, node="a")
+    clock.advance(200)
+    assert run_and_crash(p, clock, 5.0, node="a").quarantine is None
+    assert run_and_crash(p, clock, 5.0, node="a").quarantine == "a"
+
+
+def test_lift_forgets_the_node_so_the_crash_has_to_repeat_again():
+    clock = FakeClock()
+    p = RestartPolicy(cfg(quarantine_after=2), clock=clock, rng=lambda: 0.5)
+    run_and_crash(p, clock, 0.05, node="a")
+    assert run_and_crash(p, clock, 0.05, node="a").quarantine == "a"
+    p.lift("a")
+    assert run_and_crash(p, clock, 0.05, node="a").quarantine is None
+    assert run_and_crash(p, clock, 0.05, node="a").quarantine == "a"
 
 
 def test_manual_reset_clears_budgets():
@@ -119,8 +176,9 @@ def test_policy_uses_only_the_injected_monotonic_clock(monkeypatch):
     clock = FakeClock()
     p = RestartPolicy(cfg(), clock=clock, rng=lambda: 0.5)
     monkeypatch.setattr(_time, "time", lambda: 0.0)  # a wall-clock jump changes nothing
-    p.on_spawn(); p.on_ready(); clock.advance(1)
-    assert p.on_exit(was_ready=True, reason="x").delay == 1.0
+    monkeypatch.setattr(_time, "monotonic", lambda: 0.0)
+    assert run_and_crash(p, clock, 0.5).delay == 1.0
+    assert run_and_crash(p, clock, 1.0).delay == 0.0
 
 
 # ------------------------------------------------------------------ states

@@ -137,26 +137,42 @@ def test_kill9_worker_comes_back_on_same_port(config_dir, port, tmp_path, sup_pr
 
 
 @pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
-def test_busy_port_makes_every_start_fail_then_fatal(config_dir, port, tmp_path, sup_procs):
-    """The real worker exits 3 when it cannot bind; the supervisor gives up within its budget."""
-    paths = make_worker(config_dir, port, start_budget=3)
+def test_busy_port_walks_to_the_next_free_one_and_writes_it_to_the_config(config_dir, port, tmp_path, sup_procs,
+                                                                            monkeypatch):
+    """Issue 10: a busy port is no longer fatal; the supervisor binds the next free one (the
+    stock walk) and the config says so before the worker is ready."""
+    monkeypatch.setenv("FUNCNODES_WS_WORKER_ENDPORT", str(port + 30))
+    paths = make_worker(config_dir, port)
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", port))
     blocker.listen()
     try:
         sup = start_supervisor(paths, tmp_path)
         sup_procs.append(sup)
-        code = sup.wait(60)
+        poll_until(lambda: running_worker(paths), 30, what="worker ready: " + output(sup)[-2000:])
+        got = paths.read_config()["port"]
+        assert got != port and port < got <= port + 30
+        assert state(paths)["port"] == got
+        assert ws_uuid(got) == paths.uuid
+        assert stop_supervisor(sup) == 0
     finally:
         blocker.close()
-    assert code == 4, output(sup)
+
+
+def test_no_free_port_in_the_range_is_an_environment_error(config_dir, port, tmp_path, sup_procs, monkeypatch):
+    monkeypatch.setenv("FUNCNODES_WS_WORKER_ENDPORT", str(port))
+    paths = make_worker(config_dir, port, fake=True)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        sup = start_supervisor(paths, tmp_path)
+        sup_procs.append(sup)
+        assert sup.wait(30) == 5, output(sup)
+    finally:
+        blocker.close()
     st = state(paths)
-    assert st["state"] == "FATAL" and "start_budget 3" in st["reason"]
-    assert len(st["crashes"]) == 3
-    assert all(c["exit_code"] == 3 and c["phase"] == "start" for c in st["crashes"])
-    assert "cannot listen" in "\n".join(st["crashes"][-1]["last_log_lines"])
-    assert not paths.pidfile.exists()
-    assert paths.runstate.read_text().splitlines()[0] == "stopped"
+    assert st["state"] == "FATAL" and "no free port" in st["reason"], st
 
 
 # ---------------------------------------------------------------------- fake worker

@@ -457,3 +457,84 @@ def test_cli_workermanager_starts_stops_and_restarts_workers_under_fn_supervise(
     assert code == 0, out.read_text(errors="replace")[-3000:]
     assert not supervisors_of(marker, b.uuid)
     assert state(b)["state"] == "STOPPED"
+
+
+def test_five_workers_created_at_once_on_one_port_all_start_on_distinct_ports(fn_python, config_dir, tmp_path,
+                                                                             no_leaked_processes):
+    """Issue 10 (with issue 9's held socket): the supervisor picks the port. Five workers the
+    Workermanager's `new_worker` made at once, all configured on one port, activated at once:
+    each supervisor binds the first free port from there (the stock walk) and writes it to the
+    config before the manager looks, so all five serve, each on its own port."""
+    marker = no_leaked_processes
+    wm_port, mon_port = free_port(), free_port()
+    start = free_port()
+    write_fn_config(config_dir, 9)
+    env = dict(os.environ)
+    from test_supervisor import FIXTURES, REPO
+
+    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO)])
+    env["FUNCNODES_WS_WORKER_STARTPORT"] = str(start)
+    env["FUNCNODES_WS_WORKER_ENDPORT"] = str(start + 40)
+    out = tmp_path / "workermanager.out"
+    with open(out, "wb") as f:
+        wm = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(config_dir), "workermanager",
+                               "--python", fn_python, "--host", "127.0.0.1", "--port", str(wm_port),
+                               "--monitor-port", str(mon_port)],
+                              env=env, cwd=str(tmp_path), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        poll_until(lambda: wm.poll() is None and manager_pings(wm_port), 60, interval=0.2, what="manager answering")
+
+        async def go():
+            async with UI(wm_port) as ui:
+                await asyncio.gather(*(ui.send({"type": "new_worker", "kwargs": {"name": f"five{i}", "in_venv": False}})
+                                       for i in range(5)))
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    made = [m["uuid"] for m in ui.messages if isinstance(m, dict) and m.get("type") == "worker_created"]
+                    if len(made) == 5:
+                        break
+                    await asyncio.sleep(0.05)
+                assert len(made) == 5, ui.messages[-5:]
+                # all on one port (whatever the stock manager chose), no venv build (not the point here)
+                for u in made:
+                    p = config_dir / "workers" / f"worker_{u}.json"
+                    cfg = json.loads(p.read_text())
+                    cfg["port"], cfg["host"] = start, "127.0.0.1"
+                    cfg["supervisor"] = {"venv": False}
+                    p.write_text(json.dumps(cfg))
+                # the manager finds new workers on its next scan (<= 10 s): activate them once listed
+                await ui.status_until(lambda s: all(listed(s, "inactive", u) for u in made), 30, "five listed")
+                n = len(ui.messages)
+                await asyncio.gather(*(ui.send({"type": "set_active", "workerid": u}) for u in made))
+                deadline = time.monotonic() + 120
+                got: dict[str, dict] = {}
+                while time.monotonic() < deadline and len(got) < 5:
+                    for m in ui.messages[n:]:
+                        if isinstance(m, dict) and m.get("type") == "set_worker":
+                            got[m["data"]["uuid"]] = m["data"]
+                        elif isinstance(m, dict) and m.get("type") == "error":
+                            raise AssertionError(m)
+                    await asyncio.sleep(0.05)
+                assert set(got) == set(made), (sorted(got), ui.messages[-5:])
+                return made, got
+        made, got = run(go())
+        ports = {u: json.loads((config_dir / "workers" / f"worker_{u}.json").read_text())["port"] for u in made}
+        assert len(set(ports.values())) == 5 and all(start <= p <= start + 40 for p in ports.values()), ports
+        assert {u: d["port"] for u, d in got.items()} == ports
+
+        async def uuid_on(port: int) -> str:
+            async with Client(f"http://127.0.0.1:{port}") as c:
+                return await c.cmd("uuid")
+        for u, p in ports.items():
+            assert run(uuid_on(p)) == u
+        assert all(len(supervisors_of(marker, u)) == 1 for u in made)
+    finally:
+        if wm.poll() is None:
+            wm.send_signal(signal.SIGTERM)
+        try:
+            code = wm.wait(60)
+        except subprocess.TimeoutExpired:
+            wm.kill()
+            wm.wait(5)
+            raise
+    assert code == 0, out.read_text(errors="replace")[-3000:]

@@ -1,4 +1,5 @@
-"""python -m worker worker_<uuid> [--dir BASE] [--host H] [--port P] [--control-fd N] [--debug]"""
+"""python -m worker worker_<uuid> [--dir BASE] [--host H] [--port P] [--control-fd N]
+[--listen-fd N] [--quarantine JSON] [--debug]"""
 
 from __future__ import annotations
 
@@ -15,18 +16,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="bind address (default: config host, else 127.0.0.1)")
     ap.add_argument("--port", type=int, help="port (default: config port, else a free one from 9382)")
     ap.add_argument("--control-fd", type=int, help="inherited socket of the supervisor channel")
+    ap.add_argument("--listen-fd", type=int, help="inherited listening socket to serve on (the supervisor's)")
+    ap.add_argument("--quarantine", metavar="JSON", help='nodes never to run: {"<node id>": "<reason>"}')
     ap.add_argument("--debug", action="store_true", help="full tracebacks in error replies")
     args = ap.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from . import listener, quarantine
     from .config import ConfigError, parse_worker_name
 
     try:
+        quarantine.QUARANTINED.update(quarantine.parse_arg(args.quarantine))
+        if args.listen_fd is not None:
+            listener.adopt(args.listen_fd)
         uid = parse_worker_name(args.worker)
         from .runtime import WorkerRuntime
 
         rt = WorkerRuntime(uid, base=args.dir, host=args.host, port=args.port, control_fd=args.control_fd, debug=args.debug)
-    except ConfigError as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"fn-supervise worker: {e}", file=sys.stderr)
         return 3
     return asyncio.run(rt.run())

@@ -7,6 +7,7 @@ still produce a frame, and header values that would break the `k=v; ` format are
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 from urllib.parse import quote
@@ -32,6 +33,88 @@ def dumps(obj: Any) -> str:
 def loads(text: str | bytes) -> Any:
     # The core decoder turns "<NoValue>" into the NoValue sentinel, as the stock worker does.
     return json.loads(text, cls=_core().JSONDecoder)
+
+
+# Deeper messages are refused before anything walks them: the parser, revive() and the encoders
+# recurse, and a '[' * 100000 frame must be an error reply, not a RecursionError that ends the
+# connection. 128 levels is far beyond any FuncNodes message.
+MAX_JSON_DEPTH = 128
+
+
+class MessageError(ValueError):
+    """A client message that cannot be parsed; the text says why."""
+
+
+def parse_message(text: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with bounded nesting (stdlib only: pings need no funcnodes-core)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise MessageError(f"message is nested too deeply (more than {max_depth} levels)") from None
+    except ValueError as e:
+        raise MessageError(f"message is not valid JSON: {e}") from None
+    # Counting brackets is cheap and bounds the depth from above; only then walk the tree.
+    if (text.count("[") + text.count("{") > max_depth) and _deeper_than(data, max_depth):
+        raise MessageError(f"message is nested too deeply (more than {max_depth} levels)")
+    return data
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:  # iterative: this is what must not recurse
+        o, d = stack.pop()
+        children = o.values() if isinstance(o, dict) else o if isinstance(o, list) else None
+        if children is None:
+            continue
+        if d > limit:
+            return True
+        stack.extend((v, d + 1) for v in children if isinstance(v, (dict, list)))
+    return False
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_SPACE = re.compile(r"\s*")
+_SPECIAL = re.compile(r'["\[\]{}]')
+_TAIL_ID = re.compile(
+    r'[,{]\s*"id"\s*:\s*("(?:[^"\\]|\\.){0,1024}"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|null|true|false)\s*}\s*$')
+
+
+def peek_id(text: str, scan: int = 1 << 16, tokens: int = 10000) -> Any:
+    """The top-level "id" of a JSON object message too large to parse, or None. Clients put it
+    first or last, so the first `scan` characters are walked (strings skipped by a regex, at
+    most `tokens` steps: this runs on the I/O loop), then the last member is tried."""
+    head = text[:scan]
+    depth, i = 0, 0
+    dec = json.JSONDecoder()
+    for _ in range(tokens):
+        m = _SPECIAL.search(head, i)
+        if m is None:
+            break
+        i = m.start()
+        c = head[i]
+        if c != '"':
+            depth += 1 if c in "[{" else -1
+            i += 1
+            continue
+        m = _STRING.match(head, i)
+        if m is None:
+            break  # a string longer than the scan
+        i = m.end()
+        if depth == 1 and m.group(0) == '"id"':
+            j = _SPACE.match(head, i).end()
+            if j < len(head) and head[j] == ":":
+                try:
+                    value, _ = dec.raw_decode(head, _SPACE.match(head, j + 1).end())
+                except ValueError:
+                    break
+                return value if isinstance(value, (str, int, float, bool)) or value is None else None
+    m = _TAIL_ID.search(text[-2048:])
+    if m is not None:
+        try:
+            return json.loads(m.group(1))
+        except ValueError:
+            return None
+    return None
 
 
 def revive(obj: Any) -> Any:
@@ -83,10 +166,19 @@ def progress(message: str, status: str, progress: float, blocking: bool) -> dict
 
 def _header_value(v: Any) -> str:
     s = str(v)
-    # Node uuids are client-chosen; ';' '=' or CR/LF would corrupt the header.
-    if any(c in s for c in ";=\r\n%"):
-        return quote(s, safe="")
+    # Node uuids are client-chosen; ';' '=' or CR/LF would corrupt the header, and a lone
+    # surrogate (valid in a JSON string) cannot be encoded at all.
+    if any(c in s for c in ";=\r\n%") or not s.isascii() and not _encodable(s):
+        return quote(s.encode("utf-8", "surrogatepass"), safe="")
     return s
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def binary_frames(header: dict[str, Any], payload: bytes, max_size: int) -> list[bytes]:

@@ -88,7 +88,7 @@ class Commands:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not func._fn_mutates:
+        if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
             res = func(**kwargs)
             if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
                 res = await res
@@ -230,7 +230,13 @@ class Commands:
             cls = self.ns.lib.get_node_by_id(id)
         except fn.NodeClassNotFoundError:
             raise ValueError(f"Node with id '{id}' not found") from None
-        node = cls(**kwargs)
+        for k in ("io_options", "render_options", "properties"):
+            if kwargs.get(k) is not None and not isinstance(kwargs[k], dict):
+                raise TypeError(f"bad arguments for 'add_node': {k} must be an object")
+        try:
+            node = cls(**kwargs)
+        except (AttributeError, KeyError, TypeError) as e:  # options of the wrong shape, deeper in
+            raise TypeError(f"bad arguments for 'add_node': {type(e).__name__}: {e}") from None
         self.ns.add_node_instance(node)
         self.effect(effects.node_added(node))
         return node
@@ -474,17 +480,14 @@ class Commands:
 
     @command()
     def upload(self, data: str | bytes, filename: str):
-        from .server import safe_relative
-        from .fsutil import atomic_write
+        from .fsutil import write_confined
 
-        rel = safe_relative(str(filename))
         if isinstance(data, str):
             try:
                 data = base64.b64decode(data, validate=True)
             except ValueError:
                 raise ValueError("data must be base64") from None
-        target = self.host.paths.files / rel
-        atomic_write(target, data)
+        write_confined(self.host.paths.data, "files", str(filename), data)
         self.ns.set_secret_property("files_dir", str(self.host.paths.files))
         return str(filename)
     # endregion

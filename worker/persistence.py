@@ -10,6 +10,8 @@ import base64
 import io
 import json
 import math
+import os
+import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -96,18 +98,33 @@ EXPORT_EXCLUDE = ("pid", "python_path", "env_path", "data_path", "uuid", "host",
 
 
 def build_export(config: dict, state: dict, files_dir: Path, with_files: bool, pyproject: Path | None) -> bytes:
+    from .fsutil import walk_confined
+
     buf = io.BytesIO()
     cfg = {k: v for k, v in config.items() if k not in EXPORT_EXCLUDE}
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("config", json.dumps(cfg, indent=2, cls=fn.JSONEncoder))
         zf.writestr("state", json.dumps(state, indent=2, cls=fn.JSONEncoder))
-        if pyproject is not None and pyproject.exists():
+        if pyproject is not None and pyproject.exists() and not pyproject.is_symlink():
             zf.write(pyproject, "pyproject.toml")
-        if with_files and files_dir.exists():
-            for f in sorted(files_dir.rglob("*")):
-                if f.is_file() and not f.is_symlink() and not f.name.startswith(".upload-"):
-                    zf.write(f, "files/" + f.relative_to(files_dir).as_posix())
+        if with_files:
+            # Opened with O_NOFOLLOW component by component: a symlink in files/ (to a folder or a
+            # file outside) is skipped, even one swapped in while the archive is written.
+            for rel, fd in walk_confined(files_dir.parent, files_dir.name):
+                with os.fdopen(fd, "rb") as src:
+                    if rel.name.startswith(".upload-") or not _utf8_name(rel):
+                        continue  # a staged upload, or a name (made by a node) no ZIP can hold
+                    with zf.open("files/" + rel.as_posix(), "w") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
     return buf.getvalue()
+
+
+def _utf8_name(rel: PurePosixPath) -> bool:
+    try:
+        str(rel).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 class ExportError(ValueError):
@@ -129,6 +146,9 @@ def read_export(data: bytes | str, max_size: int = 1 << 30) -> zipfile.ZipFile:
         if required not in names:
             raise ExportError(f"export archive has no '{required}' entry")
     # Refuse, don't strip: an entry that escapes the data folder means the archive is hostile.
+    from .config import max_data_size
+
+    max_size = min(max_size, max_data_size())  # the stock variable bounds imports too
     total = sum(i.file_size for i in zf.infolist())
     if total > max_size:  # a zip bomb is refused before anything is decompressed
         raise ExportError(f"export archive unpacks to {total} bytes, over the limit of {max_size}")
@@ -140,18 +160,22 @@ def read_export(data: bytes | str, max_size: int = 1 << 30) -> zipfile.ZipFile:
 
 
 def extract_files(zf: zipfile.ZipFile, data_dir: Path) -> list[Path]:
-    from .fsutil import atomic_write
+    """Write the archive's files/ entries, all or nothing, never through a symlink."""
+    from .fsutil import ConfinedWriter, PathEscape, safe_relative
 
     written = []
-    files_root = (data_dir / "files").resolve()
-    for info in zf.infolist():
-        if not info.filename.startswith("files/") or info.is_dir():
-            continue
-        target = (data_dir / info.filename).resolve()
-        if not target.is_relative_to(files_root):
-            raise ExportError(f"export archive entry {info.filename!r} escapes the data folder")
-        atomic_write(target, zf.read(info))
-        written.append(target)
+    with ConfinedWriter(data_dir, "files") as w:
+        for info in zf.infolist():
+            if not info.filename.startswith("files/") or info.is_dir():
+                continue
+            try:
+                rel = safe_relative(info.filename[len("files/"):])
+                with zf.open(info) as src, w.open(rel) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except PathEscape as e:
+                raise ExportError(f"export archive entry {info.filename!r}: {e}") from None
+            written.append(data_dir / "files" / rel)
+        w.commit()
     return written
 
 

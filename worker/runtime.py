@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from . import codec, control
+from . import codec, control, quarantine
 from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
@@ -116,6 +116,7 @@ class WorkerRuntime:
             await self.listen()
             self.set_runstate("starting", "Loading funcnodes-core")
             self._load_core()
+            quarantine.install(self)  # safe mode: quarantined nodes never run (worker/quarantine.py)
             self.set_runstate("starting", "Loading packages")
             self.graph.load_dependencies(self.config)
             from .localworkers import scan
@@ -308,7 +309,7 @@ class WorkerRuntime:
         self.server.post_broadcast(msg)
 
     def error_text(self, e: BaseException, msg_id: Any) -> str:
-        from .server import clean_traceback
+        from .errors import clean_traceback
 
         debug = bool(self.config.get("debug"))
         text = str(e) or type(e).__name__
@@ -360,7 +361,7 @@ class WorkerRuntime:
             err = data.get("error")
             data["error"] = str(err)
             if not self.config.get("debug") and isinstance(err, BaseException):
-                from .server import clean_traceback
+                from .errors import clean_traceback
                 data["tb"] = clean_traceback(err, False)
         self.broadcast(msg)
 
@@ -434,6 +435,19 @@ class WorkerRuntime:
         from .effects import OPS
 
         self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
+    # endregion
+
+    # region server backend (server.Backend): what the transport may ask of the graph
+    def fast(self, cmd: str, kwargs: dict) -> Any:
+        return self.fast_command(cmd, kwargs)
+
+    async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]:
+        io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
+        return codec.encode_bytes(io.value, preview=False)
+
+    def files_changed(self) -> None:
+        if self.nodespace is not None:
+            self.nodespace.set_secret_property("files_dir", str(self.paths.files))
     # endregion
 
 

@@ -19,23 +19,17 @@ import ipaddress
 import json
 import logging
 import os
-import re
-import tempfile
 import threading
-import time
-import traceback
 import uuid
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Protocol
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
 from . import codec
 from .config import max_data_size, max_message_size
+from .fsutil import ConfinedWriter, safe_relative
 
-if TYPE_CHECKING:
-    from .runtime import WorkerRuntime
 
 log = logging.getLogger("fn_supervise.worker.server")
 
@@ -44,33 +38,31 @@ LARGE_STORE_MAX_BYTES = 512 << 20
 CLIENT_QUEUE_MAX = 10000
 CLIENT_CMDS_MAX = 1000
 SEND_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 2.0  # for the close handshake with a client we drop
+
+
+class Backend(Protocol):
+    """All the transport knows of the worker (STYLE.md section 3): the runtime implements it.
+    Everything but `fast` runs on `loop` (the main loop); the server makes that one hop itself."""
+
+    uuid: str
+    ready: bool  # /readyz
+    loop: asyncio.AbstractEventLoop
+    config: Mapping[str, Any]  # cors_origins, auth_token, max_upload_size
+    paths: Any  # .data: uploads go to its files/
+    metrics: Any  # GET /metrics: .public, .render() -> (body, content type) (worker/metrics.py)
+
+    def fast(self, cmd: str, kwargs: dict) -> Any: ...  # I/O thread: uuid, name, get_runstate, heartbeat
+
+    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]: ...
+
+    async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]: ...  # full value, mime
+
+    def files_changed(self) -> None: ...  # after an upload
 
 
 class ProtocolError(Exception):
     """A client message that is not valid protocol; answered with an error reply."""
-
-
-_PATH_RE = re.compile(r'File "([^"]+)"')
-
-
-def clean_traceback(exc: BaseException, debug: bool) -> list[str]:
-    tb = traceback.format_exception(exc)
-    if debug:
-        return tb
-
-    def short(m: re.Match) -> str:
-        p = m.group(1)
-        if not p.startswith("/"):
-            return m.group(0)
-        parts = PurePosixPath(p).parts
-        # Keep the package-relative tail: enough to read, no server layout.
-        if "site-packages" in parts:
-            parts = parts[parts.index("site-packages") + 1 :]
-        else:
-            parts = parts[-2:]
-        return f'File "<server>/{"/".join(parts)}"'
-
-    return [_PATH_RE.sub(short, line) for line in tb]
 
 
 def is_loopback_origin(origin: str) -> bool:
@@ -91,23 +83,47 @@ def is_loopback_origin(origin: str) -> bool:
 class Client:
     """One WebSocket connection with its own outbound queue, so a slow client stalls only itself."""
 
-    def __init__(self, ws: web.WebSocketResponse):
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None = None):
         self.ws = ws
+        self.transport = transport
         self.id = uuid.uuid4().hex
         self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
         self.cmds: asyncio.Queue = asyncio.Queue(CLIENT_CMDS_MAX)
         self.closing = False
         self.writer: asyncio.Task | None = None
 
-    def put(self, item: str | bytes) -> None:
+    def put(self, item: str | bytes | None) -> None:
+        if self.closing:
+            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             # A client that cannot keep up is told so and dropped, never silently starved.
-            if not self.closing:
-                self.closing = True
-                log.warning("client %s too slow, closing", self.id)
-                asyncio.ensure_future(self.ws.close(code=1013, message=b"client too slow"))
+            log.warning("client %s too slow, closing", self.id)
+            self.drop(1013, b"client too slow")
+
+    def drop(self, code: int, message: bytes = b"") -> asyncio.Future | None:
+        """Close with code, and let go of the socket even if the client never reads again: the
+        queue is emptied at once, the close handshake gets CLOSE_TIMEOUT, then the transport is
+        aborted (transport.close() would wait for a buffer the client never drains)."""
+        if self.closing:
+            return None
+        self.closing = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        if self.writer is not None and self.writer is not asyncio.current_task():
+            self.writer.cancel()
+        return asyncio.ensure_future(self._close(code, message))
+
+    async def _close(self, code: int, message: bytes) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=message)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            if self.transport is not None:
+                self.transport.abort()
 
     async def write_loop(self) -> None:
         while True:
@@ -121,7 +137,9 @@ class Client:
                     else:
                         await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
-                await self.ws.close(code=1011)
+                closing = self.drop(1011)
+                if closing is not None:
+                    await closing
                 return
 
 
@@ -151,15 +169,16 @@ class IOThread:
 
 
 class WorkerServer:
-    def __init__(self, runtime: "WorkerRuntime"):
-        self.rt = runtime
+    def __init__(self, backend: "Backend"):
+        self.backend = backend
         self.io: IOThread | None = None
         self.core_ready: asyncio.Event | None = None  # set once commands can run
         self._outbox: collections.deque = collections.deque()
         self._flush_pending = False
         self.clients: dict[str, Client] = {}
-        self.large: dict[str, tuple[str, float]] = {}
+        self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
         self.large_bytes = 0
+        self.large_ttl = float(os.environ.get("FN_SUPERVISE_LARGE_MESSAGE_TTL") or LARGE_MESSAGE_TTL)
         self.runner: web.AppRunner | None = None
         self.host = ""
         self.port = 0
@@ -197,7 +216,11 @@ class WorkerServer:
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port or 0, reuse_address=True)
+        from . import listener  # the supervisor's held socket, if it handed us one
+
+        held = listener.take()
+        site = (web.SockSite(self.runner, held) if held is not None
+                else web.TCPSite(self.runner, host, port or 0, reuse_address=True))
         try:
             await site.start()
         except BaseException:
@@ -228,7 +251,9 @@ class WorkerServer:
                     await asyncio.wait_for(c.writer, timeout / 2)
                 except (asyncio.TimeoutError, Exception):
                     c.writer.cancel()
-            await c.ws.close(code=1001, message=b"Server shutting down")
+            closing = c.drop(1001, b"Server shutting down")
+            if closing is not None:
+                await closing
         if clients:
             await asyncio.wait([asyncio.ensure_future(close_one(c)) for c in clients], timeout=timeout)
         if self.runner is not None:
@@ -238,11 +263,11 @@ class WorkerServer:
 
     # region auth and CORS
     def origin_allowed(self, origin: str) -> bool:
-        allowed = self.rt.config.get("cors_origins") or []
+        allowed = self.backend.config.get("cors_origins") or []
         return is_loopback_origin(origin) or origin in allowed or "*" in allowed
 
     def token(self) -> str | None:
-        return self.rt.config.get("auth_token") or os.environ.get("FN_SUPERVISE_TOKEN") or None
+        return self.backend.config.get("auth_token") or os.environ.get("FN_SUPERVISE_TOKEN") or None
 
     def authorized(self, request: web.Request) -> bool:
         token = self.token()
@@ -279,7 +304,7 @@ class WorkerServer:
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler):
         if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
-                or (request.path == "/metrics" and self.rt.metrics.public)
+                or (request.path == "/metrics" and self.backend.metrics.public)
                 or (request.method == "GET" and request.path.startswith("/message/"))):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
@@ -314,11 +339,12 @@ class WorkerServer:
         if origin and not self.origin_allowed(origin):
             # Cross-site WebSocket hijacking: a foreign page must not drive the worker.
             return web.Response(status=403, text=f"origin {origin} not allowed")
-        # Frames up to 16x the protocol limit are read and answered with an error;
-        # only beyond that does aiohttp close with 1009.
-        ws = web.WebSocketResponse(max_msg_size=max(self.max_msg * 16, 64 << 20), autoping=True)
+        # Frames up to 16x the protocol limit (and within MAX_DATA_SIZE) are read and answered
+        # with an error; only beyond that does aiohttp close with 1009.
+        read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
+        ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
         await ws.prepare(request)
-        client = Client(ws)
+        client = Client(ws, request.transport)
         client.writer = asyncio.ensure_future(client.write_loop())
         runner = asyncio.ensure_future(self.cmd_loop(client))
         self.clients[client.id] = client
@@ -348,14 +374,15 @@ class WorkerServer:
         try:
             limit = self.max_msg if limit is None else limit
             if len(text) > limit // 4 and len(text.encode("utf-8", "surrogatepass")) > limit:
+                msg_id = codec.peek_id(text)  # so the client waiting for its id hears why
                 raise ProtocolError(
                     f"message of {len(text)} bytes exceeds the limit of {limit} bytes; "
                     "send large requests with POST /message/"
                 )
             try:
-                data = json.loads(text)  # the stdlib: pings need no funcnodes-core
-            except ValueError as e:
-                raise ProtocolError(f"message is not valid JSON: {e}") from None
+                data = codec.parse_message(text)  # the stdlib: pings need no funcnodes-core
+            except codec.MessageError as e:
+                raise ProtocolError(str(e)) from None
             if not isinstance(data, dict):
                 raise ProtocolError(f"message must be a JSON object, got {type(data).__name__}")
             msg_id = data.get("id")
@@ -383,7 +410,7 @@ class WorkerServer:
         as_bytes = bool(data.get("as_bytes"))
         if cmd in FAST_COMMANDS and not as_bytes:
             try:
-                out = json.dumps(codec.result(self.rt.fast_command(cmd, kwargs), msg_id))
+                out = json.dumps(codec.result(self.backend.fast(cmd, kwargs), msg_id))
             except TypeError as e:
                 out = json.dumps(codec.error(f"bad arguments for '{cmd}': {e}", [], msg_id))
             return self.deliver(client, out, msg_id)
@@ -402,7 +429,7 @@ class WorkerServer:
         await self.core_ready.wait()  # commands wait while the graph loads; pings do not
         # shield: a client that disconnects must not cancel a command half-way on the main loop
         out = await asyncio.shield(asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(self.rt.execute(cmd, kwargs, msg_id, as_bytes), self.rt.loop)
+            asyncio.run_coroutine_threadsafe(self.backend.execute(cmd, kwargs, msg_id, as_bytes), self.backend.loop)
         ))
         return self.deliver(client, out, msg_id)
 
@@ -422,10 +449,10 @@ class WorkerServer:
         # Plain data only (pongs, protocol errors): stdlib json, no funcnodes-core needed.
         return self._stub_if_large(json.dumps(msg))
 
-    def _stub_if_large(self, text: str) -> str:
+    def _stub_if_large(self, text: str, fetches: int = 1) -> str:
         if len(text) * 1.1 > self.max_msg:
             msg_id = str(uuid.uuid4())
-            self.store_large(msg_id, text)
+            self.store_large(msg_id, text, fetches)
             return json.dumps(
                 {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
             )
@@ -449,7 +476,7 @@ class WorkerServer:
     def broadcast_text(self, text: str) -> None:
         if not self.clients:
             return
-        text = self._stub_if_large(text)
+        text = self._stub_if_large(text, fetches=len(self.clients))
         for c in list(self.clients.values()):
             c.put(text)
 
@@ -490,30 +517,39 @@ class WorkerServer:
     # endregion
 
     # region large messages
-    def store_large(self, msg_id: str, text: str) -> None:
-        self.expire_large()
+    # A reply too big for a frame is staged here and fetched by its id. Each entry is dropped
+    # by its own timer, or once every recipient has fetched it, whatever else happens (before,
+    # a staged 20 MB value stayed until some other request swept the store).
+    def store_large(self, msg_id: str, text: str, fetches: int = 1) -> None:
         size = len(text)
         while self.large and self.large_bytes + size > LARGE_STORE_MAX_BYTES:
-            old_id = next(iter(self.large))
-            self.large_bytes -= len(self.large.pop(old_id)[0])
-        self.large[msg_id] = (text, time.monotonic() + LARGE_MESSAGE_TTL)
+            self._drop_large(next(iter(self.large)))
+        loop = self.io.loop if self.io is not None else asyncio.get_running_loop()
+        timer = loop.call_later(self.large_ttl, self._drop_large, msg_id)
+        self.large[msg_id] = [text, max(1, fetches), timer]
         self.large_bytes += size
 
-    def expire_large(self) -> None:
-        now = time.monotonic()
-        for k in [k for k, (_, exp) in self.large.items() if exp < now]:
-            self.large_bytes -= len(self.large.pop(k)[0])
+    def _drop_large(self, msg_id: str) -> None:
+        item = self.large.pop(msg_id, None)
+        if item is not None:
+            item[2].cancel()
+            self.large_bytes -= len(item[0])
 
     async def handle_get_message(self, request: web.Request) -> web.Response:
-        self.expire_large()
-        item = self.large.get(request.match_info["msg_id"])
+        msg_id = request.match_info["msg_id"]
+        item = self.large.get(msg_id)
         if item is None:
             return web.Response(status=404, text="Message not found")
+        item[1] -= 1
+        if item[1] <= 0:
+            self._drop_large(msg_id)
         return web.Response(text=item[0], content_type="application/json")
 
     async def handle_post_message(self, request: web.Request) -> web.Response:
         try:
             text = (await request.read()).decode("utf-8")
+        except web.HTTPRequestEntityTooLarge:
+            return self.too_large("message", self.max_data, DATA_VAR)
         except UnicodeDecodeError:
             return web.Response(status=400, text="Error processing message: body is not UTF-8")
         reply = await self.on_text(None, text, limit=self.max_data)  # HTTP is the route for big requests
@@ -524,29 +560,40 @@ class WorkerServer:
         return web.Response(text="Message received")
     # endregion
 
+    # region limits
+    def upload_limit(self) -> tuple[int, str]:
+        """The stock worker's FUNCNODES_WS_WORKER_MAX_DATA_SIZE and our max_upload_size both
+        bound an upload: the smaller wins, and the 413 names it."""
+        own = int(self.backend.config.get("max_upload_size") or (1 << 30))
+        if self.max_data < own:
+            return self.max_data, DATA_VAR
+        return own, "max_upload_size"
+
+    @staticmethod
+    def too_large(what: str, limit: int, which: str) -> web.Response:
+        return web.json_response(
+            {"error": f"{what} exceeds the limit of {limit} bytes ({which})"}, status=413)
+    # endregion
+
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.rt.uuid})
+        return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
+                                  "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        body, ctype = self.rt.metrics.render()  # worker/metrics.py (thread-safe: the library locks)
+        body, ctype = self.backend.metrics.render()  # worker/metrics.py (thread-safe: the library locks)
         return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
-        if self.rt.ready:
-            return web.json_response({"status": "ready", "uuid": self.rt.uuid})
-        return web.json_response({"status": "starting", "uuid": self.rt.uuid}, status=503)
+        if self.backend.ready:
+            return web.json_response({"status": "ready", "uuid": self.backend.uuid})
+        return web.json_response({"status": "starting", "uuid": self.backend.uuid}, status=503)
 
     async def handle_io_value(self, request: web.Request) -> web.Response:
         await self.core_ready.wait()
-
-        async def full_value():
-            node = self.rt.nodespace.get_node_by_id(request.match_info["nid"])
-            io = node.get_input_or_output(request.match_info["ioid"])
-            return codec.encode_bytes(io.value, preview=False)
-
+        value = self.backend.io_value(request.match_info["nid"], request.match_info["ioid"])
         try:
-            payload, mime = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(full_value(), self.rt.loop))
+            payload, mime = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(value, self.backend.loop))
         except Exception as e:
             return web.json_response({"error": str(e)}, status=404)
         return web.Response(body=payload, content_type=mime.split(";")[0] if mime else "application/octet-stream")
@@ -556,53 +603,41 @@ class WorkerServer:
             reader = await request.multipart()
         except Exception:
             return web.json_response({"error": "expected a multipart/form-data body"}, status=400)
-        files_dir = self.rt.paths.files
-        limit = int(self.rt.config.get("max_upload_size") or (1 << 30))
-        staged: list[tuple[Path, Path]] = []
+        limit, which = self.upload_limit()
+        if request.content_length is not None and request.content_length > self.max_data:
+            return self.too_large(f"request body of {request.content_length} bytes", self.max_data, DATA_VAR)
         names: list[str] = []
         total = 0
-        try:
-            while True:
-                part = await reader.next()
-                if part is None:
-                    break
-                if part.name != "file" or not part.filename:
-                    await part.release()
-                    continue
-                # Browsers send 'dir/a.txt' raw; aiohttp clients percent-encode it.
-                rel = safe_relative(unquote(part.filename))
-                target = files_dir / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
-                staged.append((Path(tmp), target))
-                with os.fdopen(fd, "wb") as f:
-                    while True:
-                        chunk = await part.read_chunk(1 << 16)
-                        if not chunk:
-                            break
-                        total += len(chunk)
-                        if total > limit:
-                            raise UploadTooLarge(f"upload exceeds the limit of {limit} bytes")
-                        f.write(chunk)
-                names.append(str(rel))
-            if not staged:
-                return web.json_response({"error": "No files uploaded"}, status=400)
-            # All parts arrived: only now do they become visible, so a failed upload leaves nothing.
-            for tmp, target in staged:
-                os.replace(tmp, target)
-            staged = []
-        except UploadTooLarge as e:
-            return web.json_response({"error": str(e)}, status=413)
-        except ValueError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        finally:
-            for tmp, _ in staged:
-                try:
-                    tmp.unlink()
-                except FileNotFoundError:
-                    pass
-        if self.rt.nodespace is not None:
-            self.rt.loop.call_soon_threadsafe(self.rt.nodespace.set_secret_property, "files_dir", str(files_dir))
+        # Staged in files/ (never through a symlink), visible only once every part has arrived.
+        with ConfinedWriter(self.backend.paths.data, "files") as staged:
+            try:
+                while True:
+                    part = await reader.next()
+                    if part is None:
+                        break
+                    if part.name != "file" or not part.filename:
+                        await part.release()
+                        continue
+                    # Browsers send 'dir/a.txt' raw; aiohttp clients percent-encode it.
+                    rel = safe_relative(unquote(part.filename))
+                    with staged.open(rel) as f:
+                        while True:
+                            chunk = await part.read_chunk(1 << 16)
+                            if not chunk:
+                                break
+                            total += len(chunk)
+                            if total > limit:
+                                raise UploadTooLarge(limit, which)
+                            f.write(chunk)
+                    names.append(str(rel))
+                if not names:
+                    return web.json_response({"error": "No files uploaded"}, status=400)
+                staged.commit()
+            except UploadTooLarge as e:
+                return self.too_large("upload", *e.args)
+            except ValueError as e:
+                return web.json_response({"error": str(e)}, status=400)
+        self.backend.loop.call_soon_threadsafe(self.backend.files_changed)
         if len(names) == 1:
             common = names[0]
         else:
@@ -612,17 +647,8 @@ class WorkerServer:
 
 
 class UploadTooLarge(Exception):
-    pass
+    """args: (limit in bytes, the name of the setting that set it)."""
 
 
-def safe_relative(name: str) -> PurePosixPath:
-    """A client path as a plain relative path inside files/, or ValueError."""
-    if "\x00" in name or "\\" in name:
-        raise ValueError(f"filename {name!r} contains forbidden characters")
-    p = PurePosixPath(name)
-    if p.is_absolute() or not p.parts or any(part in ("..", "") for part in p.parts):
-        raise ValueError(f"filename {name!r} must be a relative path inside files/")
-    parts = [x for x in p.parts if x != "."]
-    if not parts:
-        raise ValueError(f"filename {name!r} names no file")
-    return PurePosixPath(*parts)
+DATA_VAR = "FUNCNODES_WS_WORKER_MAX_DATA_SIZE"
+

@@ -77,6 +77,7 @@ class Store:
         self.seq = 0  # the last record fed
         self.covered = 0  # > 0 while a mutating verb runs: its events are in its record
         self._pending: list[bytes] = []
+        self._snapshot_due = False  # a record could not be encoded: snapshot before the reply
         self._written = 0  # bytes written since open, across segments
         self._synced = 0
         self._sync_task: asyncio.Future | None = None
@@ -196,22 +197,35 @@ class Store:
         if fresh:
             self.file.rewrite(journal.header(self.seq))
             self._cut_seq = self.seq
+        self.enabled = True
         try:
             self._snap_bytes = self.paths.nodespace.stat().st_size
         except FileNotFoundError:
-            self._snap_bytes = 0
-        self.enabled = True
+            # A first snapshot, even of an empty graph: the journal carries edits, not the
+            # NodeSpace's id, which clients key on and which must survive the first crash too.
+            self.snapshot()
 
     def feed(self, rec: dict) -> None:
         """Queue the effect of an edit; the next flush writes it before any reply leaves."""
         if not self.enabled:
             return
+        try:
+            line = journal.encode({"seq": self.seq + 1, **rec})
+        except (TypeError, ValueError):
+            # Not plain JSON (NaN in a property, say): the edit is kept by a snapshot before the
+            # reply instead, which writes what the stock format can hold.
+            self._snapshot_due = True
+            return
         self.seq += 1
-        self._pending.append(journal.encode({"seq": self.seq, **rec}))
+        self._pending.append(line)
         self.stats["records"] += 1
 
     async def flush(self) -> None:
         """Write what was fed (and fdatasync under "fsync"); return only when it is durable."""
+        if self._snapshot_due:
+            self._snapshot_due = False
+            self.snapshot()  # durable (fsync + rename) before the reply, whatever the level
+            return
         if self._pending:
             self._write_pending()
         if self.durability == "fsync" and self._synced < self._written:
@@ -328,9 +342,10 @@ class Store:
         if self._pending:
             self._write_pending()
         state = self.state()
-        state.setdefault("meta", {})["journal_seq"] = self.seq
+        # journal_seq belongs to this file only: replies and exports get the state without it
+        on_disk = dict(state, meta=dict(state.get("meta") or {}, journal_seq=self.seq))
         self._first_unjournaled = None
-        return self.seq, state, persistence.dumps_state(state).encode("utf-8")
+        return self.seq, state, persistence.dumps_state(on_disk).encode("utf-8")
 
     def _write_snapshot(self, seq: int, text: bytes) -> None:
         with self._snap_lock:

@@ -52,10 +52,11 @@ def main():
     port = int(opts.get("--port") or cfg.get("port"))
     host = cfg.get("host") or "127.0.0.1"
     fd = int(opts["--control-fd"])
-    asyncio.run(serve(uuid, host, port, fd, float(cfg.get("heartbeat_interval", 1.0))))
+    lfd = int(opts["--listen-fd"]) if "--listen-fd" in opts else None
+    asyncio.run(serve(uuid, host, port, fd, float(cfg.get("heartbeat_interval", 1.0)), lfd))
 
 
-async def serve(uuid, host, port, fd, hb_interval):
+async def serve(uuid, host, port, fd, hb_interval, lfd=None):
     loop = asyncio.get_running_loop()
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
@@ -98,7 +99,10 @@ async def serve(uuid, host, port, fd, hb_interval):
     app.router.add_get("/", ws_handler)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    if lfd is not None:  # the supervisor's held socket
+        site = web.SockSite(runner, socket.socket(fileno=lfd))
+    else:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
     try:
         await site.start()
     except OSError as e:
