@@ -9,6 +9,8 @@ be shared:
   * one subprocess monitor for the whole host (a FuncNodes worker start that reaches it starts
     that worker here);
   * one dead-man's switch (`/bin/sh`) for every worker's process group, instead of one each;
+  * one warm fork server per environment (supervisor/forkpool.py), instead of one per worker:
+    the workers forked from it share its imported pages;
   * the signal handlers (SIGCHLD reaps orphans for every Supervisor);
   * a local control socket, <base>/fn-supervise-host.sock (mode 0600), which `fn-supervise
     list/status/stop/restart/new --autostart` use while the host runs (supervisor/hostctl.py);
@@ -652,6 +654,10 @@ class HostSupervisor:
         self.lock.acquire()  # AlreadyRunning: one host per base folder
         # Only the host talks to systemd; the Supervisors inside find NOTIFY_SOCKET scrubbed.
         self.notify = Notifier.from_environ()
+        # A socket systemd passed is one port; which worker would it be? None: each worker binds
+        # its own (the first Supervisor would otherwise take fd 3 as its listening socket).
+        for k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(k, None)
         loop = asyncio.get_running_loop()
         try:
             from .process import set_child_subreaper
