@@ -158,6 +158,9 @@ def test_sigkill_of_the_host_leaves_no_process(spawn, config_dir, tmp_path, host
         assert os.getpgid(wpid) == wpid  # a process group (and session) of its own
         cmd = " ".join(psutil.Process(wpid).cmdline())
         assert ("worker.forkserver" in cmd) == (spawn == "forked"), cmd
+    # one fork server for the host (every worker here has the same environment), not one each
+    servers = [c for c in psutil.Process(host.pid).children() if c.name() == "fn-forkserver"]
+    assert len(servers) == (1 if spawn == "forked" else 0), [(c.pid, c.name()) for c in servers]
     host.send_signal(signal.SIGKILL)
     host.wait(10)
     poll_until(lambda: not marked_processes(no_leaked_processes), 15, what="no process left after SIGKILL")
