@@ -53,8 +53,8 @@ def test_workermanager_starts_lists_and_stops_workers_through_the_host(fn_python
                 pid_b = await asyncio.to_thread(poll_until, lambda: running_pid(b), 40, 0.05, "B running")
                 # in the host: the worker is the host's child, and no supervisor process was made
                 assert psutil.Process(pid_b).ppid() == host.pid
-                # its children: the two workers, sh, fork server, tracker, discovery, monitor, manager
-                assert len(psutil.Process(host.pid).children()) == 2 + 6
+                # its children: the two workers, sh, fork server, discovery, monitor, manager
+                assert len(psutil.Process(host.pid).children()) == 2 + 5
                 again = await helper.send_spawn_request(
                     fn_python, ["-m", "funcnodes", "--dir", str(config_dir), "worker", "--uuid", b.uuid, "start"],
                     {}, host="127.0.0.1", port=mon_port)
