@@ -27,12 +27,15 @@ import time
 from importlib import metadata
 from typing import Any
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                               generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
-from prometheus_client.process_collector import ProcessCollector
+try:  # a worker venv built before prometheus-client was a core package lacks it: no metrics, no failure
+    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                                   generate_latest)
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.gc_collector import GCCollector
+    from prometheus_client.platform_collector import PlatformCollector
+    from prometheus_client.process_collector import ProcessCollector
+except ImportError:  # pragma: no cover - depends on the environment
+    CollectorRegistry = None  # type: ignore[assignment,misc]
 
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 IO_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -49,6 +52,9 @@ class WorkerMetrics:
     def __init__(self, rt: Any):
         self.rt = rt
         self.public = bool((getattr(rt, "config", None) or {}).get("metrics_public"))
+        self.enabled = CollectorRegistry is not None
+        if not self.enabled:
+            return
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -73,11 +79,15 @@ class WorkerMetrics:
         return cmd if isinstance(known, dict) and cmd in known else "other"  # bounded label set
 
     def rpc(self, cmd: str, started: float, ok: bool) -> None:
+        if not self.enabled:
+            return
         label = self.command_label(cmd)
         self.rpcs.labels(label, "ok" if ok else "error").inc()
         self.rpc_seconds.labels(label).observe(time.perf_counter() - started)
 
     def ns_event(self, event: str) -> None:
+        if not self.enabled:
+            return
         if event in ("triggerstart", "triggerfast"):
             self.node_runs.inc()
         elif event in ("node_trigger_error", "node_error"):
@@ -85,6 +95,8 @@ class WorkerMetrics:
 
     def watch_store(self, store: Any) -> None:
         """Time the Store's journal append and fdatasync (instance wrappers, store.py unchanged)."""
+        if not self.enabled:
+            return
         write, sync = getattr(store, "_write_pending", None), getattr(store, "_sync_once", None)
         if write is not None:
             def timed_write(*a: Any, **kw: Any) -> Any:
@@ -105,6 +117,8 @@ class WorkerMetrics:
     # endregion
 
     def render(self) -> tuple[bytes, str]:
+        if not self.enabled:
+            return b"# prometheus_client is not installed in this worker's environment\n", "text/plain; charset=utf-8"
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
