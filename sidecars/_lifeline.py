@@ -9,7 +9,6 @@ child: the supervisor must start sidecars from a long-lived thread (its event-lo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -25,7 +24,9 @@ def _prctl(option: int, arg: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The symbols of the running program (libc included); ctypes.util.find_library would
+        # run `ldconfig -p` in every sidecar for the same answer.
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) == 0
 
 

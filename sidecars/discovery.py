@@ -145,3 +145,116 @@ def run_discovery(conn, scripts_dir: str, debounce_ms: int = 50) -> None:
         conn.close()
     except OSError:
         pass
+
+
+# region one discovery for many workers (fn-supervise host)
+# Host mode shares one discovery process across every worker of a base folder. The roots come
+# and go at run time ({"type": "watch", "key": k, "dir": d} / {"type": "unwatch", "key": k});
+# each change of the set restarts the watcher on the new set. Every message out carries the
+# worker's key. Idle, it wakes every HOST_STEP_MS (not 50 ms): one process for N workers, and
+# a script edit reaching the worker a few hundred ms later is harmless.
+HOST_STEP_MS = 200
+HOST_IDLE_TICK_MS = 2000
+
+
+def _owner(roots: dict[str, Path], path: str) -> str | None:
+    best = None
+    for key, root in roots.items():
+        r = str(root).rstrip(os.sep) + os.sep
+        if (path + os.sep).startswith(r) and (best is None or len(r) > len(str(roots[best]))):
+            best = key
+    return best
+
+
+def _multi_reader(conn, wanted: dict[str, Path], lock: threading.Lock, wake: threading.Event,
+                  stop: threading.Event) -> None:
+    try:
+        while not stop.is_set():
+            msg = conn.recv()
+            if not isinstance(msg, dict):
+                continue
+            t = msg.get("type")
+            if t == "stop":
+                break
+            if t == "watch" and msg.get("key") and msg.get("dir"):
+                with lock:
+                    wanted[str(msg["key"])] = Path(str(msg["dir"])).resolve()
+                wake.set()
+            elif t == "unwatch" and msg.get("key"):
+                with lock:
+                    wanted.pop(str(msg["key"]), None)
+                wake.set()
+    except (EOFError, OSError):
+        pass
+    finally:
+        stop.set()
+        wake.set()
+
+
+def run_discovery_multi(conn, roots: dict[str, str] | None = None, debounce_ms: int = HOST_STEP_MS) -> None:
+    """Sidecar entry point for host mode: one watcher over every worker's local_scripts/."""
+    arm_sidecar()
+    lock = threading.Lock()
+    wanted: dict[str, Path] = {k: Path(v).resolve() for k, v in (roots or {}).items()}
+    stop, wake = threading.Event(), threading.Event()
+    threading.Thread(target=_multi_reader, args=(conn, wanted, lock, wake, stop), daemon=True,
+                     name="discovery-pipe").start()
+    known: dict[str, set[str]] = {}
+    current: dict[str, Path] = {}
+
+    def send(key: str, changes: list[dict], **extra) -> None:
+        try:
+            conn.send({"type": "local_scripts", "key": key, "changes": changes, **extra})
+        except (OSError, EOFError, ValueError):
+            stop.set()
+            wake.set()
+
+    step = max(1, int(debounce_ms))
+    while not stop.is_set():
+        wake.clear()
+        with lock:
+            target = dict(wanted)
+        for key in list(known):
+            if key not in target or target[key] != current.get(key):
+                known.pop(key, None)
+        for key, root in target.items():
+            root.mkdir(parents=True, exist_ok=True)
+            if key not in known:
+                known[key] = scan(root)
+                send(key, [{"change": "added", "path": p} for p in sorted(known[key])], initial=True)
+        current = target
+        if not current:
+            wake.wait()
+            continue
+        reconciled = False
+        try:
+            for batch in watch(*current.values(), watch_filter=DefaultFilter(),
+                               debounce=max(MAX_BATCH_MS, step), step=step, stop_event=wake,
+                               rust_timeout=HOST_IDLE_TICK_MS, yield_on_timeout=True,
+                               raise_interrupt=False, recursive=True):
+                gone = [k for k, r in current.items() if not r.is_dir()]
+                if batch:
+                    touched: dict[str, set[str]] = {}
+                    for _, p in batch:
+                        k = _owner(current, p)
+                        if k is not None:
+                            touched.setdefault(k, set()).add(p)
+                    for k, ps in touched.items():
+                        ch = diff(known[k], ps, current[k])
+                        if ch:
+                            send(k, ch)
+                elif not reconciled or gone:
+                    reconciled = True
+                    for k, r in current.items():
+                        ch = reconcile(known[k], r)
+                        if ch:
+                            send(k, ch)
+                if gone:
+                    break  # a watch on a removed folder is dead: recreate it, watch again
+        except FileNotFoundError:
+            continue
+    try:
+        conn.close()
+    except OSError:
+        pass
+# endregion

@@ -20,7 +20,9 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
+import types
 from collections import deque
 from typing import Any, Callable
 
@@ -38,13 +40,23 @@ log = logging.getLogger(__name__)
 # supervised and would outlive a test. "spawn" costs a fresh interpreter start (~0.1-0.3 s) per
 # (re)start, which is irrelevant at sidecar restart rates, and gives a clean child whose only
 # inherited descriptors are the ones multiprocess passes explicitly.
-# "spawn" also starts multiprocess's resource-tracker helper (one per supervisor, at the first
-# sidecar start). It holds nothing for us (we use no named semaphores or shared memory) and exits
-# by itself on EOF once the supervisor and every sidecar are gone; stop_helper_processes() ends
-# it at once for a clean supervisor exit.
+# "spawn" would also start multiprocess's resource-tracker helper (one per supervisor, at the first
+# sidecar start). It would hold nothing for us (we use no named semaphores or shared memory), so
+# SidecarHost._spawn hands the child /dev/null instead and none is started; stop_helper_processes()
+# still ends one that something else in the process started.
 START_METHOD = "spawn"
 _CTX = multiprocess.get_context(START_METHOD)
 _live_hosts: set["SidecarHost"] = set()
+
+
+_devnull_fd: int | None = None
+
+
+def _no_tracker_fd() -> int:
+    global _devnull_fd
+    if _devnull_fd is None:
+        _devnull_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return _devnull_fd
 
 
 def stop_helper_processes(timeout: float = 2.0) -> bool:
@@ -262,6 +274,26 @@ class SidecarHost:
     # -- process handling -------------------------------------------------------------------
 
     def _spawn(self) -> None:
+        # While the child is prepared, __main__ is an empty module: "spawn" would otherwise re-run
+        # the parent's main script (the `fn-supervise` console script: CLI, runner, ssl, argparse,
+        # ~6 MB and ~70 ms) in every sidecar only to rebuild a __main__ no sidecar uses. Targets
+        # are importable functions (sidecars.entry.run_named), pickled by reference.
+        # And no resource tracker: "spawn" would start multiprocess's tracker process (a third
+        # interpreter with dill, ~14 MB) for resources no sidecar creates (named semaphores,
+        # shared memory); the child gets /dev/null as its tracker pipe instead.
+        from multiprocess import resource_tracker
+
+        main, getfd = sys.modules.get("__main__"), resource_tracker.getfd
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        resource_tracker.getfd = _no_tracker_fd
+        try:
+            self._spawn_child()
+        finally:
+            resource_tracker.getfd = getfd
+            if main is not None:
+                sys.modules["__main__"] = main
+
+    def _spawn_child(self) -> None:
         loop = self.loop
         parent_conn, child_conn = _CTX.Pipe(duplex=True)
         proc = _CTX.Process(target=self.target, args=(child_conn, *self.args),

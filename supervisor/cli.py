@@ -300,6 +300,11 @@ def cmd_new(a: argparse.Namespace, base: Path) -> int:
         prog.done()
         _err(f"environment could not be prepared: {type(e).__name__}: {e}")
         return EXIT_ENV
+    if getattr(a, "autostart", None):  # host mode: a running host starts it now
+        paths.update_config(autostart=a.autostart)
+        from .hostctl import after_new  # noqa: PLC0415
+
+        after_new(base, paths.name)
     print(paths.name)
     return EXIT_OK
 
@@ -532,8 +537,29 @@ def _target(a: argparse.Namespace, base: Path):
     return units.Target(cmd, str(base), env)
 
 
+def _host_unit(a: argparse.Namespace, base: Path, kind: str) -> int:
+    """systemd-unit --host / supervisord-conf --host: the unit of `fn-supervise host`."""
+    from . import units  # noqa: PLC0415
+    from .files import list_workers as _workers  # noqa: PLC0415
+
+    try:
+        target = _target(a, base)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    cfgs = [SupervisorConfig.from_worker_config(p.read_config_or_empty()) for p in _workers(base)]
+    if kind == "systemd":
+        print(units.host_systemd_unit(target, cfgs, metrics_port=a.metrics_port), end="")
+    else:
+        print(units.host_supervisord_program(target, cfgs, logfile=str(base / "fn-supervise-host.log"),
+                                             metrics_port=a.metrics_port), end="")
+    return EXIT_OK
+
+
 def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
     from . import units  # noqa: PLC0415
+    if getattr(a, "host", False):
+        return _host_unit(a, base, "systemd")
     if a.watchdog is not None and a.watchdog <= 0:
         _err("--watchdog must be > 0")
         return EXIT_USAGE
@@ -575,6 +601,11 @@ def cmd_systemd_unit(a: argparse.Namespace, base: Path) -> int:
 
 def cmd_supervisord_conf(a: argparse.Namespace, base: Path) -> int:
     from . import units  # noqa: PLC0415
+    if getattr(a, "host", False):
+        return _host_unit(a, base, "supervisord")
+    if a.worker is None:
+        _err("supervisord-conf needs a worker (worker_<uuid>) or --host")
+        return EXIT_USAGE
     try:
         target = _target(a, base)
     except ValueError as e:
@@ -606,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--no-venv", action="store_true", help="run with this interpreter, no venv")
     p.add_argument("--dep", action="append", metavar="SPEC", help="package dependency (repeatable)")
+    p.add_argument("--autostart", nargs="?", const="unless-stopped", choices=("always", "unless-stopped", "never"),
+                   help="supervise it under `fn-supervise host` (default unless-stopped)")
 
     p = sub.add_parser("run", parents=[common], help="supervise a worker in the foreground")
     p.add_argument("worker")
@@ -646,9 +679,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watchdog", type=float, metavar="SEC", help="WatchdogSec= (pings stop while the worker hangs)")
     p.add_argument("--socket", action="store_true",
                    help="print the matching .socket unit (systemd holds the port and passes it as fd 3)")
+    p.add_argument("--host", action="store_true", help="the unit of `fn-supervise host` (every autostart worker)")
+    p.add_argument("--metrics-port", type=int, help="with --host: pass --metrics-port to the host")
 
     p = sub.add_parser("supervisord-conf", parents=[common], help="print a supervisord [program:...] section")
-    p.add_argument("worker")
+    p.add_argument("worker", nargs="?")
+    p.add_argument("--host", action="store_true", help="the section of `fn-supervise host` (every autostart worker)")
+    p.add_argument("--metrics-port", type=int, help="with --host: pass --metrics-port to the host")
     p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
 
     p = sub.add_parser("workermanager", parents=[common],
@@ -658,7 +695,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="manager port (default: worker_manager.port in <base>/config.json)")
     p.add_argument("--monitor-port", type=int, default=0, help="subprocess monitor port (default: a free one)")
     p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("host", parents=[common], help="supervise every autostart worker of the folder in one process")
+    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on 127.0.0.1:PORT (0: any)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address of /metrics (0.0.0.0 in a container)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")
+    p.add_argument("--no-sidecars", action="store_true", help="no shared discovery / subprocess monitor")
+    p.add_argument("--no-fork-server", action="store_true", help="spawn every worker cold (no warm fork server)")
+    p.add_argument("--workermanager", action="store_true",
+                   help="also run the FuncNodes Workermanager; the workers it starts run in this host")
+    p.add_argument("--python", metavar="PY", help="with --workermanager: interpreter with funcnodes installed")
+    p.add_argument("--wm-host", help="with --workermanager: manager host (default: <base>/config.json)")
+    p.add_argument("--wm-port", type=int, help="with --workermanager: manager port (default: <base>/config.json)")
+    p.add_argument("--monitor-port", type=int, default=0, help="shared subprocess monitor port (default: a free one)")
     return ap
+
+
+def cmd_host(a: argparse.Namespace, base: Path) -> int:
+    from .host import run_host  # noqa: PLC0415
+
+    argv = None
+    if a.workermanager:
+        from .managerhost import manager_command  # noqa: PLC0415
+
+        if a.no_sidecars:
+            _err("--workermanager needs the shared subprocess monitor (drop --no-sidecars)")
+            return EXIT_USAGE
+        try:
+            argv = manager_command(a.python, base, a.wm_host, a.wm_port)
+        except FileNotFoundError as e:
+            _err(str(e))
+            return EXIT_USAGE
+    _setup_logging()
+    return run_host(base, no_venv=a.no_venv, metrics_port=a.metrics_port, poll=a.poll, sidecars=not a.no_sidecars,
+                    manager_argv=argv, monitor_port=a.monitor_port,
+                    metrics_bind=a.metrics_addr, fork_server=not a.no_fork_server)
 
 
 def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
@@ -676,7 +748,7 @@ def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
             "restart": cmd_restart, "lift": cmd_lift, "logs": cmd_logs, "demo": cmd_demo,
             "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf,
-            "workermanager": cmd_workermanager}
+            "workermanager": cmd_workermanager, "host": cmd_host}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -699,6 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
     base = base_dir(a.dir)
+    from .hostctl import dispatch  # noqa: PLC0415 (a running host answers list/status/stop/restart)
+
+    hosted = dispatch(a, base)
+    if hosted is not None:
+        return hosted
     return COMMANDS[a.cmd](a, base)
 
 

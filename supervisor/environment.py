@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 MARKER_NAME = "fn-supervise-env.json"
 MARKER_SCHEMA = 1
-CORE_PACKAGES = ("funcnodes-core", "aiohttp")
-VERIFY_IMPORTS = "import worker, funcnodes_core, aiohttp"
+CORE_PACKAGES = ("funcnodes-core", "aiohttp", "prometheus-client")  # the worker's runtime deps (/metrics)
+VERIFY_IMPORTS = "import worker, funcnodes_core, aiohttp, prometheus_client"
 BUILD_FILES = ("pyproject.toml", "setup.py")
 
 # Default time bounds; every uv call is killed (with its process group) past its bound.

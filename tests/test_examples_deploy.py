@@ -36,6 +36,8 @@ FILES = {
     "systemd/fn-supervise-demo.service": ("systemd-unit", f"worker_{DEMO_UUID}"),
     "systemd/fn-supervise-demo.socket": ("systemd-unit", f"worker_{DEMO_UUID}", "--socket"),
     "supervisord/fn-supervise.conf": ("supervisord-conf", f"worker_{DEMO_UUID}"),
+    "systemd/fn-supervise-host.service": ("systemd-unit", "--host", "--metrics-port", "9380"),
+    "supervisord/fn-supervise-host.conf": ("supervisord-conf", "--host", "--metrics-port", "9380"),
 }
 
 
@@ -130,6 +132,53 @@ def test_k8s_probes_answer_200_on_a_real_worker_with_a_token(config_dir):
         assert e.value.code == 401
     finally:
         w.stop()
+
+
+def test_k8s_host_mode_shape_and_its_probes_on_a_real_host(config_dir, tmp_path):
+    from supervisor import units
+    from supervisor.config import SupervisorConfig
+    from test_host import start_host
+
+    docs = _yaml_docs(EXAMPLES / "k8s" / "host.yaml")
+    dep = next(d for d in docs if d.get("kind") == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["terminationGracePeriodSeconds"] >= units.host_stop_timeout([SupervisorConfig()]) - 15
+    c = next(c for c in pod["containers"] if c["name"] == "fn-supervise")
+    assert c["command"][:2] == ["fn-supervise", "host"]
+    mport = int(c["command"][c["command"].index("--metrics-port") + 1])
+    assert _resolve_port(c, c["livenessProbe"]["httpGet"]["port"]) == mport
+    assert c["readinessProbe"]["exec"]["command"] == ["fn-supervise", "list"]
+    init = pod["initContainers"][0]
+    uuids = next(e["value"] for e in init["env"] if e["name"] == "WORKER_UUIDS").split()
+    script = " ".join(init["command"])
+    assert "--autostart" in script and "--host 0.0.0.0" in script
+    worker_ports = sorted(p["containerPort"] for p in c["ports"] if p["name"] != "metrics")
+    assert worker_ports == [9382 + i for i in range(len(uuids))]
+    svc = next(d for d in docs if d.get("kind") == "Service")
+    assert sorted(p["port"] for p in svc["spec"]["ports"]) == worker_ports
+    ref = next(e for e in c["env"] if e["name"] == "FN_SUPERVISE_TOKEN")["valueFrom"]["secretKeyRef"]
+    assert any(d.get("kind") == "Secret" and d["metadata"]["name"] == ref["name"] for d in docs)
+    # the probes, on a real host (loopback here): /metrics answers 200, `fn-supervise list` exits 0
+    port = free_port()
+    host = start_host(config_dir, tmp_path, "--metrics-port", str(port), "--no-sidecars")
+    try:
+        from conftest import poll_until
+
+        def metrics_ok():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{c['livenessProbe']['httpGet']['path']}",
+                                            timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        poll_until(metrics_ok, 30, what="host /metrics")
+        r = subprocess.run([sys.executable, "-m", "supervisor", "--dir", str(config_dir), "list"],
+                           capture_output=True, text=True, cwd=str(REPO), timeout=30)
+        assert r.returncode == 0, r.stderr
+    finally:
+        host.terminate()
+        assert host.wait(30) == 0
 
 
 if __name__ == "__main__":  # rewrite the generated examples

@@ -62,6 +62,9 @@ class WorkerRuntime:
         self.local: Any = None  # localworkers.LocalScripts
         self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
         self.server = WorkerServer(self)
+        from .metrics import WorkerMetrics  # GET /metrics (worker/metrics.py)
+
+        self.metrics = WorkerMetrics(self)
         self.ready = False
         self.runstate = "undefined"
         self.saving_enabled = False
@@ -151,6 +154,7 @@ class WorkerRuntime:
 
         self.graph = Graph(self._on_ns_event)
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
         self.commands = Commands(self.graph, self.store, self, self.local)
 
@@ -317,11 +321,13 @@ class WorkerRuntime:
 
     async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
         """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
+        started = time.perf_counter()  # metrics: RPCs by command, latency
         try:
             res = await self.commands.run(cmd, codec.revive(kwargs))
             # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
             # the result below exists only once the edit's record is in the journal.
             await self.store.flush()
+            self.metrics.rpc(cmd, started, ok=True)
             if as_bytes:
                 if codec.is_bytes_result(res):
                     payload, mime = res.data, res.mime
@@ -330,6 +336,7 @@ class WorkerRuntime:
                 return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
             return codec.dumps(codec.result(res, msg_id))
         except Exception as e:
+            self.metrics.rpc(cmd, started, ok=False)
             return self.error_text(e, msg_id)
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
@@ -337,6 +344,7 @@ class WorkerRuntime:
         self.broadcast(codec.progress(message, status, progress, blocking))
 
     def _on_ns_event(self, event: str, src: Any = None, **data: Any) -> None:
+        self.metrics.ns_event(event)
         if event == "after_set_value":
             self._send_value(data.get("node"), data.get("io"), data.get("result"))
             return

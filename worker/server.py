@@ -50,6 +50,7 @@ class Backend(Protocol):
     loop: asyncio.AbstractEventLoop
     config: Mapping[str, Any]  # cors_origins, auth_token, max_upload_size
     paths: Any  # .data: uploads go to its files/
+    metrics: Any  # GET /metrics: .public, .render() -> (body, content type) (worker/metrics.py)
 
     def fast(self, cmd: str, kwargs: dict) -> Any: ...  # I/O thread: uuid, name, get_runstate, heartbeat
 
@@ -194,6 +195,7 @@ class WorkerServer:
         r.add_get("/", self.handle_ws)
         r.add_get("/healthz", self.handle_healthz)
         r.add_get("/readyz", self.handle_readyz)
+        r.add_get("/metrics", self.handle_metrics)
         r.add_get("/message/{msg_id}", self.handle_get_message)
         r.add_post("/message/", self.handle_post_message)
         r.add_post("/message", self.handle_post_message)
@@ -302,6 +304,7 @@ class WorkerServer:
     @web.middleware
     async def auth_middleware(self, request: web.Request, handler):
         if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+                or (request.path == "/metrics" and self.backend.metrics.public)
                 or (request.method == "GET" and request.path.startswith("/message/"))):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
@@ -576,6 +579,10 @@ class WorkerServer:
     async def handle_healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
                                   "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        body, ctype = self.backend.metrics.render()  # worker/metrics.py (thread-safe: the library locks)
+        return web.Response(body=body, headers={"Content-Type": ctype})
 
     async def handle_readyz(self, request: web.Request) -> web.Response:
         if self.backend.ready:

@@ -1,0 +1,138 @@
+"""Prometheus metrics of `fn-supervise host` (prometheus_client), on 127.0.0.1:<--metrics-port>.
+
+Counters that must not be lost when a Supervisor's crash history is trimmed (crashes by
+reason, phase durations) are fed from two seams of each Supervisor, wrapped here at start:
+its state machine's change hook and its `_after_exit`. Everything else is read at scrape time.
+
+Names (base units, `_total` counters; `worker` is worker_<uuid>):
+  fn_supervise_build_info{version,python}                       1
+  fn_supervise_workers{state}                                   workers per state
+  fn_supervise_worker_state{worker,state}                       1 for the worker's current state
+  fn_supervise_worker_up{worker}                                1 while RUNNING
+  fn_supervise_worker_restarts_total{worker}                    restarts by its policy
+  fn_supervise_worker_crashes_total{worker,reason}              crashed|hung|start_failed|start_timeout|...
+  fn_supervise_phase_duration_seconds{phase}                    histogram: time spent in PREPARING,
+                                                                STARTING, BACKOFF, STOPPING
+  fn_supervise_worker_heartbeat_age_seconds{worker}             since the worker's last heartbeat
+  fn_supervise_worker_heartbeat_lag_seconds{worker}             event-loop lag the worker reports
+  fn_supervise_sidecar_up{sidecar} / _sidecar_restarts_total    the shared discovery and monitor
+  process_*, python_info                                        the host process
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from .states import State
+
+if TYPE_CHECKING:
+    from .host import HostSupervisor
+    from .runner import Supervisor
+
+PHASES = (State.PREPARING, State.STARTING, State.BACKOFF, State.STOPPING)
+PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class HostMetrics:
+    def __init__(self, host: "HostSupervisor"):
+        from worker.metrics import version
+
+        self.host = host
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        Gauge("fn_supervise_build_info", "fn-supervise host build (always 1)", ["version", "python"],
+              registry=r).labels(version("fn-supervise"), sys.version.split()[0]).set(1)
+        self.crashes = Counter("fn_supervise_worker_crashes", "worker exits the policy counted, by reason",
+                               ["worker", "reason"], registry=r)
+        self.phase = Histogram("fn_supervise_phase_duration_seconds", "time spent in a start/stop phase",
+                               ["phase"], buckets=PHASE_BUCKETS, registry=r)
+        r.register(_HostLive(host))
+
+    def instrument(self, sup: "Supervisor") -> None:
+        """Wrap the two seams of one Supervisor (composition: runner.py unchanged)."""
+        name = sup.paths.name
+        entered = {"at": time.monotonic()}
+        on_change = sup.sm._on_change
+
+        def changed(old: State, new: State, tname: str, reason: str) -> None:
+            now = time.monotonic()
+            if old in PHASES:
+                self.phase.labels(old.value).observe(now - entered["at"])
+            entered["at"] = now
+            if on_change is not None:
+                on_change(old, new, tname, reason)
+
+        sup.sm._on_change = changed
+        after_exit = sup._after_exit
+
+        def exited(w: Any, **kw: Any) -> Any:
+            self.crashes.labels(name, str(kw.get("reason") or "unknown")).inc()
+            return after_exit(w, **kw)
+
+        sup._after_exit = exited  # type: ignore[method-assign]
+
+
+class _HostLive:
+    def __init__(self, host: "HostSupervisor"):
+        self.host = host
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        per_state = GaugeMetricFamily("fn_supervise_workers", "workers per state", labels=["state"])
+        state = GaugeMetricFamily("fn_supervise_worker_state", "1 for the worker's current state",
+                                  labels=["worker", "state"])
+        up = GaugeMetricFamily("fn_supervise_worker_up", "1 while the worker is RUNNING", labels=["worker"])
+        restarts = CounterMetricFamily("fn_supervise_worker_restarts", "restarts by the worker's policy",
+                                       labels=["worker"])
+        age = GaugeMetricFamily("fn_supervise_worker_heartbeat_age_seconds", "seconds since the last heartbeat",
+                                labels=["worker"])
+        lag = GaugeMetricFamily("fn_supervise_worker_heartbeat_lag_seconds",
+                                "event-loop lag the worker reports in its heartbeat", labels=["worker"])
+        counts = {s.value: 0 for s in State}
+        now = time.monotonic()
+        for e in list(self.host.entries.values()):
+            sup = e.sup
+            name = e.paths.name
+            st = sup.sm.state.value if (sup is not None and e.running) else State.STOPPED.value
+            if sup is not None and not e.running and sup.sm.state == State.FATAL:
+                st = State.FATAL.value
+            counts[st] += 1
+            state.add_metric([name, st], 1.0)
+            up.add_metric([name], 1.0 if st == State.RUNNING.value else 0.0)
+            restarts.add_metric([name], float(sup.policy.total_restarts if sup is not None else 0))
+            h = sup.health if sup is not None and e.running and st == State.RUNNING.value else None
+            if h is not None and getattr(h, "last", None) is not None:
+                age.add_metric([name], max(0.0, now - h.last))
+                if getattr(h, "lag", None) is not None:
+                    lag.add_metric([name], float(h.lag))
+        for s, n in counts.items():
+            per_state.add_metric([s], float(n))
+        yield from (per_state, state, up, restarts, age, lag)
+        sc_up = GaugeMetricFamily("fn_supervise_sidecar_up", "1 while the shared sidecar runs", labels=["sidecar"])
+        sc_restarts = CounterMetricFamily("fn_supervise_sidecar_restarts", "restarts of the shared sidecar",
+                                          labels=["sidecar"])
+        for sc in self.host.shared.status():
+            sc_up.add_metric([sc["name"]], 1.0 if sc.get("state") == "running" else 0.0)
+            sc_restarts.add_metric([sc["name"]], float(sc.get("restarts") or 0))
+        yield sc_up
+        yield sc_restarts
+
+
+def serve(host: "HostSupervisor", port: int, addr: str = "127.0.0.1") -> tuple[Any, tuple[str, int]]:
+    """The library's own threaded HTTP server (no aiohttp in the host). -> (server, (addr, port))."""
+    host.metrics = HostMetrics(host)
+    for e in host.entries.values():
+        if e.sup is not None:
+            host.metrics.instrument(e.sup)
+    server, _thread = start_http_server(port, addr=addr, registry=host.metrics.registry)
+    return server, (addr, server.server_port)

@@ -1,0 +1,145 @@
+"""Prometheus metrics of one worker (prometheus_client), served at GET /metrics (server.py).
+
+Each worker has a registry of its own (never the library's global one: tests and the host run
+several in one process). Counting happens at three seams of the runtime: `rpc` from
+runtime.execute, `ns_event` from the nodespace event hook, `watch_store` once the journal
+exists (it times the Store's append and fdatasync here, so store.py stays as it is).
+
+Names (base units, `_total` counters):
+  fn_worker_build_info{version,python,funcnodes_core}       1
+  fn_worker_ready                                           1 once the graph is loaded and served
+  fn_worker_rpcs_total{command,outcome}                     outcome ok|error; unknown commands are "other"
+  fn_worker_rpc_duration_seconds{command}                   histogram, the command plus its journal flush
+  fn_worker_clients                                         connected WebSocket clients
+  fn_worker_node_runs_total / fn_worker_node_errors_total   node triggers started / node errors
+  fn_worker_journal_write_seconds                           histogram of journal appends
+  fn_worker_journal_fsync_seconds                           histogram of journal fdatasyncs
+  fn_worker_journal_records_total / _snapshots_total        from Store.stats
+  process_*, python_info, python_gc_*                       the library's standard collectors
+
+`/metrics` needs the worker's token like every other route, unless the config says
+`"metrics_public": true` (Prometheus scraping a loopback worker without the secret)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+try:  # a worker venv built before prometheus-client was a core package lacks it: no metrics, no failure
+    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                                   generate_latest)
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.gc_collector import GCCollector
+    from prometheus_client.platform_collector import PlatformCollector
+    from prometheus_client.process_collector import ProcessCollector
+except ImportError:  # pragma: no cover - depends on the environment
+    CollectorRegistry = None  # type: ignore[assignment,misc]
+
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+IO_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class WorkerMetrics:
+    def __init__(self, rt: Any):
+        self.rt = rt
+        self.public = bool((getattr(rt, "config", None) or {}).get("metrics_public"))
+        self.enabled = CollectorRegistry is not None
+        if not self.enabled:
+            return
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        info = Gauge("fn_worker_build_info", "fn-supervise worker build (always 1)",
+                     ["version", "python", "funcnodes_core"], registry=r)
+        info.labels(version("fn-supervise"), sys.version.split()[0], version("funcnodes-core")).set(1)
+        self.rpcs = Counter("fn_worker_rpcs", "RPC commands handled", ["command", "outcome"], registry=r)
+        self.rpc_seconds = Histogram("fn_worker_rpc_duration_seconds", "RPC command time, journal flush included",
+                                     ["command"], buckets=RPC_BUCKETS, registry=r)
+        self.node_runs = Counter("fn_worker_node_runs", "node triggers started", registry=r)
+        self.node_errors = Counter("fn_worker_node_errors", "node errors", registry=r)
+        self.journal_write = Histogram("fn_worker_journal_write_seconds", "journal append time",
+                                       buckets=IO_BUCKETS, registry=r)
+        self.journal_fsync = Histogram("fn_worker_journal_fsync_seconds", "journal fdatasync time",
+                                       buckets=IO_BUCKETS, registry=r)
+        r.register(_Live(rt))
+
+    # region counting seams
+    def command_label(self, cmd: str) -> str:
+        known = getattr(getattr(self.rt, "commands", None), "registry", None)
+        return cmd if isinstance(known, dict) and cmd in known else "other"  # bounded label set
+
+    def rpc(self, cmd: str, started: float, ok: bool) -> None:
+        if not self.enabled:
+            return
+        label = self.command_label(cmd)
+        self.rpcs.labels(label, "ok" if ok else "error").inc()
+        self.rpc_seconds.labels(label).observe(time.perf_counter() - started)
+
+    def ns_event(self, event: str) -> None:
+        if not self.enabled:
+            return
+        if event in ("triggerstart", "triggerfast"):
+            self.node_runs.inc()
+        elif event in ("node_trigger_error", "node_error"):
+            self.node_errors.inc()
+
+    def watch_store(self, store: Any) -> None:
+        """Time the Store's journal append and fdatasync (instance wrappers, store.py unchanged)."""
+        if not self.enabled:
+            return
+        write, sync = getattr(store, "_write_pending", None), getattr(store, "_sync_once", None)
+        if write is not None:
+            def timed_write(*a: Any, **kw: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return write(*a, **kw)
+                finally:
+                    self.journal_write.observe(time.perf_counter() - t)
+            store._write_pending = timed_write
+        if sync is not None:
+            async def timed_sync(*a: Any, **kw: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return await sync(*a, **kw)
+                finally:
+                    self.journal_fsync.observe(time.perf_counter() - t)
+            store._sync_once = timed_sync
+    # endregion
+
+    def render(self) -> tuple[bytes, str]:
+        if not self.enabled:
+            return b"# prometheus_client is not installed in this worker's environment\n", "text/plain; charset=utf-8"
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Live:
+    """Values read at scrape time from the runtime (no bookkeeping in the hot path)."""
+
+    def __init__(self, rt: Any):
+        self.rt = rt
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        rt = self.rt
+        yield GaugeMetricFamily("fn_worker_ready", "1 once the graph is loaded and served",
+                                value=1.0 if getattr(rt, "ready", False) else 0.0)
+        server = getattr(rt, "server", None)
+        yield GaugeMetricFamily("fn_worker_clients", "connected WebSocket clients",
+                                value=float(len(getattr(server, "clients", None) or {})))
+        stats = getattr(getattr(rt, "store", None), "stats", None) or {}
+        yield CounterMetricFamily("fn_worker_journal_records", "edit records fed to the journal",
+                                  value=float(stats.get("records", 0)))
+        yield CounterMetricFamily("fn_worker_journal_snapshots", "snapshots written (journal cuts)",
+                                  value=float(stats.get("snapshots", 0)))
