@@ -58,12 +58,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder; with the snapshot fault."""
+def write_durably(path: Path, data: bytes, mode: int = 0o600, fault: str | None = "snapshot") -> None:
+    """Temp file in the same folder, fsync, rename, fsync the folder (fsutil.atomic_write plus
+    the folder's fsync and the crash tests' fault point)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            if fault_point("snapshot"):
+            if fault is not None and fault_point(fault):
                 f.write(data[: len(data) // 2])
                 f.flush()
                 die()
@@ -114,21 +115,7 @@ class JournalFile:
     def rewrite(self, content: bytes) -> None:
         """Replace the segment atomically (the cut after a snapshot), durably: a reader finds the
         old segment or the new one, and the new one is on disk before it replaces the old."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        fsync_dir(self.path.parent)
+        write_durably(self.path, content, fault=None)
         os.close(self.fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.size = len(content)
