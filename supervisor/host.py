@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, list_workers, process_identity
+from .process import GroupReaper
 from .runner import EXIT_FATAL, EXIT_OK, EXIT_RUNNING, Supervisor
 from .systemd import Notifier
 
@@ -81,63 +82,29 @@ def config_signature(cfg: dict[str, Any]) -> str:
 
 
 # region shared dead-man's switch
-class SharedGroupReaper:
-    """One `/bin/sh` for every worker group of the host (runner's GroupReaper is one per worker).
+class SharedGroupReaper(GroupReaper):
+    """One `/bin/sh` for every worker group of the host (a GroupReaper per worker otherwise).
 
-    It reads lines, each the full list of live worker pgids, from a pipe whose only write end
-    the host holds; at EOF (the host died, SIGKILL included) it SIGKILLs the groups of the last
-    line. A clean stop writes an empty list first."""
-
-    SCRIPT = 'g=; while read -r l; do g=$l; done; for x in $g; do kill -s KILL -- "-$x" 2>/dev/null; done; exit 0'
+    Each line it reads is the full list of live worker pgids; at EOF (the host died, SIGKILL
+    included) it SIGKILLs the groups of the last line. A clean stop writes an empty list first."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.groups: dict[str, int] = {}
-        self._w: int | None = None
-        self._proc: subprocess.Popen | None = None
-
-    def start(self) -> bool:
-        if not os.path.exists("/bin/sh"):
-            return False
-        r, w = os.pipe()
-        try:
-            self._proc = subprocess.Popen(["/bin/sh", "-c", self.SCRIPT], stdin=r, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-        except OSError:
-            os.close(w)
-            return False
-        finally:
-            os.close(r)
-        os.set_inheritable(w, False)
-        self._w = w
-        return True
 
     def set(self, key: str, pgid: int | None) -> None:
         if pgid is None:
             self.groups.pop(key, None)
         else:
             self.groups[key] = int(pgid)
-        if self._w is not None:
-            try:
-                os.write(self._w, (" ".join(str(g) for g in self.groups.values()) + "\n").encode())
-            except OSError:
-                pass
+        self._send(" ".join(str(g) for g in self.groups.values()))
 
     def slot(self, key: str) -> "ReaperSlot":
         return ReaperSlot(self, key)
 
     def close(self) -> None:
-        if self._w is None:
-            return
         self.groups.clear()
-        self.set("", None)
-        os.close(self._w)
-        self._w = None
-        if self._proc is not None:
-            try:
-                self._proc.wait(2.0)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(2.0)
+        super().close()
 
 
 class ReaperSlot:

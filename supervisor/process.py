@@ -89,10 +89,13 @@ class GroupReaper:
     (node subprocesses, in its process group) would outlive a SIGKILLed supervisor: we are
     their subreaper and we are gone. A tiny `/bin/sh` in a session of its own reads the
     current worker pgid from a pipe whose only write end we hold; when we die the pipe
-    closes and it SIGKILLs that group. "-" clears it (the group is gone, or we stop cleanly).
+    closes and it SIGKILLs that group. An empty line clears it (the group is gone, or we stop
+    cleanly).
     """
 
-    SCRIPT = 'g=-; while read -r l; do g=$l; done; [ "$g" != - ] && kill -s KILL -- "-$g" 2>/dev/null; exit 0'
+    # Each line is the whole list of groups to kill (space-separated; empty = none), so one
+    # switch serves one worker here and every worker of a host (host.SharedGroupReaper).
+    SCRIPT = 'g=; while read -r l; do g=$l; done; for x in $g; do kill -s KILL -- "-$x" 2>/dev/null; done; exit 0'
 
     def __init__(self) -> None:
         self._w: int | None = None
@@ -125,7 +128,7 @@ class GroupReaper:
         self._send(str(int(pgid)))
 
     def clear(self) -> None:
-        self._send("-")
+        self._send("")
 
     def close(self) -> None:
         if self._w is None:
