@@ -1,6 +1,6 @@
 """Many workers on one machine: what supervision costs per worker, with real processes.
 
-  python benchmarks/bench_host.py [--n 1,5,10,20] [--idle 30] [--modes stock,host,per-worker]
+  python benchmarks/bench_host.py [--n 1,5,10,20] [--idle 30] [--modes stock,host,per-worker,worker]
 
 For each N, one after the other, in fresh config folders, N empty-graph workers:
   stock        the stock FuncNodes worker started the stock way (tests/stockenv.py: PyPI
@@ -8,15 +8,22 @@ For each N, one after the other, in fresh config folders, N empty-graph workers:
   host         ours, `fn-supervise --dir B host` (one process supervising every autostart worker,
                shared discovery/monitor/dead-man's switch), workers `--no-venv`
   per-worker   ours, one `fn-supervise --dir B worker_<uuid>` per worker (its own sidecars)
+  worker       ours unsupervised: N lone `python -m worker worker_<uuid>` processes, the baseline
+               "beyond the worker" is measured against
 Measured (every process that carries this run's marker in its environment, i.e. everything
 each mode started and everything that started):
   procs, RSS, USS, PSS     psutil memory_full_info, summed; "supervision" = all but the worker
                            processes themselves (PSS splits pages a fork or a library shares)
+  beyond worker            (total PSS - total PSS of N lone workers at the same N) / N: what
+                           supervising one worker costs, whatever the process layout (a forked
+                           worker shares pages with its fork server, so its own PSS understates it)
   start                    launch -> all N answer a WebSocket ping
   idle CPU                 CPU seconds of all processes over --idle s once all answer (after
                            a settle of --settle s), as % of one core
 Targets (issue 11): supervision <= 15 MB PSS per worker at N = 20; total PSS at N = 20 <= half of
-stock's; start of 20 <= 0.4x stock's; idle CPU <= stock's. The JSON goes to benchmarks/results/.
+stock's; start of 20 <= 0.4x stock's; idle CPU <= stock's. Issue 18 (per-worker mode): beyond
+worker <= 25 MB PSS at N = 5; start of 20 <= 0.4x stock's. The JSON goes to benchmarks/results/.
+Times are wall-clock on whatever else the machine runs: compare modes within one run.
 """
 
 from __future__ import annotations
@@ -114,6 +121,8 @@ def worker_pids(base: Path) -> set[int]:
 
 
 def is_worker(p: psutil.Process, mode: str, ours: set[int]) -> bool:
+    if mode == "worker":
+        return True
     if mode != "stock":
         return p.pid in ours
     try:
@@ -193,6 +202,9 @@ def run_ours(mode: str, n: int, base: Path, marker: str, args) -> tuple[list[sub
     if mode == "host":
         procs = [subprocess.Popen([FN_SUPERVISE, "--dir", str(base), "host"], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(base))]
+    elif mode == "worker":
+        procs = [subprocess.Popen([sys.executable, "-m", "worker", name, "--dir", str(base)], env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(base)) for name in names]
     else:
         procs = [subprocess.Popen([FN_SUPERVISE, "--dir", str(base), name], env=env, stdout=out,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(base)) for name in names]
@@ -256,13 +268,21 @@ def one(mode: str, n: int, args) -> dict:
     return r
 
 
+def beyond_worker(results: list[dict], r: dict) -> float | None:
+    """PSS per worker beyond N lone workers' (same N, same run); None without the worker mode."""
+    lone = next((x for x in results if x["mode"] == "worker" and x["n"] == r["n"]), None)
+    return None if lone is None else (r["total_pss"] - lone["total_pss"]) / r["n"]
+
+
 def table(results: list[dict]) -> str:
-    rows = ["| mode | N | procs | RSS MB | USS MB | PSS MB | supervision PSS MB | per worker | start s | idle CPU % |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| mode | N | procs | RSS MB | USS MB | PSS MB | supervision PSS MB | per worker | beyond worker MB | "
+            "start s | idle CPU % |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        b = beyond_worker(results, r)
         rows.append(f"| {r['mode']} | {r['n']} | {r['total_procs']} | {r['total_rss']:.0f} | {r['total_uss']:.0f} | "
                     f"{r['total_pss']:.0f} | {r['supervision_pss']:.1f} | {r['supervision_pss'] / r['n']:.1f} | "
-                    f"{r['start_s']:.2f} | {r['idle_cpu_pct']:.2f} |")
+                    f"{'-' if b is None else f'{b:.1f}'} | {r['start_s']:.2f} | {r['idle_cpu_pct']:.2f} |")
     return "\n".join(rows)
 
 
@@ -285,6 +305,12 @@ def verdict(results: list[dict]) -> list[str]:
             ok = r["idle_cpu_pct"] <= st["idle_cpu_pct"]
             out.append(f"{mode} N={nmax}: idle CPU {r['idle_cpu_pct']:.2f}% vs stock {st['idle_cpu_pct']:.2f}%: "
                        f"{'yes' if ok else 'NO'}")
+    for r in results:  # issue 18: per-worker mode's supervision beyond the worker itself
+        b = beyond_worker(results, r)
+        if r["mode"] == "per-worker" and b is not None:
+            tgt = " (target <= 25 at N = 5)" if r["n"] == 5 else ""
+            ok = "" if r["n"] != 5 else (": yes" if b <= 25 else ": NO")
+            out.append(f"per-worker N={r['n']}: beyond the worker {b:.1f} MB PSS per worker{tgt}{ok}")
     return out
 
 

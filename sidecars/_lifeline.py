@@ -17,6 +17,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = None
+FORK_PARENT: int | None = None  # set in a sidecar forked by sidecars/forked.py: the supervisor's pid
 
 
 def _prctl(option: int, arg: int) -> bool:
@@ -53,13 +54,13 @@ def arm_sidecar() -> None:
     SIGINT from a terminal reaches the whole foreground process group; the supervisor handles
     it and stops its sidecars in order, so a sidecar must not die of it on its own.
     """
-    expected = None
-    try:
-        import multiprocess
-
-        parent = multiprocess.parent_process()
-        expected = parent.pid if parent is not None else None
-    except Exception:  # pragma: no cover - run outside multiprocess
-        expected = None
+    expected = FORK_PARENT
+    mp = sys.modules.get("multiprocess")  # a spawned sidecar's bootstrap imported it already
+    if expected is None and mp is not None:
+        try:
+            parent = mp.parent_process()
+            expected = parent.pid if parent is not None else None
+        except Exception:  # pragma: no cover - run outside multiprocess
+            expected = None
     set_parent_death_signal(signal.SIGTERM, expected)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

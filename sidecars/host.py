@@ -1,6 +1,7 @@
 """Supervision of one sidecar process from the supervisor's asyncio loop.
 
-`SidecarHost` starts the sidecar as a `multiprocess` process, learns of its messages and of its
+`SidecarHost` starts the sidecar as a `multiprocess` process (or forks it from the supervisor:
+start_method="fork", sidecars/forked.py), learns of its messages and of its
 death from file descriptors registered with the loop (the pipe and the process sentinel; no
 polling), restarts it one-for-one with capped backoff while it stays within its own crash budget,
 and otherwise leaves it FATAL: a sidecar never takes the worker or the supervisor down with it.
@@ -26,9 +27,6 @@ import types
 from collections import deque
 from typing import Any, Callable
 
-import multiprocess
-import psutil
-
 log = logging.getLogger(__name__)
 
 # Start method: "spawn", deliberately. The supervisor runs an asyncio loop with signal handlers
@@ -44,8 +42,11 @@ log = logging.getLogger(__name__)
 # sidecar start). It would hold nothing for us (we use no named semaphores or shared memory), so
 # SidecarHost._spawn hands the child /dev/null instead and none is started; stop_helper_processes()
 # still ends one that something else in the process started.
+# "fork" (sidecars/forked.py) is the lean alternative for a supervisor that starts its sidecars
+# before any thread: the child shares the supervisor's pages and is cleaned up explicitly (fds,
+# signal handlers, logging). multiprocess (and dill with it) is imported only for "spawn".
 START_METHOD = "spawn"
-_CTX = multiprocess.get_context(START_METHOD)
+START_METHODS = ("spawn", "fork")
 _live_hosts: set["SidecarHost"] = set()
 
 
@@ -67,6 +68,10 @@ def stop_helper_processes(timeout: float = 2.0) -> bool:
     """
     if _live_hosts:
         return False
+    if "multiprocess" not in sys.modules:
+        return True  # nothing could have started a tracker
+    import psutil  # noqa: PLC0415
+
     try:
         from multiprocess import resource_tracker
         tracker = resource_tracker._resource_tracker
@@ -181,8 +186,11 @@ class SidecarHost:
                  loop: asyncio.AbstractEventLoop | None = None,
                  budget: int = 5, window: float = 60.0,
                  backoff_base: float = 0.2, backoff_cap: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, start_method: str = START_METHOD):
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, not {start_method!r}")
         self.name = name
+        self.start_method = start_method
         self.target = target
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
@@ -274,6 +282,9 @@ class SidecarHost:
     # -- process handling -------------------------------------------------------------------
 
     def _spawn(self) -> None:
+        if self.start_method == "fork":
+            self._spawn_child()
+            return
         # While the child is prepared, __main__ is an empty module: "spawn" would otherwise re-run
         # the parent's main script (the `fn-supervise` console script: CLI, runner, ssl, argparse,
         # ~6 MB and ~70 ms) in every sidecar only to rebuild a __main__ no sidecar uses. Targets
@@ -295,16 +306,29 @@ class SidecarHost:
 
     def _spawn_child(self) -> None:
         loop = self.loop
-        parent_conn, child_conn = _CTX.Pipe(duplex=True)
-        proc = _CTX.Process(target=self.target, args=(child_conn, *self.args),
-                            kwargs=self.kwargs, daemon=True,
-                            name=f"fn-supervise-sidecar-{self.name}")
         self._exited = asyncio.Event()
+        if self.start_method == "fork":
+            from .forked import ForkedSidecar  # noqa: PLC0415
+
+            proc = ForkedSidecar(self.target, self.args, self.kwargs)
+            child_conn = None
+        else:
+            import multiprocess  # noqa: PLC0415
+
+            ctx = multiprocess.get_context("spawn")
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=self.target, args=(child_conn, *self.args),
+                               kwargs=self.kwargs, daemon=True,
+                               name=f"fn-supervise-sidecar-{self.name}")
         try:
-            proc.start()
+            if child_conn is None:
+                parent_conn = proc.start()
+            else:
+                proc.start()
         except Exception as exc:
-            parent_conn.close()
-            child_conn.close()
+            if child_conn is not None:
+                parent_conn.close()
+                child_conn.close()
             log.exception("sidecar %s: failed to start", self.name)
             self._proc = None
             self._exited.set()
@@ -312,7 +336,8 @@ class SidecarHost:
                               "error": f"start failed: {exc}"}
             self._after_exit()
             return
-        child_conn.close()  # the child's end lives only in the child: its death = our EOF
+        if child_conn is not None:
+            child_conn.close()  # the child's end lives only in the child: its death = our EOF
         _live_hosts.add(self)
         self._proc = proc
         self._conn = parent_conn

@@ -55,6 +55,11 @@ Limits (what is and is not guaranteed):
   * a descendant that leaves its group (setsid/setpgid, i.e. a deliberate daemon) is reached by
     the monitor's own shutdown (it is reparented to the monitor, a subreaper) but not by the
     host's group kill after a SIGKILL of the monitor.
+
+Lazy HTTP: the monitor binds its port and announces it at once, but imports aiohttp (~20 MB
+per process) only when the first connection is waiting; until then it is a bound socket and a
+pipe. The first client waits in the listen backlog for that import (~0.2 s), then is served.
+psutil (~8 MB in a forked sidecar) likewise: only to find and kill descendants at shutdown.
 """
 
 from __future__ import annotations
@@ -65,14 +70,28 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psutil
-from aiohttp import WSMsgType, web
+if TYPE_CHECKING:
+    import psutil
 
 from ._lifeline import arm_sidecar, set_child_subreaper, set_parent_death_signal
+
+web: Any = None  # aiohttp.web and aiohttp.WSMsgType, imported by _load_http() at the first connection
+WSMsgType: Any = None
+
+
+def _load_http() -> None:
+    global web, WSMsgType
+    if web is None:
+        from aiohttp import WSMsgType as _ws_msg_type  # noqa: PLC0415
+        from aiohttp import web as _web  # noqa: PLC0415
+
+        web, WSMsgType = _web, _ws_msg_type
+
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +263,11 @@ class Monitor:
         self.shutting_down = False
         self.done = asyncio.Event()
         self.runner: web.AppRunner | None = None
-        # Set once run() has bound (or failed to): a stop that arrives while we bind waits for it,
-        # so the runner is never cleaned up under a site that is still starting.
+        self.sock: socket.socket | None = None  # bound and listening; aiohttp serves it from the first connection
+        # Set once run() has bound (or failed to) and, from the first connection, while the HTTP
+        # server is not starting: a stop waits for it, so the runner is never cleaned up under a
+        # site that is still starting.
         self.bound = asyncio.Event()
-        self.app = web.Application()
-        self.app.router.add_get("/", self.index)
-        self.app.router.add_post("/spawn", self.spawn)
-        self.app.router.add_post("/stop", self.stop)
-        self.app.router.add_get("/subscribe", self.subscribe)
 
     # -- pipe to the supervisor -------------------------------------------------------------
 
@@ -503,6 +519,8 @@ class Monitor:
                     t.close()
 
     def _descendants(self) -> list[psutil.Process]:
+        import psutil  # noqa: PLC0415
+
         try:
             return psutil.Process().children(recursive=True)
         except psutil.Error:
@@ -516,6 +534,8 @@ class Monitor:
 
     async def kill_all(self) -> None:
         """SIGTERM every group and descendant, SIGKILL after kill_timeout; bounded."""
+        import psutil  # noqa: PLC0415
+
         loop = asyncio.get_running_loop()
         for sig, wait in ((signal.SIGTERM, self.kill_timeout), (signal.SIGKILL, 2.0)):
             for child in list(self.children.values()):
@@ -542,6 +562,9 @@ class Monitor:
             await self.bound.wait()
             if self.runner is not None:
                 await self.runner.cleanup()
+            elif self.sock is not None:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                self.sock.close()
         finally:
             self.done.set()
 
@@ -553,25 +576,69 @@ class Monitor:
         loop.add_signal_handler(signal.SIGTERM, self.request_shutdown, "SIGTERM")
         if self.conn is not None:
             loop.add_reader(self.conn.fileno(), self._on_conn)
+        if self.conn is not None:
+            self._on_conn()  # a stop (or EOF) already waiting: handled before we bind
         try:
-            self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                        shutdown_timeout=1.0)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, self.host, self.port)
-            await site.start()
+            if not self.shutting_down:
+                self.sock = _listen(self.host, self.port)
         finally:
             self.bound.set()
         if self.shutting_down:  # a stop came while we bound: never announce an address
             await self.done.wait()
             return
-        self.port = self.runner.addresses[0][1]  # the real one when port=0
+        self.port = self.sock.getsockname()[1]  # the real one when port=0
+        loop.add_reader(self.sock.fileno(), self._first_connection)
         self.send({"type": "monitor", "host": self.host, "port": self.port, "pid": os.getpid(),
                    "env_pid": self.owner_pid})
         log.info("subprocess monitor listening on %s:%d", self.host, self.port)
         await self.done.wait()
 
 
+    def _first_connection(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        if not self.shutting_down:
+            self.bound.clear()
+            asyncio.get_running_loop().create_task(self._serve_http())
+
+    async def _serve_http(self) -> None:
+        """aiohttp takes over the bound socket; the waiting connection is its first."""
+        try:
+            _load_http()
+            app = web.Application()
+            app.router.add_get("/", self.index)
+            app.router.add_post("/spawn", self.spawn)
+            app.router.add_post("/stop", self.stop)
+            app.router.add_get("/subscribe", self.subscribe)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+            await runner.setup()
+            self.runner = runner
+            await web.SockSite(runner, self.sock).start()
+        except Exception as exc:  # noqa: BLE001 (cannot serve: exit non-zero, the host restarts us)
+            log.error("monitor: cannot serve HTTP: %s", exc)
+            self.send({"type": "error", "sidecar": "monitor", "error": f"cannot serve HTTP: {exc}"})
+            self.request_shutdown("cannot serve HTTP")
+        finally:
+            self.bound.set()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket aiohttp's TCPSite would make (SO_REUSEADDR, first address of host)."""
+    family, *_rest, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _alive(p: psutil.Process) -> bool:
+    import psutil  # noqa: PLC0415
+
     try:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

@@ -1,6 +1,8 @@
 """The supervisor's side of the warm fork server (worker/forkserver.py).
 
-One ForkServer per worker, of the worker's own interpreter. `fork()` hands it the child ends
+One ForkServer per worker, of the worker's own interpreter: a fresh `python -m worker.forkserver`,
+or, when that interpreter is the supervisor's own, the standby forked from the supervisor before
+its first thread (forkstandby.py; its pages stay shared with us). `fork()` hands it the child ends
 of the worker's control channel and output pipe (and the held listening socket) by
 SCM_RIGHTS and gets back the PID of a worker that is already importing nothing: it loads the
 graph and serves. Anything wrong (the server died, timed out, refused because its venv was
@@ -22,6 +24,8 @@ import subprocess
 import time
 from typing import Any
 
+from . import forkstandby
+
 log = logging.getLogger("fn-supervise")
 
 FORK_TIMEOUT = 5.0
@@ -30,6 +34,20 @@ READY_TIMEOUT = 300.0  # preloading a venv's packages; a worker start is not wai
 
 class ForkError(RuntimeError):
     pass
+
+
+def _become(standby: Any, args: list[str], env: dict[str, str], cwd: str | None, sock_fd: int, out: Any) -> Any:
+    """The standby as the fork server; None if it cannot be reached (then it is spawned)."""
+    null = os.open(os.devnull, os.O_WRONLY) if out is subprocess.DEVNULL else None
+    try:
+        return standby.become(args, env, cwd, sock_fd, out.fileno() if null is None else null)
+    except OSError as e:
+        log.warning("fork server standby %s unreachable (%s): spawning one", standby.proc.pid, e)
+        standby.close()
+        return None
+    finally:
+        if null is not None:
+            os.close(null)
 
 
 class ForkServer:
@@ -58,12 +76,16 @@ class ForkServer:
         out: Any = subprocess.DEVNULL
         if self.log_path:
             out = open(self.log_path, "ab", buffering=0)  # preload errors land in the worker log
+        args = ["--parent", str(os.getpid()), "--worker", self.worker, "--deps", json.dumps(self.deps)]
         try:
-            self.proc = subprocess.Popen(
-                [self.python, "-m", "worker.forkserver", "--sock-fd", str(theirs.fileno()),
-                 "--parent", str(os.getpid()), "--worker", self.worker, "--deps", json.dumps(self.deps)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(theirs.fileno(),),
-                start_new_session=True, env=self.env, cwd=self.cwd, close_fds=True)
+            standby = forkstandby.take(self.python, self.env)
+            proc: Any = None
+            if standby is not None:  # a copy of us, forked before any thread: shares our pages
+                proc = _become(standby, args, self.env, self.cwd, theirs.fileno(), out)
+            self.proc = proc if proc is not None else subprocess.Popen(
+                    [self.python, "-m", "worker.forkserver", "--sock-fd", str(theirs.fileno()), *args],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(theirs.fileno(),),
+                    start_new_session=True, env=self.env, cwd=self.cwd, close_fds=True)
         finally:
             theirs.close()
             if out is not subprocess.DEVNULL:
@@ -121,10 +143,11 @@ class ForkServer:
             self.sock.close()
             self.sock = None
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            for kill in (os.killpg, os.kill):  # the group; the pid too (a standby may not have its own group yet)
+                try:
+                    kill(self.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 self.proc.wait(2.0)
             except subprocess.TimeoutExpired:

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fn_supervise.sidecars")
 
 MONITOR = "sidecars.monitor:run_monitor"
+# Forked from the supervisor (sidecars/forked.py): the sidecars share its pages instead of each
+# being a fresh interpreter. They start before any thread of the supervisor exists.
+START_METHOD = "fork"
 
 
 class SidecarSet:
@@ -41,23 +44,37 @@ class SidecarSet:
         from sidecars.entry import run_named
         from sidecars.host import SidecarHost
 
+        from . import forkstandby  # noqa: PLC0415
+
+        # Everything forked from the supervisor is forked here, before its first thread: the
+        # fork server's standby (it becomes the fork server at the first worker start), then
+        # the sidecars.
+        if self.sup.cfg.fork_server and self.sup.cfg.worker_module == "worker":
+            forkstandby.prepare()
+        # Imported here, once, before the forks: a module a forked sidecar imported itself would
+        # be its own copy (and grow the interpreter's shared tables in each of them).
+        import sidecars.discovery  # noqa: F401, PLC0415
+        import sidecars.monitor  # noqa: F401, PLC0415
         loop = asyncio.get_running_loop()
         data = self.sup.paths.data_dir(self.sup.worker_cfg)
         budget = int(self.sidecar_cfg.get("budget", 5))
         if self.sidecar_cfg.get("discovery", True):
             self.hosts["discovery"] = SidecarHost(
                 "discovery", run_named, ("sidecars.discovery:run_discovery", str(data / "local_scripts")),
-                on_message=self.on_message, loop=loop, budget=budget)
+                on_message=self.on_message, loop=loop, budget=budget, start_method=START_METHOD)
         if self.sidecar_cfg.get("monitor", True):
             port = int(self.sidecar_cfg.get("monitor_port") or 0)
             self.hosts["monitor"] = SidecarHost(
                 "monitor", run_named, (MONITOR, "127.0.0.1", port),
                 kwargs={"owner_pid": os.getpid()},
-                on_message=self.on_message, loop=loop, budget=budget)
+                on_message=self.on_message, loop=loop, budget=budget, start_method=START_METHOD)
         for h in self.hosts.values():
             h.start()
 
     async def stop(self) -> None:
+        from . import forkstandby  # noqa: PLC0415
+
+        forkstandby.close()  # never taken (the worker has its own venv): it goes now
         await stop_all(list(self.children.values()), list(self.hosts.values()), CHILD_STOP_TIMEOUT)
 
     def status(self) -> list[dict[str, Any]]:
