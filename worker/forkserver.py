@@ -60,7 +60,8 @@ def _prefix_id() -> tuple[int, int] | None:
 def preload(deps: dict) -> list[str]:
     """Import what every worker start would import; return the module names."""
     mods = ["funcnodes_core", "aiohttp", "aiohttp.web", "worker.runtime", "worker.commands", "worker.server",
-            "worker.persistence", "worker.packages", "worker.localworkers", "worker.quarantine"]
+            "worker.persistence", "worker.packages", "worker.localworkers", "worker.quarantine", "worker.metrics",
+            "worker.listener"]
     done = []
     for m in mods:
         importlib.import_module(m)
