@@ -37,7 +37,8 @@ from . import _lifeline
 
 
 class ForkedSidecar:
-    def __init__(self, target: Callable[..., Any], args: tuple = (), kwargs: dict | None = None):
+    def __init__(self, target: Callable[..., Any], args: tuple = (), kwargs: dict | None = None, name: str = "sidecar"):
+        self.name = name
         self.target = target
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
@@ -64,7 +65,8 @@ class ForkedSidecar:
             os.close(w)
             raise
         if pid == 0:
-            _run_child(self.target, theirs, self.args, self.kwargs, keep={w, theirs.fileno()}, parent=parent)
+            _run_child(self.target, theirs, self.args, self.kwargs, keep={w, theirs.fileno()}, parent=parent,
+                       name=self.name)
         theirs.close()
         os.close(w)
         self.pid, self.sentinel = pid, r
@@ -92,11 +94,12 @@ class ForkedSidecar:
 
 
 def _run_child(target: Callable[..., Any], conn: Connection, args: tuple, kwargs: dict, *,
-               keep: set[int], parent: int) -> None:
+               keep: set[int], parent: int, name: str) -> None:
     """In the forked child: never returns."""
     code = 1
     try:
         clean_child(keep, parent)
+        set_title(f"fn-supervise: {name} sidecar of {parent}", f"fn-{name}")
         target(conn, *args, **kwargs)
         code = 0
     except SystemExit as e:
@@ -126,23 +129,53 @@ def clean_child(keep: set[int], parent: int) -> None:
             pass
 
 
+def _region(first: int) -> tuple[int, int] | None:
+    """(start, size) of the argv (first=45) or environ (first=47) block, from /proc/self/stat."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # fields[0] is field 3 of proc(5)
+        start, end = int(fields[first]), int(fields[first + 1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (start, end - start) if end > start else None
+
+
+def set_title(title: str, comm: str | None = None) -> None:
+    """What ps, top and psutil show for this process: a forked child would otherwise show the
+    supervisor's command line (and be taken for a second supervisor of the same worker). The
+    kernel reads it from the process's own argv block, rewritten here the way setproctitle(3)
+    does (title, NUL, blank padding: the kernel then shows the title). Cut to the block's size."""
+    region = _region(45)
+    if region is not None:
+        import ctypes  # noqa: PLC0415
+
+        start, size = region
+        data = title.encode(errors="replace")[: size - 2] + b"\0"
+        ctypes.memmove(start, data.ljust(size, b" "), size)
+    if comm:
+        try:
+            import ctypes  # noqa: PLC0415
+
+            ctypes.CDLL(None).prctl(15, comm.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
+
+
 def show_environ() -> None:
     """Make /proc/PID/environ (ps e, psutil) show os.environ: a forked child would otherwise show
     the supervisor's environment as it was at exec, NOTIFY_SOCKET and LISTEN_FDS included, that
     the supervisor has long removed. The kernel reads that block from the process's own memory
     (env_start..env_end in /proc/PID/stat), so it is rewritten in place: first the variables
     it held (current values), then new ones while they fit. Linux only; best effort."""
+    region = _region(47)
     try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 of proc(5)
         with open("/proc/self/environ", "rb") as f:
             old = [e.split(b"=", 1)[0] for e in f.read().split(b"\0") if b"=" in e]
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return
-    size = end - start
-    if size <= 0:
+    if region is None:
         return
+    start, size = region
     import ctypes  # noqa: PLC0415
 
     env = {k.encode(): v.encode() for k, v in os.environ.items()}

@@ -310,7 +310,7 @@ class SidecarHost:
         if self.start_method == "fork":
             from .forked import ForkedSidecar  # noqa: PLC0415
 
-            proc = ForkedSidecar(self.target, self.args, self.kwargs)
+            proc = ForkedSidecar(self.target, self.args, self.kwargs, name=self.name)
             child_conn = None
         else:
             import multiprocess  # noqa: PLC0415

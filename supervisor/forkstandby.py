@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from sidecars.forked import clean_child, show_environ
+from sidecars.forked import clean_child, set_title, show_environ
 
 _standby: "Standby | None" = None
 MAX_REQUEST = 1 << 20
@@ -115,6 +115,7 @@ def prepare() -> None:
         code = 1
         try:
             clean_child({theirs.fileno()}, parent)
+            set_title(f"fn-supervise: fork server standby of {parent}", "fn-standby")
             _set_parent_death_signal(parent)
             code = _wait_and_become(theirs)
         except SystemExit as e:
@@ -204,8 +205,9 @@ def _wait_and_become(sock: socket.socket) -> int:
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True, write_through=unbuffered)
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=True,
                                   errors="backslashreplace")
-    argv = [str(a) for a in req.get("argv") or []] + ["--sock-fd", str(server_fd)]
+    argv = ["--sock-fd", str(server_fd)] + [str(a) for a in req.get("argv") or []]
     sys.argv = ["-m worker.forkserver", *argv]
+    set_title(" ".join([sys.executable, "-m", "worker.forkserver", *argv]))  # as if spawned
     from worker.forkserver import main  # noqa: PLC0415
 
     return main(argv)
