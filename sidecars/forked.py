@@ -31,7 +31,7 @@ import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection, Pipe  # stdlib: multiprocess would add dill
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from . import _lifeline
 
@@ -95,13 +95,21 @@ class ForkedSidecar:
 
 def _run_child(target: Callable[..., Any], conn: Connection, args: tuple, kwargs: dict, *,
                keep: set[int], parent: int, name: str) -> None:
-    """In the forked child: never returns."""
-    code = 1
-    try:
+    def run() -> None:
         clean_child(keep, parent)
         set_title(f"fn-supervise: {name} sidecar of {parent}", f"fn-{name}")
         target(conn, *args, **kwargs)
-        code = 0
+
+    exit_with(run)
+
+
+def exit_with(fn: Callable[[], Any]) -> NoReturn:
+    """In a forked child: run fn, then _exit with its status (an int it returns, SystemExit's
+    code, 1 after a traceback, else 0); never returns into the code the parent was running."""
+    code = 1
+    try:
+        r = fn()
+        code = r if isinstance(r, int) else 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from sidecars.forked import clean_child, set_title, show_environ
+from sidecars.forked import clean_child, exit_with, set_title, show_environ
 
 _standby: "Standby | None" = None
 MAX_REQUEST = 1 << 20
@@ -112,24 +112,13 @@ def prepare() -> None:
         theirs.close()
         return
     if pid == 0:
-        code = 1
-        try:
+        def run() -> int:
             clean_child({theirs.fileno()}, parent)
             set_title(f"fn-supervise: fork server standby of {parent}", "fn-standby")
             _set_parent_death_signal(parent)
-            code = _wait_and_become(theirs)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:  # noqa: BLE001
-            import traceback  # noqa: PLC0415
+            return _wait_and_become(theirs)
 
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+        exit_with(run)
     theirs.close()
     _standby = Standby(pid, ours)
 
