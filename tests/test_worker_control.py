@@ -4,13 +4,13 @@ end of a socket pair, frames written by the test on the other."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
 import time
 
 from conftest import REPO, poll_until
+from harness import child_env
 from helpers import Client, run, write_config
 from worker.channel import FrameBuffer, encode
 
@@ -36,7 +36,7 @@ def test_local_scripts_frame_before_ready_is_applied_once_ready(config_dir, port
     ours.sendall(encode({"type": "local_scripts", "initial": True,
                          "changes": [{"change": "added", "path": str(scripts / "early.py")}]}))
     log = open(tmp_path / "worker.log", "wb")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env(inherit_path=False)
     proc = subprocess.Popen([sys.executable, "-m", "worker", f"worker_{uuid}", "--dir", str(config_dir),
                              "--port", str(port), "--control-fd", str(theirs.fileno())],
                             pass_fds=(theirs.fileno(),), cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
