@@ -270,6 +270,7 @@ class Commands:
     @command(mutates=True)
     def clear(self):
         self.ns.clear()
+        self.graph.pin_files_dir()  # as the stock worker does after clear
         self.effect(effects.cleared())
         return None
 
@@ -488,7 +489,6 @@ class Commands:
             except ValueError:
                 raise ValueError("data must be base64") from None
         write_confined(self.host.paths.data, "files", str(filename), data)
-        self.ns.set_secret_property("files_dir", str(self.host.paths.files))
         return str(filename)
     # endregion
 

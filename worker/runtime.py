@@ -152,7 +152,7 @@ class WorkerRuntime:
         from .localworkers import LocalScripts
         from .store import Store
 
-        self.graph = Graph(self._on_ns_event)
+        self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files))
         self.store = Store(self.paths, self.config, self.graph.state)
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
@@ -446,8 +446,8 @@ class WorkerRuntime:
         return codec.encode_bytes(io.value, preview=False)
 
     def files_changed(self) -> None:
-        if self.nodespace is not None:
-            self.nodespace.set_secret_property("files_dir", str(self.paths.files))
+        if self.graph is not None:
+            self.graph.pin_files_dir()  # set from the first load on; kept here for a graph swapped in
     # endregion
 
 
