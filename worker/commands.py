@@ -18,12 +18,13 @@ import inspect
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Protocol
 
 import funcnodes_core as fn
 from funcnodes_core import NoValue
 
-from . import codec, effects, localworkers, persistence
+from . import codec, effects, localworkers, persistence, plugins
 from .graph import Graph
 from .packages import DependencyError, is_project, normalize, path_allowed
 from .store import Store
@@ -505,14 +506,17 @@ class Commands:
                      "name": getattr(c, "NAME", "") or c.__name__} for c in classes]})
         return out
 
+    def _loaded_modules(self) -> list:
+        return [m for m in (sys.modules.get(info["module"]) for info in self.graph.dependencies.values()) if m]
+
     @command()
     def get_plugin_keys(self, type: str = "react"):
-        # Frontend plugins come from installed packages only; nothing is installed on request.
-        return []
+        # From the installed packages' entry points (worker/plugins.py); nothing is installed here.
+        return plugins.keys(type, self._loaded_modules())
 
     @command()
     def get_plugin(self, key: str, type: str = "react"):
-        raise ValueError(f"plugin {key!r} not found")
+        return plugins.content(key, type, self._loaded_modules())
 
     @command()
     def get_available_modules(self):
