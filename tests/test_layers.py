@@ -12,8 +12,8 @@ WORKER = Path(__file__).resolve().parents[1] / "worker"
 
 LAYERS = [
     {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "plugins", "__init__"},
-    {"config", "control", "install", "modules"},
-    {"persistence", "health"},
+    {"config", "control", "install", "modules", "pyproject"},
+    {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},
     {"graph"},
     {"commands"},

@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 import funcnodes_core as fn
 from funcnodes_core import NoValue
 
-from . import codec, effects, localworkers, persistence, plugins
+from . import codec, effects, localworkers, plugins, pyproject, transfer
 from .graph import Graph
 from .packages import DependencyError, is_project, normalize, path_allowed
 from .store import Store
@@ -436,27 +436,40 @@ class Commands:
             raise TypeError("config must be a dict or a json string")
         if state is not None and not isinstance(state, dict):
             raise TypeError("state must be a dict or a json string")
-        for name, dep in ((config or {}).get("package_dependencies") or {}).items():
-            if name not in self.graph.dependencies:
-                await self.add_package_dependency(name, dep=dep if isinstance(dep, dict) else None, sync=False)
-        if state is not None:
-            self.graph.replace_state(state)
-            self.store.snapshot()
-        self.host.broadcast(codec.workerevent("fullsync"))
+        await self._import(transfer.plan_update(config, state, self.host.paths.data))
         return None
+
+    async def _import(self, plan: transfer.ImportPlan) -> None:
+        """update, update_from_export and import_worker: all or nothing (worker/transfer.py)."""
+        self.host.set_progress("Importing", "info", 0.0, True)
+        try:
+            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
+        except Exception as e:
+            self.host.set_progress(f"Import refused: {e}", "error", 0.0, False)
+            raise
+        if saved:
+            self.host.config.setdefault("package_dependencies", {}).update(saved)
+            self._save_dependencies()
+        if plan.state is not None:
+            self.store.snapshot()
+        self.host.set_progress("Importing", "success", 1.0, False)
+        self.host.broadcast(codec.workerevent("fullsync"))
+
+    def _save_dependencies(self) -> None:
+        """The config names the dependencies; pyproject.toml says the same for Python tools."""
+        self.host.write_config()
+        pyproject.sync(self.host.paths.data, f"worker-{self.host.uuid}",
+                       self.host.config.get("package_dependencies") or {})
 
     @command()
     def export_worker(self, with_files: bool = True):
         state = self.host.save() if self.store.enabled else self.graph.state()
-        return persistence.build_export(self.host.config, state, self.host.paths.files, bool(with_files), self.host.paths.data / "pyproject.toml")
+        return transfer.build_export(self.host.config, state, self.host.paths.data, bool(with_files))
 
     @command()
     async def update_from_export(self, data: str | bytes):
-        zf = persistence.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
-        config = json.loads(zf.read("config"))
-        state = json.loads(zf.read("state"))
-        persistence.extract_files(zf, self.host.paths.data)
-        await self.update(config=config, state=state)
+        zf = transfer.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
+        await self._import(transfer.plan_export(zf, self.host.paths.data))
         return None
 
     @command()
@@ -557,7 +570,7 @@ class Commands:
             raise
         if save:
             self.host.config.setdefault("package_dependencies", {})[spec["package"]] = spec
-            self.host.write_config()
+            self._save_dependencies()
         self.host.set_progress(f"Add package dependency {name}", "success", 1.0, False)
         if self.graph.dependencies.get(spec["package"], {}).get("shelf") is None:
             self.host.broadcast(codec.workerevent("lib_update"))  # no shelf event to carry it
@@ -572,16 +585,15 @@ class Commands:
 
     @command()
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):
-        info = self.graph.dependencies.pop(name, None)
+        info = self.graph.remove_dependency(name)  # a shelf's after_remove_shelf event sends lib_update
         if info and info.get("shelf") is not None:
-            self.ns.remove_shelf(info["shelf"])  # its after_remove_shelf event sends lib_update
             if self.store.enabled:
                 self.store.snapshot()  # the shelf's nodes went with it
         else:
             self.host.broadcast(codec.workerevent("lib_update"))
         if save:
             self.host.config.get("package_dependencies", {}).pop(name, None)
-            self.host.write_config()
+            self._save_dependencies()
         return None
 
     @command()

@@ -120,4 +120,11 @@ class Graph:
         self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf,
                                              "worker_classes": list(classes)}
         return shelf
+
+    def remove_dependency(self, name: str) -> dict | None:
+        """Forget the dependency; its shelf leaves the library (the shelf event sends lib_update)."""
+        info = self.dependencies.pop(name, None)
+        if info and info.get("shelf") is not None:
+            self.nodespace.remove_shelf(info["shelf"])
+        return info
     # endregion

@@ -131,6 +131,7 @@ class WorkerRuntime:
         self.saving_enabled = True
         self.store.open(self.loop)
         self.write_config()
+        self._sync_pyproject()
         self.ready = True
         self.server.set_core_ready()
         self._apply_early_control()
@@ -429,6 +430,15 @@ class WorkerRuntime:
             self.config["host"], self.config["port"] = self.server.host, self.server.port
         self.config["pid"] = os.getpid()
         return self.store.write_config()
+
+    def _sync_pyproject(self) -> None:
+        # In step with the config even after a hand edit or `fn-supervise new --dep`.
+        from .pyproject import sync
+
+        try:
+            sync(self.paths.data, f"worker-{self.uuid}", self.config.get("package_dependencies") or {})
+        except OSError as e:
+            log.error("cannot write %s/pyproject.toml: %s", self.paths.data, e)
 
     def load_nodespace(self) -> None:
         """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
