@@ -441,18 +441,12 @@ class Commands:
 
     async def _import(self, plan: transfer.ImportPlan) -> None:
         """update, update_from_export and import_worker: all or nothing (worker/transfer.py)."""
-        self.host.set_progress("Importing", "info", 0.0, True)
-        try:
-            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
-        except Exception as e:
-            self.host.set_progress(f"Import refused: {e}", "error", 0.0, False)
-            raise
+        saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
         if saved:
             self.host.config.setdefault("package_dependencies", {}).update(saved)
             self._save_dependencies()
         if plan.state is not None:
             self.store.snapshot()
-        self.host.set_progress("Importing", "success", 1.0, False)
         self.host.broadcast(codec.workerevent("fullsync"))
 
     def _save_dependencies(self) -> None:
