@@ -101,7 +101,9 @@ def test_export_with_a_local_module_imports_into_the_demo_worker(config_dir):
         assert b.stop() == 0
 
 
-def test_a_refused_import_leaves_nothing_behind(config_dir, port):
+def test_a_refused_import_leaves_nothing_behind(config_dir, port, tmp_path):
+    far = tmp_path / "far.py"  # another machine's path: the export does not carry it
+    far.write_text(MY_NODES)
     write_config(config_dir, "imp1")
     w = WorkerProc(config_dir, "imp1", port).wait_ready()
     data = config_dir / "workers" / "worker_imp1"
@@ -138,6 +140,10 @@ def test_a_refused_import_leaves_nothing_behind(config_dir, port):
                 with pytest.raises(RPCError, match="belongs to no path dependency"):
                     await c.cmd("import_worker", data=export_zip({"config": "{}", "state": "{}",
                                                                   "modules/evil.py": "x", "files/new.txt": "n"}))
+                with pytest.raises(RPCError, match="lies outside this worker's data folder"):
+                    await c.cmd("update_from_export", data=export_zip({
+                        "config": json.dumps({"package_dependencies": {"far": {"package": "far", "path": str(far)}}}),
+                        "state": "{}", "files/new.txt": "new"}))
                 with pytest.raises(RPCError, match="own files"):
                     await c.cmd("import_worker", data=export_zip({
                         "config": json.dumps({"package_dependencies": {"x": {"package": "x", "path": "nodespace.json"}}}),
@@ -181,3 +187,23 @@ def test_pyproject_names_the_dependencies_and_travels(config_dir):
     finally:
         assert a.stop() == 0
         assert b.stop() == 0
+
+
+def test_pyproject_names_local_projects_by_a_path_that_travels(tmp_path):
+    from worker.pyproject import render
+
+    data = tmp_path / "data"
+    (data / "proj").mkdir(parents=True)
+    (data / "proj" / "pyproject.toml").write_text('[project]\nname = "proj"\nversion = "1"\n')
+    (data / "plain.py").write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "setup.py").write_text("")
+    text = render("worker-x", {
+        "proj": {"package": "proj", "path": str(data / "proj")},
+        "plain": {"package": "plain", "path": str(data / "plain.py")},
+        "far": {"package": "far", "path": str(tmp_path / "elsewhere")},
+        "numpy": {"package": "numpy", "version": "==2.0"},
+    }, data)
+    doc = tomllib.loads(text)
+    assert doc["project"]["dependencies"] == ["far", "numpy==2.0", "proj"]
+    assert doc["tool"]["uv"]["sources"] == {"proj": {"path": "proj"}, "far": {"path": str(tmp_path / "elsewhere")}}

@@ -71,6 +71,7 @@ class Commands:
         self.graph, self.store, self.host, self.local = graph, store, host, local
         self._effects: list[dict] = []
         self._modules: Any = None
+        self._importing: asyncio.Lock | None = None  # imports wait on installs: one at a time
         self.registry: dict[str, Callable] = {}
         self._signatures: dict[str, inspect.Signature] = {}
         for attr in dir(type(self)):
@@ -441,7 +442,10 @@ class Commands:
 
     async def _import(self, plan: transfer.ImportPlan) -> None:
         """update, update_from_export and import_worker: all or nothing (worker/transfer.py)."""
-        saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
+        if self._importing is None:
+            self._importing = asyncio.Lock()
+        async with self._importing:
+            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
         if saved:
             self.host.config.setdefault("package_dependencies", {}).update(saved)
             self._save_dependencies()
