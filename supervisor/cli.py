@@ -9,6 +9,9 @@
   fn-supervise [--dir D] restart worker_<uuid>
   fn-supervise [--dir D] lift worker_<uuid> NODE...   lift a quarantine (safe mode): the nodes run again
   fn-supervise [--dir D] logs worker_<uuid> [-n N] [-f]
+  fn-supervise [--dir D] modules list|install|remove worker_<uuid> [NAME]
+                                                  a worker's package dependencies (install/remove
+                                                  through the running worker, as the UI does)
   fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
   fn-supervise [--dir D] systemd-unit (worker_<uuid> [--socket] | --template) [--exec PATH] [--watchdog SEC]
   fn-supervise [--dir D] supervisord-conf worker_<uuid> [--exec PATH]
@@ -415,6 +418,25 @@ def add_demo_nodes(paths: WorkerPaths) -> bool:
     return True
 
 
+def cmd_modules(a: argparse.Namespace, base: Path) -> int:
+    from . import modules  # noqa: PLC0415
+
+    paths = _known(base, a.worker)
+    if paths is None:
+        return EXIT_USAGE
+    name, dep = None, None
+    if a.action != "list":
+        if not a.name:
+            _err(f"modules {a.action} needs a NAME")
+            return EXIT_USAGE
+        try:
+            name, dep = parse_dep(a.name)
+        except ValueError as e:
+            _err(str(e))
+            return EXIT_USAGE
+    return modules.run(a.action, paths, name, dep, a.json)
+
+
 def cmd_demo(a: argparse.Namespace, base: Path) -> int:
     paths = None
     for p in list_workers(base):
@@ -582,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")
 
+    p = sub.add_parser("modules", parents=[common], help="list, install or remove a worker's package dependencies")
+    p.add_argument("action", choices=("list", "install", "remove"))
+    p.add_argument("worker")
+    p.add_argument("name", nargs="?", metavar="NAME", help="package (pkg, pkg==1.2, pkg>=1) or a path in the data folder")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+
     p = sub.add_parser("demo", parents=[common], help="create (if needed) and run a demo worker on loopback")
     p.add_argument("--port", type=int)
     p.add_argument("--seed", help="nodespace.json to seed the demo worker with")
@@ -661,7 +689,7 @@ def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
 
 
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
-            "restart": cmd_restart, "lift": cmd_lift, "logs": cmd_logs, "demo": cmd_demo,
+            "restart": cmd_restart, "lift": cmd_lift, "logs": cmd_logs, "modules": cmd_modules, "demo": cmd_demo,
             "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf,
             "workermanager": cmd_workermanager, "host": cmd_host}
 

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "__init__"},
-    {"config", "control", "install", "modules"},
-    {"persistence", "health"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "plugins", "__init__"},
+    {"config", "control", "install", "modules", "pyproject"},
+    {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},
     {"graph"},
     {"commands"},

@@ -18,12 +18,13 @@ import inspect
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Protocol
 
 import funcnodes_core as fn
 from funcnodes_core import NoValue
 
-from . import codec, effects, localworkers, persistence
+from . import codec, effects, localworkers, plugins, pyproject, transfer
 from .graph import Graph
 from .packages import DependencyError, is_project, normalize, path_allowed
 from .store import Store
@@ -70,6 +71,7 @@ class Commands:
         self.graph, self.store, self.host, self.local = graph, store, host, local
         self._effects: list[dict] = []
         self._modules: Any = None
+        self._importing: asyncio.Lock | None = None  # imports wait on installs: one at a time
         self.registry: dict[str, Callable] = {}
         self._signatures: dict[str, inspect.Signature] = {}
         for attr in dir(type(self)):
@@ -270,6 +272,7 @@ class Commands:
     @command(mutates=True)
     def clear(self):
         self.ns.clear()
+        self.graph.pin_files_dir()  # as the stock worker does after clear
         self.effect(effects.cleared())
         return None
 
@@ -434,27 +437,37 @@ class Commands:
             raise TypeError("config must be a dict or a json string")
         if state is not None and not isinstance(state, dict):
             raise TypeError("state must be a dict or a json string")
-        for name, dep in ((config or {}).get("package_dependencies") or {}).items():
-            if name not in self.graph.dependencies:
-                await self.add_package_dependency(name, dep=dep if isinstance(dep, dict) else None, sync=False)
-        if state is not None:
-            self.graph.replace_state(state)
+        await self._import(transfer.plan_update(config, state, self.host.paths.data))
+        return None
+
+    async def _import(self, plan: transfer.ImportPlan) -> None:
+        """update, update_from_export and import_worker: all or nothing (worker/transfer.py)."""
+        if self._importing is None:
+            self._importing = asyncio.Lock()
+        async with self._importing:
+            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
+        if saved:
+            self.host.config.setdefault("package_dependencies", {}).update(saved)
+            self._save_dependencies()
+        if plan.state is not None:
             self.store.snapshot()
         self.host.broadcast(codec.workerevent("fullsync"))
-        return None
+
+    def _save_dependencies(self) -> None:
+        """The config names the dependencies; pyproject.toml says the same for Python tools."""
+        self.host.write_config()
+        pyproject.sync(self.host.paths.data, f"worker-{self.host.uuid}",
+                       self.host.config.get("package_dependencies") or {})
 
     @command()
     def export_worker(self, with_files: bool = True):
         state = self.host.save() if self.store.enabled else self.graph.state()
-        return persistence.build_export(self.host.config, state, self.host.paths.files, bool(with_files), self.host.paths.data / "pyproject.toml")
+        return transfer.build_export(self.host.config, state, self.host.paths.data, bool(with_files))
 
     @command()
     async def update_from_export(self, data: str | bytes):
-        zf = persistence.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
-        config = json.loads(zf.read("config"))
-        state = json.loads(zf.read("state"))
-        persistence.extract_files(zf, self.host.paths.data)
-        await self.update(config=config, state=state)
+        zf = transfer.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
+        await self._import(transfer.plan_export(zf, self.host.paths.data))
         return None
 
     @command()
@@ -488,7 +501,6 @@ class Commands:
             except ValueError:
                 raise ValueError("data must be base64") from None
         write_confined(self.host.paths.data, "files", str(filename), data)
-        self.ns.set_secret_property("files_dir", str(self.host.paths.files))
         return str(filename)
     # endregion
 
@@ -505,14 +517,17 @@ class Commands:
                      "name": getattr(c, "NAME", "") or c.__name__} for c in classes]})
         return out
 
+    def _loaded_modules(self) -> list:
+        return [m for m in (sys.modules.get(info["module"]) for info in self.graph.dependencies.values()) if m]
+
     @command()
     def get_plugin_keys(self, type: str = "react"):
-        # Frontend plugins come from installed packages only; nothing is installed on request.
-        return []
+        # From the installed packages' entry points (worker/plugins.py); nothing is installed here.
+        return plugins.keys(type, self._loaded_modules())
 
     @command()
     def get_plugin(self, key: str, type: str = "react"):
-        raise ValueError(f"plugin {key!r} not found")
+        return plugins.content(key, type, self._loaded_modules())
 
     @command()
     def get_available_modules(self):
@@ -553,7 +568,7 @@ class Commands:
             raise
         if save:
             self.host.config.setdefault("package_dependencies", {})[spec["package"]] = spec
-            self.host.write_config()
+            self._save_dependencies()
         self.host.set_progress(f"Add package dependency {name}", "success", 1.0, False)
         if self.graph.dependencies.get(spec["package"], {}).get("shelf") is None:
             self.host.broadcast(codec.workerevent("lib_update"))  # no shelf event to carry it
@@ -568,16 +583,15 @@ class Commands:
 
     @command()
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):
-        info = self.graph.dependencies.pop(name, None)
+        info = self.graph.remove_dependency(name)  # a shelf's after_remove_shelf event sends lib_update
         if info and info.get("shelf") is not None:
-            self.ns.remove_shelf(info["shelf"])  # its after_remove_shelf event sends lib_update
             if self.store.enabled:
                 self.store.snapshot()  # the shelf's nodes went with it
         else:
             self.host.broadcast(codec.workerevent("lib_update"))
         if save:
             self.host.config.get("package_dependencies", {}).pop(name, None)
-            self.host.write_config()
+            self._save_dependencies()
         return None
 
     @command()

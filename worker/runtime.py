@@ -131,6 +131,7 @@ class WorkerRuntime:
         self.saving_enabled = True
         self.store.open(self.loop)
         self.write_config()
+        self._sync_pyproject()
         self.ready = True
         self.server.set_core_ready()
         self._apply_early_control()
@@ -152,7 +153,7 @@ class WorkerRuntime:
         from .localworkers import LocalScripts
         from .store import Store
 
-        self.graph = Graph(self._on_ns_event)
+        self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files))
         self.store = Store(self.paths, self.config, self.graph.state)
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
@@ -430,6 +431,15 @@ class WorkerRuntime:
         self.config["pid"] = os.getpid()
         return self.store.write_config()
 
+    def _sync_pyproject(self) -> None:
+        # In step with the config even after a hand edit or `fn-supervise new --dep`.
+        from .pyproject import sync
+
+        try:
+            sync(self.paths.data, f"worker-{self.uuid}", self.config.get("package_dependencies") or {})
+        except OSError as e:
+            log.error("cannot write %s/pyproject.toml: %s", self.paths.data, e)
+
     def load_nodespace(self) -> None:
         """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
         from .effects import OPS
@@ -446,8 +456,8 @@ class WorkerRuntime:
         return codec.encode_bytes(io.value, preview=False)
 
     def files_changed(self) -> None:
-        if self.nodespace is not None:
-            self.nodespace.set_secret_property("files_dir", str(self.paths.files))
+        if self.graph is not None:
+            self.graph.pin_files_dir()  # set from the first load on; kept here for a graph swapped in
     # endregion
 
 
