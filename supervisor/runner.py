@@ -150,6 +150,7 @@ class Supervisor:
         self.quarantine: dict[str, dict[str, Any]] = {}  # node id -> {reason, since, crashes}
         self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
         self.last_restart: dict[str, Any] | None = None
+        self.journal: dict[str, Any] | None = None  # the worker's journal cannot be written (disk full)
         self.launches = {"fork": 0, "spawn": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._files_due: dict[str, Any] = {}  # .runstate / state file writes of this turn (write_state)
@@ -234,6 +235,7 @@ class Supervisor:
             "fork_server": self.fork.status() if self.fork is not None else None,
             "launches": dict(self.launches),
             "last_restart": self.last_restart,
+            "journal": self.journal,
         }
         try:
             self.paths.write_state(data)
@@ -605,6 +607,10 @@ class Supervisor:
                     if detail == "Loading nodespace":
                         self.restart_clock["graph"] = time.monotonic()
                     self._runstate("starting", detail)
+                elif t == "journal":  # a full disk: edits refused until it has room (worker/store.py)
+                    self.journal = None if msg.get("writable") else msg
+                    self.logfile.event(f"journal: {msg.get('reason') or 'writable again'}")
+                    self.write_state()
                 elif t == "lift_quarantine":
                     self._lift(str(msg.get("node")), "a client")
                 elif t == "stopping":
@@ -657,6 +663,7 @@ class Supervisor:
         if isinstance(port, int):
             self.port = port
         self.ready_wall = time.time()
+        self.journal = None  # a new worker reports its own
         self.policy.on_ready()
         self._note_restart_phases(w)
         self.paths.write_pid(w.pid)

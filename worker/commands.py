@@ -57,6 +57,11 @@ ADD_NODE_KWARGS = {
 }
 
 
+# Verbs that replace the whole graph (a snapshot, not records): refused like edits while the
+# journal cannot be written (a full disk), since their result could not be kept either.
+WHOLE_GRAPH = frozenset({"load_data", "update", "update_from_export", "remove_package_dependency"})
+
+
 def command(name: str | None = None, mutates: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
@@ -88,7 +93,10 @@ class Commands:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
+        mutates = getattr(func, "_fn_mutates", False)
+        if mutates or name in WHOLE_GRAPH:
+            self.store.check_writable()  # a full disk: refused before anything changes
+        if not mutates:  # verbs others register (quarantine) are plain
             res = func(**kwargs)
             if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
                 res = await res

@@ -52,6 +52,11 @@ class Graph:
         self.view = {k: v for k, v in view.items() if k != "nodes"} or self.view
         self.view.setdefault("renderoptions", {"typemap": {}, "inputconverter": {}})
         self.external_workers = state.get("external_workers") or {}
+        for node in self.nodespace.nodes:
+            # A run of a node about to be replaced would write into its removed outputs.
+            task = getattr(node, "_trigger_task", None)
+            if task is not None and not task.done():
+                task.cancel()
         self.nodespace.deserialize(backend)
         for nid, vs in legacy_nodes.items():
             try:

@@ -154,6 +154,8 @@ class WorkerRuntime:
 
         self.graph = Graph(self._on_ns_event)
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.on_trouble = self._on_journal_trouble
+        self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
         self.commands = Commands(self.graph, self.store, self, self.local)
@@ -256,6 +258,15 @@ class WorkerRuntime:
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+
+    def _on_journal_trouble(self, why: str | None) -> None:
+        """The journal stopped (or resumed) taking edits: tell the clients and the supervisor."""
+        if self.channel is not None:
+            self.channel.send({"type": "journal", **self.journal_health()})
+        if why is not None:
+            self.set_progress(f"Edits are refused: {why}", "error", 0.0, False)
+        else:
+            self.set_progress("Edits are accepted again", "info", 1.0, False)
 
     def _apply_early_control(self) -> None:
         early, self._early_control = self._early_control, []
@@ -444,6 +455,11 @@ class WorkerRuntime:
     async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]:
         io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
         return codec.encode_bytes(io.value, preview=False)
+
+    def journal_health(self) -> dict:
+        store = self.store
+        why = getattr(store, "trouble", None)
+        return {"writable": why is None, "reason": why, "since": getattr(store, "trouble_since", None)}
 
     def files_changed(self) -> None:
         if self.nodespace is not None:

@@ -60,6 +60,8 @@ class Backend(Protocol):
 
     def files_changed(self) -> None: ...  # after an upload
 
+    def journal_health(self) -> dict: ...  # /healthz: can edits be written (a full disk)?
+
 
 class ProtocolError(Exception):
     """A client message that is not valid protocol; answered with an error reply."""
@@ -577,7 +579,9 @@ class WorkerServer:
 
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
+        journal = self.backend.journal_health()
+        return web.json_response({"status": "ok" if journal["writable"] else "degraded", "uuid": self.backend.uuid,
+                                  "clients": len(self.clients), "journal": journal,
                                   "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
