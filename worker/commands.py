@@ -112,10 +112,25 @@ class Commands:
             raise
         finally:
             self.store.covered -= 1
+        touched = {kwargs["nid"]} if isinstance(kwargs.get("nid"), str) else set()
         for rec in self._effects:
             self.store.feed(rec)  # the one feed site
+            touched.update(effects.nodes_of(rec))
         self._effects.clear()
+        if touched:
+            # An edit can make a node ready without an event (set_default_value on its missing
+            # input): a trigger requested meanwhile starts now, not at the safety sweep.
+            asyncio.get_running_loop().call_soon(self._trigger_requested, touched)
         return res
+
+    def _trigger_requested(self, nids: set[str]) -> None:
+        for nid in nids:
+            try:
+                node = self.ns.get_node_by_id(nid)
+                if node._requests_trigger:  # funcnodes-core's flag: a cheap test per edit
+                    node.trigger_if_requested()
+            except Exception:  # noqa: BLE001 (removed since, or a trigger that failed)
+                log.debug("trigger of %s after an edit", nid, exc_info=True)
 
     def effect(self, rec: dict | None) -> None:
         if rec is not None:
