@@ -258,6 +258,8 @@ class WorkerRuntime:
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+            if self.saving_enabled:  # a tool reading worker_<uuid>.json must find this run's monitor
+                self.write_config()
 
     def _on_journal_trouble(self, why: str | None) -> None:
         """The journal stopped (or resumed) taking edits: tell the clients and the supervisor."""
