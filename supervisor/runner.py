@@ -376,6 +376,22 @@ class Supervisor:
             self.logfile.close()
         self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
                                    self.cfg.log_backups, self.cfg.log_tail_lines)
+        logging.getLogger("fn-supervise").setLevel(self.cfg.log_level)
+        self._log_settings = (self.logfile.path, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+
+    def _apply_log_settings(self) -> None:
+        want = (self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+        if self.logfile is None or want == getattr(self, "_log_settings", None):
+            return
+        old = self.logfile.path
+        try:
+            self._open_log()
+        except OSError as e:  # a bad location: keep the log we have, and say so there
+            self.logfile = RotatingLog(old, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_tail_lines)
+            self.logfile.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
+            return
+        self.logfile.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
+                           + (f" (was {old})" if old != want[0] else ""))
 
     async def _main(self) -> int:
         while True:
@@ -426,6 +442,7 @@ class Supervisor:
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
+        self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
         try:
             self._ensure_listener()
         except OSError as e:

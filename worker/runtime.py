@@ -51,6 +51,7 @@ class WorkerRuntime:
         self.config = load_config(self.base, uuid)
         if debug:
             self.config["debug"] = True
+        _set_log_level(self.config)
         self.paths = WorkerPaths.make(self.base, uuid, self.config.get("data_path"))
         self.host = host or self.config.get("host") or "127.0.0.1"
         self.port = port if port is not None else self.config.get("port")
@@ -467,6 +468,16 @@ class WorkerRuntime:
         if self.nodespace is not None:
             self.nodespace.set_secret_property("files_dir", str(self.paths.files))
     # endregion
+
+
+def _set_log_level(config: dict) -> None:
+    """`supervisor.log_level` of the config: what this worker writes to its log (INFO by default)."""
+    sup = config.get("supervisor")
+    level = str((sup.get("log_level") if isinstance(sup, dict) else None) or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        log.warning("unknown log_level %r (expected DEBUG, INFO, WARNING or ERROR); using INFO", level)
+        level = "INFO"
+    logging.getLogger().setLevel(level)
 
 
 def _is_our_worker(pid: int, uuid: str) -> bool:

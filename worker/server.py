@@ -345,7 +345,11 @@ class WorkerServer:
         # with an error; only beyond that does aiohttp close with 1009.
         read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
         ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError as e:  # the client hung up mid-handshake: its doing, not ours
+            log.debug("client %s hung up during the WebSocket handshake (%s)", request.remote, e)
+            raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
         client = Client(ws, request.transport)
         client.writer = asyncio.ensure_future(client.write_loop())
         runner = asyncio.ensure_future(self.cmd_loop(client))
