@@ -126,9 +126,11 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_tmpfs_refuses_edits_serves_reads_and_recovers(config_dir, port, tmpfs):
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+def test_full_tmpfs_refuses_edits_serves_reads_and_recovers(config_dir, port, tmpfs, durability):
     uid = "diskfull_tmpfs"
-    write_config(config_dir, uid, data_path=str(tmpfs / "data"), disk_retry=0.1, save_delay=0.05)
+    write_config(config_dir, uid, data_path=str(tmpfs / "data"), disk_retry=0.1, save_delay=0.05,
+                 durability=durability)
     w = WorkerProc(config_dir, uid, port).wait_ready()
     try:
         acked = run(_disk_full_round(w.url, lambda: _fill(tmpfs), lambda: (tmpfs / "filler").unlink()))

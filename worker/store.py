@@ -107,6 +107,7 @@ class Store:
         self.on_restore: Callable[[], None] | None = None
         self._loader: tuple | None = None  # load()'s arguments, to undo an edit from the disk
         self._retry_task: asyncio.Task | None = None
+        self._snap_error: str | None = None  # why the last background snapshot failed (logged once)
 
     # region load
     def load(self, apply_state: Callable[[dict], None], apply_record: Callable[[dict], None],
@@ -294,6 +295,9 @@ class Store:
         if self.on_restore is not None:
             self.on_restore()
 
+    def _retry_delay(self) -> float:
+        return max(float(self.config.get("disk_retry") or 1.0), float(self.config.get("save_delay") or 0.2))
+
     async def _retry(self) -> None:
         """While in trouble: try a snapshot and a fresh segment every `disk_retry` seconds."""
         delay = float(self.config.get("disk_retry") or 1.0)
@@ -404,11 +408,18 @@ class Store:
         try:
             await asyncio.to_thread(self._write_snapshot, seq, text)
             self._cut(seq, text)
-        except OSError as e:  # a full disk: the journal still holds every edit; no traceback per try
-            log.warning("snapshot failed (%s); the journal keeps every edit, retrying later", e.strerror or e)
+            if self._snap_error is not None:
+                log.info("snapshots are written again")
+                self._snap_error = None
+        except OSError as e:  # a full disk: the journal still holds every edit
+            why = str(e.strerror or e)
+            if why != self._snap_error:  # once per cause, not once per try
+                log.warning("snapshot failed (%s); the journal keeps every edit, retrying every %gs", why,
+                            self._retry_delay())
+            self._snap_error = why
             self._tail = None
-            if self.loop is not None:
-                self._changed()
+            if self.loop is not None and self._timer is None:
+                self._timer = self.loop.call_later(self._retry_delay(), self._on_timer)
         except Exception:
             log.exception("snapshot failed; the journal keeps every edit, retrying later")
             self._tail = None
