@@ -45,7 +45,13 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-from .config import SupervisorConfig
+# Linux only: pidfds, prctl (parent-death signal, child subreaper), /proc. Elsewhere stop here with
+# a sentence, before the imports below fail with a traceback.
+if not sys.platform.startswith("linux"):
+    sys.exit(f"fn-supervise: runs on Linux only (it needs pidfd, prctl and a child subreaper); this is "
+             f"{sys.platform}. Run it in a Linux VM or container (WSL2 works).")
+
+from .config import SupervisorConfig  # noqa: E402
 from .files import (AlreadyRunning, WorkerPaths, base_dir, identity_alive, list_workers, lock_held,
                     parse_worker_id)
 from .progress import Progress
@@ -132,6 +138,8 @@ def create_worker(base: Path, *, name: str | None = None, uuid: str | None = Non
         "data_path": None, "env_path": None,
         "worker_dependencies": {}, "package_dependencies": package_deps,
         "autostart": "never",  # the supervisor restarts; a manager autostart would race it
+        # the stock worker's defaults: a new venv worker checks for newer FuncNodes on its first run
+        "update_on_startup": {"funcnodes": True, "funcnodes-core": True, "funcnodes-worker": True},
         "host": host, "port": port, "ssl": False,
         "supervisor": dict(supervisor or {}),
     }
@@ -348,7 +356,8 @@ def _tail(path: Path, n: int) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    return data.decode("utf-8", "replace").splitlines()[-n:] if n > 0 else []
+    # Blank lines (a worker printing an empty line) carry nothing: -n counts lines with text.
+    return [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()][-n:] if n > 0 else []
 
 
 def cmd_logs(a: argparse.Namespace, base: Path) -> int:
@@ -572,14 +581,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uuid")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int)
-    p.add_argument("--no-venv", action="store_true", help="run with this interpreter, no venv")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true",
+                   help="run with this interpreter, no venv (--not-in-venv: the stock CLI's name)")
     p.add_argument("--dep", action="append", metavar="SPEC", help="package dependency (repeatable)")
     p.add_argument("--autostart", nargs="?", const="unless-stopped", choices=("always", "unless-stopped", "never"),
                    help="supervise it under `fn-supervise host` (default unless-stopped)")
 
     p = sub.add_parser("run", parents=[common], help="supervise a worker in the foreground")
     p.add_argument("worker")
-    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true")
 
     p = sub.add_parser("list", parents=[common], help="list workers")
     p.add_argument("--json", action="store_true")
@@ -613,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="create (if needed) and run a demo worker on loopback")
     p.add_argument("--port", type=int)
     p.add_argument("--seed", help="nodespace.json to seed the demo worker with")
-    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true")
 
     p = sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit (Type=notify) for a worker")
     p.add_argument("worker", nargs="?")
@@ -640,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("host", parents=[common], help="supervise every autostart worker of the folder in one process")
-    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on 127.0.0.1:PORT (0: any)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address of /metrics (0.0.0.0 in a container)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")

@@ -74,6 +74,10 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  fork server: pid {fs.get('pid')} " + ("ready" if fs.get("ready") else
                                                                "alive, preloading" if fs.get("alive") else "dead")
                      + (f", preload {fs['preload']:.2f}s" if isinstance(fs.get("preload"), (int, float)) else ""))
+    j = s.get("journal") if s.get("supervisor_alive") else None
+    if j:
+        lines.append(f"  DISK FULL:   edits refused since {time.strftime('%H:%M:%S', time.localtime(j.get('since') or 0))}: "
+                     f"{j.get('reason')} (reads go on; edits resume by themselves when there is room)")
     q = s.get("quarantine") or {}
     if q:
         lines.append(f"  SAFE MODE:   {len(q)} node(s) quarantined (never run; lift: fn-supervise lift {s['id']} NODE)")

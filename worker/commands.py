@@ -58,6 +58,11 @@ ADD_NODE_KWARGS = {
 }
 
 
+# Verbs that replace the whole graph (a snapshot, not records): refused like edits while the
+# journal cannot be written (a full disk), since their result could not be kept either.
+WHOLE_GRAPH = frozenset({"load_data", "update", "update_from_export", "remove_package_dependency"})
+
+
 def command(name: str | None = None, mutates: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
@@ -90,7 +95,10 @@ class Commands:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
+        mutates = getattr(func, "_fn_mutates", False)
+        if mutates or name in WHOLE_GRAPH:
+            self.store.check_writable()  # a full disk: refused before anything changes
+        if not mutates:  # verbs others register (quarantine) are plain
             res = func(**kwargs)
             if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
                 res = await res
@@ -106,10 +114,25 @@ class Commands:
             raise
         finally:
             self.store.covered -= 1
+        touched = {kwargs["nid"]} if isinstance(kwargs.get("nid"), str) else set()
         for rec in self._effects:
             self.store.feed(rec)  # the one feed site
+            touched.update(effects.nodes_of(rec))
         self._effects.clear()
+        if touched:
+            # An edit can make a node ready without an event (set_default_value on its missing
+            # input): a trigger requested meanwhile starts now, not at the safety sweep.
+            asyncio.get_running_loop().call_soon(self._trigger_requested, touched)
         return res
+
+    def _trigger_requested(self, nids: set[str]) -> None:
+        for nid in nids:
+            try:
+                node = self.ns.get_node_by_id(nid)
+                if node._requests_trigger:  # funcnodes-core's flag: a cheap test per edit
+                    node.trigger_if_requested()
+            except Exception:  # noqa: BLE001 (removed since, or a trigger that failed)
+                log.debug("trigger of %s after an edit", nid, exc_info=True)
 
     def effect(self, rec: dict | None) -> None:
         if rec is not None:

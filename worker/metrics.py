@@ -15,6 +15,8 @@ Names (base units, `_total` counters):
   fn_worker_journal_write_seconds                           histogram of journal appends
   fn_worker_journal_fsync_seconds                           histogram of journal fdatasyncs
   fn_worker_journal_records_total / _snapshots_total        from Store.stats
+  fn_worker_journal_writable                                0 while the journal cannot be written (disk full)
+  fn_worker_edits_refused_total                             edits refused (or undone) for that reason
   process_*, python_info, python_gc_*                       the library's standard collectors
 
 `/metrics` needs the worker's token like every other route, unless the config says
@@ -143,3 +145,8 @@ class _Live:
                                   value=float(stats.get("records", 0)))
         yield CounterMetricFamily("fn_worker_journal_snapshots", "snapshots written (journal cuts)",
                                   value=float(stats.get("snapshots", 0)))
+        yield GaugeMetricFamily("fn_worker_journal_writable", "0 while the journal cannot be written "
+                                "(a full disk): edits are refused", value=0.0 if getattr(
+                                    getattr(rt, "store", None), "trouble", None) else 1.0)
+        yield CounterMetricFamily("fn_worker_edits_refused", "edits refused because the journal could not be written",
+                                  value=float(stats.get("refused", 0)))

@@ -51,6 +51,7 @@ class WorkerRuntime:
         self.config = load_config(self.base, uuid)
         if debug:
             self.config["debug"] = True
+        _set_log_level(self.config)
         self.paths = WorkerPaths.make(self.base, uuid, self.config.get("data_path"))
         self.host = host or self.config.get("host") or "127.0.0.1"
         self.port = port if port is not None else self.config.get("port")
@@ -155,6 +156,8 @@ class WorkerRuntime:
 
         self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files))
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.on_trouble = self._on_journal_trouble
+        self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
         self.commands = Commands(self.graph, self.store, self, self.local)
@@ -257,6 +260,17 @@ class WorkerRuntime:
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+            if self.saving_enabled:  # a tool reading worker_<uuid>.json must find this run's monitor
+                self.write_config()
+
+    def _on_journal_trouble(self, why: str | None) -> None:
+        """The journal stopped (or resumed) taking edits: tell the clients and the supervisor."""
+        if self.channel is not None:
+            self.channel.send({"type": "journal", **self.journal_health()})
+        if why is not None:
+            self.set_progress(f"Edits are refused: {why}", "error", 0.0, False)
+        else:
+            self.set_progress("Edits are accepted again", "info", 1.0, False)
 
     def _apply_early_control(self) -> None:
         early, self._early_control = self._early_control, []
@@ -455,10 +469,25 @@ class WorkerRuntime:
         io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
         return codec.encode_bytes(io.value, preview=False)
 
+    def journal_health(self) -> dict:
+        store = self.store
+        why = getattr(store, "trouble", None)
+        return {"writable": why is None, "reason": why, "since": getattr(store, "trouble_since", None)}
+
     def files_changed(self) -> None:
         if self.graph is not None:
             self.graph.pin_files_dir()  # set from the first load on; kept here for a graph swapped in
     # endregion
+
+
+def _set_log_level(config: dict) -> None:
+    """`supervisor.log_level` of the config: what this worker writes to its log (INFO by default)."""
+    sup = config.get("supervisor")
+    level = str((sup.get("log_level") if isinstance(sup, dict) else None) or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        log.warning("unknown log_level %r (expected DEBUG, INFO, WARNING or ERROR); using INFO", level)
+        level = "INFO"
+    logging.getLogger().setLevel(level)
 
 
 def _is_our_worker(pid: int, uuid: str) -> bool:

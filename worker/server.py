@@ -60,6 +60,8 @@ class Backend(Protocol):
 
     def files_changed(self) -> None: ...  # after an upload
 
+    def journal_health(self) -> dict: ...  # /healthz: can edits be written (a full disk)?
+
 
 class ProtocolError(Exception):
     """A client message that is not valid protocol; answered with an error reply."""
@@ -343,7 +345,11 @@ class WorkerServer:
         # with an error; only beyond that does aiohttp close with 1009.
         read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
         ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError as e:  # the client hung up mid-handshake: its doing, not ours
+            log.debug("client %s hung up during the WebSocket handshake (%s)", request.remote, e)
+            raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
         client = Client(ws, request.transport)
         client.writer = asyncio.ensure_future(client.write_loop())
         runner = asyncio.ensure_future(self.cmd_loop(client))
@@ -577,7 +583,9 @@ class WorkerServer:
 
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
+        journal = self.backend.journal_health()
+        return web.json_response({"status": "ok" if journal["writable"] else "degraded", "uuid": self.backend.uuid,
+                                  "clients": len(self.clients), "journal": journal,
                                   "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
