@@ -31,7 +31,7 @@ LAYERS = [
 SUPERVISOR_LAYERS = [
     {"__init__", "config", "crash", "environment", "files", "forkclient", "health", "listener", "progress",
      "states", "systemd"},
-    {"policy", "process", "units", "forkpool", "status"},  # status: what cli and hostctl both show
+    {"policy", "process", "units", "forkpool", "status", "modules"},  # status: what cli and hostctl both show; modules: the modules CLI's client
     {"runner"},  # one Supervisor: knows its parts, not who hosts it
     {"sidecarset", "hostmetrics", "hostctl"},  # plug into a runner / talk to a host through a socket
     {"host", "managerhost"},  # build runners
