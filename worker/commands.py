@@ -78,6 +78,14 @@ class Commands:
                 self.registry[f._fn_command] = getattr(self, attr)
 
     async def run(self, name: str, kwargs: dict) -> Any:
+        res = self.call(name, kwargs)
+        if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
+            res = await res
+        return res
+
+    def call(self, name: str, kwargs: dict) -> Any:
+        """Run a verb up to its first wait: the result, or the coroutine of an async verb (the
+        caller awaits it). Most verbs are plain functions, so most commands finish here."""
         func = self.registry.get(name)
         if func is None:
             raise ValueError(f"Unknown command {name} , available commands: {', '.join(sorted(self.registry))}")
@@ -89,10 +97,7 @@ class Commands:
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
         if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
-            res = func(**kwargs)
-            if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
-                res = await res
-            return res
+            return func(**kwargs)
         # Mutating verbs are plain functions: nothing interleaves between the change and its
         # records, and the graph's own events during the call are covered by them.
         self._effects.clear()
