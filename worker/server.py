@@ -33,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
-from . import codec
+from . import codec, wakeup
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
 
@@ -192,7 +192,7 @@ class IOThread:
     """A daemon thread running its own asyncio loop."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = wakeup.new_loop()
         self.thread = threading.Thread(target=self._run, name="fn-io", daemon=True)
         self.thread.start()
 
@@ -214,11 +214,10 @@ class WorkerServer:
         self.backend = backend
         self.io: IOThread | None = None
         self.core_ready: asyncio.Event | None = None  # set once commands can run
-        self._outbox: collections.deque = collections.deque()  # main loop -> I/O thread
-        self._flush_pending = False
-        self._inbox: collections.deque = collections.deque()  # I/O thread -> main loop
-        self._inbox_pending = False
+        self._outbox: wakeup.Mailbox | None = None  # main loop -> I/O thread: replies, events
+        self._inbox: wakeup.Mailbox | None = None  # I/O thread -> main loop: commands
         self._commands_open = False  # main loop: set once the graph is loaded
+        self._held: list[tuple] = []  # main loop: commands that came before that
         self._busy: dict[Client, collections.deque] = {}  # main loop: a client's commands behind a waiting one
         self.clients: dict[str, Client] = {}
         self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
@@ -253,6 +252,8 @@ class WorkerServer:
     async def start(self, host: str, port: int | None) -> tuple[str, int]:
         if self.io is None:
             self.io = IOThread()
+            self._outbox = wakeup.Mailbox(self.io.loop, self._on_outgoing)
+            self._inbox = wakeup.Mailbox(self.backend.loop, self._on_command)
         return await self.io.call(self._start(host, port))
 
     async def _start(self, host: str, port: int | None) -> tuple[str, int]:
@@ -285,6 +286,9 @@ class WorkerServer:
             log.warning("server did not close cleanly")
         self.io.stop()
         self.io = None
+        for box in (self._inbox, self._outbox):
+            if box is not None:
+                box.close()
 
     async def _close(self, timeout: float) -> None:
         clients = list(self.clients.values())
@@ -459,10 +463,7 @@ class WorkerServer:
                 self.reply(client, err)
                 return err
             client.in_flight += 1
-            self._inbox.append((client, cmd, kwargs, msg_id, as_bytes))
-            if not self._inbox_pending:  # one wake-up of the main loop per burst
-                self._inbox_pending = True
-                self.backend.loop.call_soon_threadsafe(self._drain_inbox)
+            self._inbox.put((client, cmd, kwargs, msg_id, as_bytes))
             return None
         return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
@@ -529,22 +530,22 @@ class WorkerServer:
     def set_core_ready(self) -> None:
         """Called on the main loop once the graph is loaded: commands held until now run."""
         self._commands_open = True
-        self._drain_inbox()
+        held, self._held = self._held, []
+        for item in held:
+            self._on_command(item)
         if self.io is not None:
             self.io.loop.call_soon_threadsafe(self.core_ready.set)
 
     # region main loop side of the command hop
-    def _drain_inbox(self) -> None:
-        self._inbox_pending = False  # before draining: a later append schedules another drain
+    def _on_command(self, item: tuple) -> None:
         if not self._commands_open:
-            return  # the graph is loading; set_core_ready drains
-        while self._inbox:
-            item = self._inbox.popleft()
-            waiting = self._busy.get(item[0])
-            if waiting is not None:
-                waiting.append(item)  # behind this client's command that waits
-            else:
-                self._run_command(item)
+            self._held.append(item)  # the graph is loading; set_core_ready runs them
+            return
+        waiting = self._busy.get(item[0])
+        if waiting is not None:
+            waiting.append(item)  # behind this client's command that waits
+        else:
+            self._run_command(item)
 
     def _run_command(self, item: tuple) -> None:
         client, cmd, kwargs, msg_id, as_bytes = item
@@ -573,7 +574,7 @@ class WorkerServer:
     # endregion
 
     # Called from the main loop: encode there (the NodeSpace is not thread-safe), send here.
-    # A burst of events wakes the I/O thread once, not once per message.
+    # A burst of events wakes the I/O thread once at most (worker/wakeup.py).
     def post_broadcast(self, msg: dict) -> None:
         if self.io is None or not self.clients:
             return
@@ -584,26 +585,19 @@ class WorkerServer:
             self._post(frames)
 
     def _post(self, item: str | list[bytes] | tuple) -> None:
-        if self.io is None:
-            return
-        self._outbox.append(item)
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.io.loop.call_soon_threadsafe(self._flush)
+        if self.io is not None:
+            self._outbox.put(item)
 
-    def _flush(self) -> None:
-        self._flush_pending = False  # before draining: a later append schedules another flush
-        while self._outbox:
-            item = self._outbox.popleft()
-            if isinstance(item, tuple):  # ("reply", client, reply, msg_id): in order with the events
-                _, client, out, msg_id = item
-                client.in_flight -= 1
-                if client.id in self.clients:
-                    self.deliver(client, out, msg_id)
-            elif isinstance(item, list):
-                self.broadcast_frames(item)
-            else:
-                self.broadcast_text(item)
+    def _on_outgoing(self, item: str | list[bytes] | tuple) -> None:  # the I/O thread
+        if isinstance(item, tuple):  # ("reply", client, reply, msg_id): in order with the events
+            _, client, out, msg_id = item
+            client.in_flight -= 1
+            if client.id in self.clients:
+                self.deliver(client, out, msg_id)
+        elif isinstance(item, list):
+            self.broadcast_frames(item)
+        else:
+            self.broadcast_text(item)
     # endregion
 
     # region large messages
