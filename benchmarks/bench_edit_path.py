@@ -1,6 +1,6 @@
 """The edit path, ours beside the stock worker in one run (issue 14's targets).
 
-    python benchmarks/bench_edit_path.py [--seconds 4] [--acks 1000] [--clients 4] [--no-fsync]
+    python benchmarks/bench_edit_path.py [--seconds 4] [--ack-seconds 2] [--clients 4] [--no-fsync]
 
 Three workers, each in a fresh config folder with the demo nodes (examples/demo_nodes.py):
 stock (funcnodes-worker 1.6.0, tests/stockenv.py), ours supervised (`python -m supervisor
@@ -25,11 +25,9 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,40 +36,16 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from stockenv import LAUNCHER, stock_python, write_stock_config  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-UUID = "benchedit"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_journal import Proc, free_port  # noqa: E402,F401
 
 
-class Worker:
+
+class Worker(Proc):
     def __init__(self, label: str, kind: str, durability: str | None = None):
-        self.label, self.kind = label, kind
-        self.base = Path(tempfile.mkdtemp(prefix=f"fnbench-edit-{label}-"))
-        self.port = free_port()
-        env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(self.base))
-        env.pop("VIRTUAL_ENV", None)
-        if kind == "stock":
-            write_stock_config(self.base, UUID, self.port)
-            env.update({"FUNCNODES_HOST": "127.0.0.1", "FUNCNODES_WS_WORKER_STARTPORT": str(self.port),
-                        "FUNCNODES_WS_WORKER_ENDPORT": str(self.port), "PYTHONPATH": str(REPO / "examples")})
-            argv, cwd = [stock_python(), "-c", LAUNCHER, UUID, str(self.port)], self.base
-        else:
-            d = self.base / "workers"
-            d.mkdir(parents=True)
-            (d / f"worker_{UUID}.json").write_text(json.dumps({
-                "uuid": UUID, "type": "WSWorker", "host": "127.0.0.1", "port": self.port, "durability": durability,
-                "package_dependencies": {"demo_nodes": {"package": "demo_nodes",
-                                                        "path": str(REPO / "examples" / "demo_nodes.py")}}}))
-            env["PYTHONPATH"] = str(REPO)
-            argv, cwd = [sys.executable, "-m", "supervisor", "--dir", str(self.base), f"worker_{UUID}"], REPO
-        self.log = open(self.base / "worker.log", "ab")
-        self.proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__(kind, durability, supervised=True)
+        self.label = label
         self.pid: int | None = None  # the process that serves the port (ours: the supervisor's child)
 
     @property
@@ -167,47 +141,9 @@ def run_clients(w: Worker, verb: str, targets: list[str], clients: int, seconds:
     return json.loads(out.stdout)
 
 
-CLIENT_ACKS = r"""
-import asyncio, json, sys, time, random
-import aiohttp
-
-async def main(url, verb, targets, n):
-    r = random.Random(1)
-    lat = []
-    async with aiohttp.ClientSession() as s, s.ws_connect(url, max_msg_size=0) as ws:
-        for i in range(n + 50):
-            mid = f"a{i}"
-            nid = r.choice(targets)
-            if verb == "update_node_view":
-                kw = {"nid": nid, "data": {"pos": [r.randint(0, 999), r.randint(0, 999)]}}
-            else:
-                kw = {"nid": nid, "ioid": "a", "value": r.randint(0, 10**6)}
-            t = time.perf_counter()
-            await ws.send_str(json.dumps({"type": "cmd", "cmd": verb, "kwargs": kw, "id": mid}))
-            while True:
-                m = await ws.receive()
-                if m.type == aiohttp.WSMsgType.TEXT and mid in m.data:
-                    d = json.loads(m.data)
-                    if d.get("id") == mid:
-                        if d.get("type") != "result":
-                            raise RuntimeError(m.data[:300])
-                        break
-                elif m.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
-                    raise RuntimeError(str(m.type))
-            if i >= 50:  # after a warm-up
-                lat.append(time.perf_counter() - t)
-    print(json.dumps(lat))
-
-asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])))
-"""
-
-
-def ack_latencies(w: Worker, verb: str, targets: list[str], n: int) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", CLIENT_ACKS, w.url, verb, json.dumps(targets), str(n)],
-                         capture_output=True, text=True, timeout=300)
-    if out.returncode:
-        raise RuntimeError(f"{w.label} {verb} acks: {out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+def ack_latencies(w: Worker, verb: str, targets: list[str], seconds: float) -> list[float]:
+    """One client, one edit at a time; the first 50 acks are a warm-up."""
+    return run_clients(w, verb, targets, 1, seconds)["lat"][50:]
 
 
 # Set-up and the chain over a plain connection of this process.
@@ -313,7 +249,7 @@ async def measure(args) -> dict:
                     r["cpu"][verb] = r["cpu"].get(verb, 0.0) + w.cpu() - cpu0
                     r["acks"][verb] = r["acks"].get(verb, 0) + t["acks"]
                     r["secs"][verb] = r["secs"].get(verb, 0.0) + t["seconds"]
-                    lat = await asyncio.to_thread(ack_latencies, w, verb, targets[lab][verb], args.acks // 2)
+                    lat = await asyncio.to_thread(ack_latencies, w, verb, targets[lab][verb], args.ack_seconds / 2)
                     r["lat"].setdefault(verb, []).extend(lat)
                 r["chain"].append(await chain(w, args.nodes))
     finally:
@@ -373,7 +309,7 @@ def table(res: dict, args) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=4.0, help="closed-loop seconds per verb and worker (2 rounds)")
-    ap.add_argument("--acks", type=int, default=1000, help="sequential acks per verb and worker for p50/p99")
+    ap.add_argument("--ack-seconds", type=float, default=2.0, help="seconds of sequential acks per verb and worker (p50/p99)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--no-fsync", action="store_true", help="skip the durability: fsync column")
