@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "plugins", "__init__"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "plugins",
+     "wakeup", "__init__"},
     {"config", "control", "install", "modules", "pyproject"},
     {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},

@@ -55,6 +55,7 @@ class WorkerMetrics:
         self.rt = rt
         self.public = bool((getattr(rt, "config", None) or {}).get("metrics_public"))
         self.enabled = CollectorRegistry is not None
+        self._rpc_children: dict[tuple[str, bool], tuple] = {}
         if not self.enabled:
             return
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -83,9 +84,14 @@ class WorkerMetrics:
     def rpc(self, cmd: str, started: float, ok: bool) -> None:
         if not self.enabled:
             return
-        label = self.command_label(cmd)
-        self.rpcs.labels(label, "ok" if ok else "error").inc()
-        self.rpc_seconds.labels(label).observe(time.perf_counter() - started)
+        children = self._rpc_children.get((cmd, ok))
+        if children is None:  # labels() looks up under a lock each time: keep the children
+            label = self.command_label(cmd)
+            children = (self.rpcs.labels(label, "ok" if ok else "error"), self.rpc_seconds.labels(label))
+            if label == cmd:  # known verbs only: a bounded set, and "other" stays a lookup
+                self._rpc_children[(cmd, ok)] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     def ns_event(self, event: str) -> None:
         if not self.enabled:

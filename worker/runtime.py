@@ -12,6 +12,7 @@ server (transport) -> runtime.execute -> commands (verbs) -> graph / store.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -334,25 +335,47 @@ class WorkerRuntime:
                 text = text.replace(path, alias)
         return codec.dumps(codec.error(text, clean_traceback(e, debug), msg_id))
 
-    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
-        """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
+    def dispatch(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> Any:
+        """Run a command on this (the main) loop as far as it goes without waiting: return its
+        encoded reply (text, or binary frames), or a coroutine that finishes it (an async verb,
+        a group fdatasync). Most edits end here, with no Task and no Future."""
         started = time.perf_counter()  # metrics: RPCs by command, latency
         try:
-            res = await self.commands.run(cmd, codec.revive(kwargs))
+            res = self.commands.call(cmd, codec.revive(kwargs))
             # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
             # the result below exists only once the edit's record is in the journal.
-            await self.store.flush()
+            if inspect.iscoroutine(res) or not self.store.write_now():
+                return self._finish(cmd, res, started, msg_id, as_bytes)
             self.metrics.rpc(cmd, started, ok=True)
-            if as_bytes:
-                if codec.is_bytes_result(res):
-                    payload, mime = res.data, res.mime
-                else:
-                    payload, mime = codec.encode_bytes(res, preview=False)
-                return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
-            return codec.dumps(codec.result(res, msg_id))
+            return self._encode_result(res, msg_id, as_bytes)
         except Exception as e:
             self.metrics.rpc(cmd, started, ok=False)
             return self.error_text(e, msg_id)
+
+    async def _finish(self, cmd: str, res: Any, started: float, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        try:
+            if inspect.iscoroutine(res):
+                res = await res
+            await self.store.flush()
+            self.metrics.rpc(cmd, started, ok=True)
+            return self._encode_result(res, msg_id, as_bytes)
+        except Exception as e:
+            self.metrics.rpc(cmd, started, ok=False)
+            return self.error_text(e, msg_id)
+
+    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        """dispatch, awaited to the end (the HTTP route for commands)."""
+        out = self.dispatch(cmd, kwargs, msg_id, as_bytes)
+        return (await out) if inspect.iscoroutine(out) else out
+
+    def _encode_result(self, res: Any, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        if as_bytes:
+            if codec.is_bytes_result(res):
+                payload, mime = res.data, res.mime
+            else:
+                payload, mime = codec.encode_bytes(res, preview=False)
+            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
+        return codec.dumps(codec.result(res, msg_id))
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
         self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
