@@ -147,7 +147,7 @@ def test_full_tmpfs_refuses_edits_serves_reads_and_recovers(config_dir, port, tm
 
 
 def test_disk_full_fault_point_under_the_supervisor_shows_in_status(config_dir, port, tmp_path):
-    from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
+    from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 
     flag = tmp_path / "disk-is-full"
     paths = make_worker(config_dir, port, hb=0.5)

@@ -16,8 +16,7 @@ import aiohttp
 
 from conftest import REPO, poll_until
 from helpers import Client, WorkerProc, run, write_config
-from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
-from test_supervisor import sup_procs  # noqa: F401 (fixture)
+from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 
 FILES_DEP = {"funcnodes-files": {"package": "funcnodes-files", "version": None}}
 TEXT = b"hello, files\n"  # 13 bytes

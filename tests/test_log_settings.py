@@ -14,7 +14,7 @@ import sys
 
 from conftest import REPO, poll_until
 from helpers import DEMO_NODES, WorkerProc, write_config
-from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
+from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

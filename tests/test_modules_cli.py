@@ -10,8 +10,7 @@ import tomllib
 
 from conftest import REPO, poll_until
 from helpers import DEMO_NODES, Client, run
-from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
-from test_supervisor import sup_procs  # noqa: F401 (fixture)
+from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 
 
 def cli(base, *args):

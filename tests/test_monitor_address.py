@@ -9,7 +9,7 @@ import socket
 
 from conftest import poll_until
 from helpers import DEMO_NODES, Client, run
-from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
+from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 
 
 def _listening(addr: dict | None) -> bool:
