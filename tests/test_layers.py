@@ -11,7 +11,7 @@ from pathlib import Path
 WORKER = Path(__file__).resolve().parents[1] / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "__init__"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers", "__init__"},
     {"config", "control", "install", "modules"},
     {"persistence", "health"},
     {"effects", "store", "localworkers", "server", "quarantine"},

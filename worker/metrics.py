@@ -11,6 +11,7 @@ Names (base units, `_total` counters):
   fn_worker_rpcs_total{command,outcome}                     outcome ok|error; unknown commands are "other"
   fn_worker_rpc_duration_seconds{command}                   histogram, the command plus its journal flush
   fn_worker_clients                                         connected WebSocket clients
+  fn_worker_peer_refusals_total                             loopback requests refused (another local user)
   fn_worker_node_runs_total / fn_worker_node_errors_total   node triggers started / node errors
   fn_worker_journal_write_seconds                           histogram of journal appends
   fn_worker_journal_fsync_seconds                           histogram of journal fdatasyncs
@@ -138,6 +139,9 @@ class _Live:
         server = getattr(rt, "server", None)
         yield GaugeMetricFamily("fn_worker_clients", "connected WebSocket clients",
                                 value=float(len(getattr(server, "clients", None) or {})))
+        gate = getattr(server, "peers", None)
+        yield CounterMetricFamily("fn_worker_peer_refusals", "loopback requests refused: another user, no token",
+                                  value=float(getattr(gate, "refused", 0)))
         stats = getattr(getattr(rt, "store", None), "stats", None) or {}
         yield CounterMetricFamily("fn_worker_journal_records", "edit records fed to the journal",
                                   value=float(stats.get("records", 0)))

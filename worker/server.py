@@ -29,6 +29,7 @@ from aiohttp import WSMsgType, web
 from . import codec
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
+from .peers import PeerGate, enabled_by
 
 
 log = logging.getLogger("fn_supervise.worker.server")
@@ -184,12 +185,13 @@ class WorkerServer:
         self.port = 0
         self.max_msg = max_message_size()
         self.max_data = max_data_size()
+        self.peers = PeerGate(enabled_by(backend.config.get("peer_uid_check")))
 
     # region setup
     def make_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_data,
-            middlewares=[self.cors_middleware, self.auth_middleware],
+            middlewares=[self.peer_middleware, self.cors_middleware, self.auth_middleware],
         )
         r = app.router
         r.add_get("/", self.handle_ws)
@@ -302,10 +304,25 @@ class WorkerServer:
         return resp
 
     @web.middleware
-    async def auth_middleware(self, request: web.Request, handler):
-        if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+    async def peer_middleware(self, request: web.Request, handler):
+        """Another local user is refused before anything else (WebSocket handshake included)."""
+        path = request.path
+        if request.method == "OPTIONS" or self.open_route(request):
+            path = "/healthz"  # as open to every local user as to every remote one
+        verdict = self.peers.check(request.transport, path, bool(self.token()) and self.authorized(request))
+        if not verdict.allowed:
+            return web.Response(status=403, text=verdict.reason + "\n")
+        return await handler(request)
+
+    def open_route(self, request: web.Request) -> bool:
+        """Served without the token: probes, public metrics, large-message fetches."""
+        return (request.path in ("/healthz", "/readyz")
                 or (request.path == "/metrics" and self.backend.metrics.public)
-                or (request.method == "GET" and request.path.startswith("/message/"))):
+                or (request.method == "GET" and request.path.startswith("/message/")))
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler):
+        if request.method == "OPTIONS" or self.open_route(request):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
             return await handler(request)
