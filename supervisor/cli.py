@@ -42,6 +42,8 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from worker.tls import scheme as tls_scheme
+
 from .config import SupervisorConfig
 from .files import (AlreadyRunning, WorkerPaths, base_dir, identity_alive, list_workers, lock_held,
                     parse_worker_id)
@@ -197,6 +199,7 @@ def live_status(paths: WorkerPaths) -> dict[str, Any]:
     out.setdefault("host", cfg.get("host"))
     if out.get("port") is None:
         out["port"] = cfg.get("port")
+    out["url"] = f"{tls_scheme(cfg)}://{out.get('host')}:{out.get('port')}/"  # wss:// with "ssl": true
     out["update"] = _update_line(paths, cfg)
     ready_at = out.get("ready_at")
     out["uptime"] = (time.time() - ready_at) if (alive and ready_at) else None
@@ -229,7 +232,7 @@ def _fmt_status(s: dict[str, Any]) -> str:
     wk = s.get("worker") or {}
     lines.append(f"  supervisor:  {sup.get('pid') if s.get('supervisor_alive') else '-'}")
     lines.append(f"  worker:      {wk.get('pid', '-') if wk else '-'}")
-    lines.append(f"  address:     {s.get('host')}:{s.get('port')}")
+    lines.append(f"  address:     {s.get('url') or str(s.get('host')) + ':' + str(s.get('port'))}")
     up = s.get("uptime")
     lines.append(f"  uptime:      {f'{up:.1f}s' if up is not None else '-'}")
     launches = s.get("launches") or {}
@@ -521,7 +524,8 @@ def cmd_demo(a: argparse.Namespace, base: Path) -> int:
         print(f"seeded {paths.data_dir() / 'nodespace.json'} from {seed}")
 
     def ready(host: str, port: int) -> None:
-        print(f"demo worker {paths.name} serving at ws://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+        scheme = tls_scheme(paths.read_config_or_empty())
+        print(f"demo worker {paths.name} serving at {scheme}://{host}:{port}/  (Ctrl-C to stop)", flush=True)
 
     a.worker = paths.name
     return cmd_run(a, base, on_ready=ready)

@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 from .config import SupervisorConfig
 from . import listener
+from worker.tls import config_error as tls_config_error, scheme as tls_scheme
+
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
 from .forkclient import ForkError, ForkServer
@@ -424,6 +426,10 @@ class Supervisor:
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
+        if (tls_error := tls_config_error(self.worker_cfg)) is not None:  # never a crash loop over a cert
+            self.exit_code = EXIT_USAGE
+            self.sm.fire("prepare_failed", f"TLS: {tls_error}")
+            return
         try:
             self._ensure_listener()
         except OSError as e:
@@ -660,7 +666,7 @@ class Supervisor:
         self.policy.on_ready()
         self._note_restart_phases(w)
         self.paths.write_pid(w.pid)
-        self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        self.sm.fire("ready", f"pid {w.pid} listening on {tls_scheme(self.worker_cfg)}://{self.host}:{self.port}/")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
         self._check_update_after_ready()

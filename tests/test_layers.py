@@ -13,6 +13,7 @@ WORKER = Path(__file__).resolve().parents[1] / "worker"
 LAYERS = [
     {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers", "__init__"},
     {"config", "control", "install", "modules"},
+    {"tls"},
     {"persistence", "health"},
     {"effects", "store", "localworkers", "server", "quarantine"},
     {"graph"},

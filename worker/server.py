@@ -30,6 +30,7 @@ from . import codec
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
 from .peers import PeerGate, enabled_by
+from .tls import server_context
 
 
 log = logging.getLogger("fn_supervise.worker.server")
@@ -185,6 +186,7 @@ class WorkerServer:
         self.port = 0
         self.max_msg = max_message_size()
         self.max_data = max_data_size()
+        self.scheme = "http"
         self.peers = PeerGate(enabled_by(backend.config.get("peer_uid_check")))
 
     # region setup
@@ -215,14 +217,16 @@ class WorkerServer:
     async def _start(self, host: str, port: int | None) -> tuple[str, int]:
         if self.core_ready is None:
             self.core_ready = asyncio.Event()
+        ctx = server_context(self.backend.config)  # TLS (worker/tls.py): wss:// and https:// on this port
+        self.scheme = "https" if ctx is not None else "http"
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         from . import listener  # the supervisor's held socket, if it handed us one
 
         held = listener.take()
-        site = (web.SockSite(self.runner, held) if held is not None
-                else web.TCPSite(self.runner, host, port or 0, reuse_address=True))
+        site = (web.SockSite(self.runner, held, ssl_context=ctx) if held is not None
+                else web.TCPSite(self.runner, host, port or 0, reuse_address=True, ssl_context=ctx))
         try:
             await site.start()
         except BaseException:
@@ -471,7 +475,7 @@ class WorkerServer:
             msg_id = str(uuid.uuid4())
             self.store_large(msg_id, text, fetches)
             return json.dumps(
-                {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
+                {"type": "large_message", "url": f"{self.scheme}://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
             )
         return text
 
