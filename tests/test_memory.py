@@ -15,6 +15,7 @@ import pytest
 
 from conftest import poll_until
 from helpers import Client, RPCError, run
+from test_restarts import POISON
 from test_supervisor import make_worker, running_worker, start_supervisor, state, stop_supervisor, sup_procs  # noqa: F401
 
 from supervisor.cli import create_worker
@@ -118,16 +119,13 @@ def big(x: int) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             blocks.append(bytearray(b"\\1") * (8 * 10**6))  # written, so resident: 8 MB per 10 ms
-            with open(PROGRESS, "w") as f:
+            with open(PROGRESS + ".tmp", "w") as f:  # replaced whole: the test never reads half a number
                 f.write(str(8 * 10**6 * len(blocks)))
+            os.replace(PROGRESS + ".tmp", PROGRESS)
             time.sleep(0.01)
     return x
 
-@fn.NodeDecorator("grow.square", name="Square")
-def square(x: float) -> float:
-    return x * x
-
-NODE_SHELF = fn.Shelf(nodes=[big, square], subshelves=[], name="grow", description="")
+NODE_SHELF = fn.Shelf(nodes=[big], subshelves=[], name="grow", description="")
 '''
 
 
@@ -140,7 +138,10 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
     mod = data / "grow_nodes.py"
     mod.write_text(GROW.format(armed=str(armed), progress=str(progress)))
     cfg = paths.read_config()
-    cfg["package_dependencies"] = {"grow_nodes": {"package": "grow_nodes", "path": str(mod)}}
+    square = data / "poison_nodes.py"  # its square node is the rest of the graph (never armed: no die)
+    square.write_text(POISON.format(armed=str(tmp_path / "never")))
+    cfg["package_dependencies"] = {"grow_nodes": {"package": "grow_nodes", "path": str(mod)},
+                                   "poison_nodes": {"package": "poison_nodes", "path": str(square)}}
     cfg["save_delay"] = 0.05
     paths.write_config(cfg)
     # another worker beside it, same base folder, no limit
@@ -157,7 +158,7 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
 
     async def build():
         async with Client(url) as c:
-            await c.cmd("add_node", id="grow.square", uuid="sq")
+            await c.cmd("add_node", id="poison.square", uuid="sq")
             await c.cmd("set_io_value", nid="sq", ioid="x", value=3)
             await c.wait_value("sq", "out", 9.0)
             await c.cmd("add_node", id="grow.big", uuid="big")
@@ -204,51 +205,27 @@ def test_the_worker_tells_its_clients_and_counts_the_warning(config_dir, port, t
     """The supervisor's 80 % report, as a channel frame: clients get a `memory_warning` worker
     event and /metrics the figures."""
     import asyncio
-    import socket
 
     import aiohttp
 
-    from conftest import REPO
-    from helpers import write_config
-    from worker.channel import FrameBuffer, encode
+    from helpers import ChannelWorker, write_config
 
     uuid = "feedbeef000000000000000000000017"
     write_config(config_dir, uuid, port=port)
-    ours, theirs = socket.socketpair()
-    log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "worker", f"worker_{uuid}", "--dir", str(config_dir),
-                             "--port", str(port), "--control-fd", str(theirs.fileno())],
-                            pass_fds=(theirs.fileno(),), cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=log, stderr=subprocess.STDOUT)
-    theirs.close()
+    w = ChannelWorker(config_dir, uuid, port, tmp_path / "worker.log")
     try:
-        buf, frames = FrameBuffer(), []
-        ours.settimeout(0.5)
-
-        def ready():
-            assert proc.poll() is None, (tmp_path / "worker.log").read_text()
-            try:
-                frames.extend(f for f in buf.feed(ours.recv(65536)) if isinstance(f, dict))
-            except socket.timeout:
-                return False
-            return any(f.get("type") == "ready" for f in frames)
-        poll_until(ready, 60, what="ready frame")
+        w.wait_ready()
 
         async def go():
             async with Client(f"http://127.0.0.1:{port}") as c:
                 await c.cmd("uuid")
-                ours.sendall(encode({"type": "memory", "level": "warn", "rss": 330 * MB, "limit": 400 * MB}))
+                w.send({"type": "memory", "level": "warn", "rss": 330 * MB, "limit": 400 * MB})
                 ev = await c.wait_for(lambda e: e.get("event") == "memory_warning", 10, "memory_warning event")
                 assert ev["data"]["data"] == {"rss": 330 * MB, "limit": 400 * MB}
             async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
                 return await r.text()
         text = asyncio.run(go())
         assert "fn_worker_memory_warnings_total 1.0" in text and "fn_worker_memory_bytes 3.3e+08" in text, text
-        ours.sendall(encode({"type": "stop", "deadline": 5}))
-        assert proc.wait(20) == 0
+        assert w.stop() == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        ours.close()
-        log.close()
+        w.close()
