@@ -6,7 +6,6 @@ times the node is quarantined, and another worker beside it is untouched."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

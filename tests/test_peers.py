@@ -7,7 +7,6 @@ held by a process of another uid; then both sides end to end: a probe run as `no
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import poll_until
 from helpers import ChannelWorker, Client, run, write_config
 
 SCRIPT = '''
