@@ -15,9 +15,9 @@ import pytest
 from conftest import poll_until
 from helpers import Client, RPCError, run
 from test_restarts import POISON
-from test_supervisor import make_worker, running_worker, start_supervisor, state, stop_supervisor, sup_procs  # noqa: F401
+from test_host import hosts  # noqa: F401 (fixture)
+from test_supervisor import make_worker, running_worker, start_supervisor, state, sup_procs  # noqa: F401
 
-from supervisor.cli import create_worker
 from supervisor.memory import MemoryPolicy, config_error, parse_size, tree_rss
 
 MB = 10**6
@@ -129,10 +129,16 @@ NODE_SHELF = fn.Shelf(nodes=[big], subshelves=[], name="grow", description="")
 
 
 def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouched(
-        config_dir, port, tmp_path, sup_procs):
+        config_dir, port, tmp_path, hosts):
+    """Under one `fn-supervise host`: the worker with the limit and another one beside it."""
+    from conftest import free_port
+    from test_host import start_host
+
     limit = 400 * MB
     armed, progress = tmp_path / "armed", tmp_path / "progress"
-    paths = make_worker(config_dir, port, memory_max="400MB", memory_interval=0.1)
+    # heartbeat_timeout: the node blocks the worker's loop while it grows; on a loaded machine that
+    # must not be taken for a hang before the limit is reached
+    paths = make_worker(config_dir, port, memory_max="400MB", memory_interval=0.1, heartbeat_timeout=10.0)
     data = paths.data_dir()
     mod = data / "grow_nodes.py"
     mod.write_text(GROW.format(armed=str(armed), progress=str(progress)))
@@ -142,17 +148,14 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
     cfg["package_dependencies"] = {"grow_nodes": {"package": "grow_nodes", "path": str(mod)},
                                    "poison_nodes": {"package": "poison_nodes", "path": str(square)}}
     cfg["save_delay"] = 0.05
+    cfg["autostart"] = "unless-stopped"
     paths.write_config(cfg)
-    # another worker beside it, same base folder, no limit
-    from conftest import free_port
-    other_port = free_port()
-    other = create_worker(config_dir, name="other", host="127.0.0.1", port=other_port, no_venv=True)
-    sup = start_supervisor(paths, tmp_path)
-    sup_procs.append(sup)
-    sup2 = start_supervisor(other, tmp_path)
-    sup_procs.append(sup2)
-    pid = poll_until(lambda: running_worker(paths), 30, what="worker ready")
-    other_pid = poll_until(lambda: running_worker(other), 30, what="other worker ready")
+    other = make_worker(config_dir, free_port())  # no limit
+    other.update_config(autostart="unless-stopped")
+    host = start_host(config_dir, tmp_path)
+    hosts.append(host)
+    pid = poll_until(lambda: running_worker(paths), 40, what="worker ready")
+    other_pid = poll_until(lambda: running_worker(other), 40, what="other worker ready")
     url = f"http://127.0.0.1:{port}"
 
     async def build():
@@ -196,7 +199,7 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
     # the other worker never noticed
     ost = state(other)
     assert running_worker(other) == other_pid and not ost.get("crashes") and ost.get("restarts", 0) == 0
-    assert stop_supervisor(sup) == 0 and stop_supervisor(sup2) == 0
+    assert (paths.read_state() or {})["supervisor"]["pid"] == (other.read_state() or {})["supervisor"]["pid"] == host.pid
 # endregion
 
 
