@@ -109,7 +109,8 @@ def test_supervised_worker_serves_wss_and_https_across_a_kill9(config_dir, port,
     os.kill(pid1, signal.SIGKILL)
     poll_until(lambda: running_worker(paths, not_pid=pid1), 30, what="replacement")
     assert poll_until(lambda: _try(lambda: asyncio.run(wss_uuid(port, ctx))), 15, what="wss after restart") == paths.uuid
-    assert sum((state(paths).get("launches") or {}).values()) == 2
+    # the held socket is plain TCP; each worker the fork server forks builds TLS from the config
+    assert state(paths)["launches"] == {"fork": 2, "spawn": 0}, state(paths)["launches"]
     assert stop_supervisor(sup) == 0
 
 
@@ -139,3 +140,28 @@ def test_standalone_worker_with_a_bad_certificate_exits_with_the_reason(config_d
     r = subprocess.run([sys.executable, "-m", "worker", "worker_t1", "--dir", str(config_dir), "--port", str(port)],
                        capture_output=True, text=True, timeout=60, env=env, cwd=str(REPO))
     assert r.returncode != 0 and "ssl_certfile" in r.stderr, r.stderr
+
+
+def test_over_tls_another_local_user_is_still_refused_and_a_token_holder_served(config_dir, port, cert):
+    from helpers import WorkerProc, write_config
+    from peerprobe import NOBODY, as_other_user, require_other_user
+
+    require_other_user()
+    write_config(config_dir, "t2", ssl=True, ssl_certfile=str(cert[0]), ssl_keyfile=str(cert[1]), auth_token="tok")
+    w = WorkerProc(config_dir, "t2", port)
+    try:
+        poll_until(lambda: _try(lambda: asyncio.run(_https_status(port, "/readyz", trusting(cert[0])))) == 200, 30,
+                   what="worker ready over https")
+        ask = {"op": "ws", "host": "127.0.0.1", "port": port, "cadata": cert[0].read_text(),
+               "send": {"type": "cmd", "cmd": "uuid", "kwargs": {}, "id": "u1"}}
+        r = as_other_user({**ask, "path": "/"})
+        assert r["status"] == 403 and f"uid {NOBODY} refused" in r["body"], r
+        r = as_other_user({**ask, "path": "/?token=tok"})
+        assert r["status"] == 101 and r["reply"]["result"] == "t2", r
+    finally:
+        assert w.stop() == 0, w.output()[-3000:]
+
+
+async def _https_status(port, path, ctx):
+    async with aiohttp.ClientSession() as s, s.get(f"https://127.0.0.1:{port}{path}", ssl=ctx) as r:
+        return r.status
