@@ -18,7 +18,9 @@ from conftest import poll_until
 from helpers import Client, WorkerProc, run, write_config
 from peerprobe import NOBODY, as_other_user, hold_as_other_user, require_other_user
 
-from worker.peers import decide, is_local_peer, parse_uid, peer_uid
+import ipaddress
+
+from worker.peers import decide, diag_uid, is_local_peer, parse_uid, peer_uid, proc_uid
 
 ME = os.getuid()
 
@@ -80,6 +82,19 @@ def test_peer_uid_of_a_real_connection_is_ours(family, host):
                 assert peer_uid(peer, conn.getsockname()) == ME
                 assert peer_uid(conn.getsockname(), peer) == ME  # and the other end, seen from the client
                 assert c.getsockname()[1] == peer[1]
+                both_ways(peer, conn.getsockname(), ME)
+
+
+def both_ways(peer, ours, uid):
+    """netlink sock_diag (the fast path) and /proc/net/tcp* (the fallback) agree."""
+    pip, lip = ipaddress.ip_address(peer[0]), ipaddress.ip_address(ours[0])
+    assert proc_uid(pip, peer[1], lip, ours[1]) == uid
+    via_netlink = diag_uid(pip, peer[1], lip, ours[1])
+    assert via_netlink in (uid, None)  # None: netlink not allowed here (then /proc answers)
+    # a port nobody uses: neither finds a socket
+    assert proc_uid(pip, 1, lip, ours[1]) is None and diag_uid(pip, 1, lip, ours[1]) is None
+    # the listening socket is never taken for the peer
+    assert diag_uid(lip, ours[1], pip, 1) is None
 
 
 def test_peer_uid_through_a_dual_stack_socket():
@@ -108,6 +123,7 @@ def test_peer_uid_of_another_users_connection():
             with conn:
                 assert json.loads(p.stdout.readline())["port"] == peer[1]
                 assert peer_uid(peer, conn.getsockname()) == NOBODY
+                both_ways(peer, conn.getsockname(), NOBODY)
         finally:
             p.stdin.close()
             p.wait(10)

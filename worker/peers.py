@@ -3,9 +3,10 @@
 Any local user can reach a port on 127.0.0.1; the worker runs arbitrary Python for its owner
 and its subprocess monitor runs commands as the owner. So a connection over loopback is served
 only when the peer process belongs to the owner (or root, who can act as the owner anyway),
-unless it carries the worker's token. On Linux the peer's uid is read the way identd does: the
-peer's own socket is the /proc/net/tcp{,6} entry whose local address is the peer's and whose
-remote address is ours, and that entry carries the uid of the socket's owner.
+unless it carries the worker's token. On Linux the peer's own socket is the one whose local
+address is the peer's and whose remote address is ours, and the kernel knows its owner's uid:
+asked by netlink sock_diag (one exact lookup, ~50 us) or, where netlink is not allowed, read from
+/proc/net/tcp{,6} the way identd does (a walk over every socket: 5-17 ms with 2000 open).
 
 `decide` is the pure rule (tested without sockets); `peer_uid` is the /proc lookup; both the
 worker's server and the monitor sidecar call `check`. Stdlib only: the monitor imports this
@@ -18,6 +19,7 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -92,12 +94,60 @@ def parse_uid(table: str, local: str, remote: str) -> int | None:
     return None
 
 
+# sock_diag (what `ss` uses): the kernel looks up one socket by its address pair, O(1), where
+# reading /proc/net/tcp walks every socket of the machine (5-17 ms with 2000 open).
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, NLMSG_ERROR = 4, 20, 1, 2
+_LIVE_STATES = 0xFFF & ~(1 << 6)  # every TCP state but TIME_WAIT
+_NOCOOKIE = 0xFFFFFFFF
+TCP_LISTEN = 10
+
+
+def diag_uid(peer_ip: ipaddress.IPv4Address | ipaddress.IPv6Address, peer_port: int,
+             our_ip: ipaddress.IPv4Address | ipaddress.IPv6Address, our_port: int) -> int | None:
+    """The uid of the socket (peer -> ours) by netlink sock_diag, None if none or no netlink."""
+    family = socket.AF_INET if isinstance(peer_ip, ipaddress.IPv4Address) else socket.AF_INET6
+
+    def addr(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+        return ip.packed.ljust(16, b"\0")
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, _LIVE_STATES)
+    req += struct.pack("!HH", peer_port, our_port) + addr(peer_ip) + addr(our_ip)
+    req += struct.pack("=III", 0, _NOCOOKIE, _NOCOOKIE)
+    msg = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + req
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.sendto(msg, (0, 0))
+            data = nl.recv(8192)
+    except (OSError, AttributeError):
+        return None
+    if len(data) < 16 or struct.unpack_from("=H", data, 4)[0] == NLMSG_ERROR:
+        return None  # ENOENT: no such socket (gone, or not on this machine)
+    body = data[16:]
+    if len(body) < 72 or body[0] != family or body[1] == TCP_LISTEN:
+        return None  # the kernel falls back to a listener on that port: not our peer
+    if struct.unpack_from("!HH", body, 4) != (peer_port, our_port):
+        return None
+    uid, inode = struct.unpack_from("=II", body, 64)
+    return uid if inode else None  # inode 0: a socket no process holds any more
+
+
 def peer_uid(peer: tuple, ours: tuple) -> int | None:
     """The uid of the process holding the other end of our connection ours <- peer, or None
-    (no /proc, or the peer is already gone)."""
+    (the peer is already gone, or neither netlink nor /proc is there)."""
     pip, lip = _ip(peer[0]), _ip(ours[0])
     if pip is None or lip is None:
         return None
+    if isinstance(pip, type(lip)):
+        uid = diag_uid(pip, int(peer[1]), lip, int(ours[1]))
+        if uid is not None:
+            return uid
+    return proc_uid(pip, int(peer[1]), lip, int(ours[1]))
+
+
+def proc_uid(pip: ipaddress.IPv4Address | ipaddress.IPv6Address, pport: int,
+             lip: ipaddress.IPv4Address | ipaddress.IPv6Address, lport: int) -> int | None:
+    """The same from /proc/net/tcp{,6} (identd's way), where netlink is not allowed."""
+    peer, ours = (pip, pport), (lip, lport)
     for path in PROC_TABLES:
         v6 = path.endswith("6")
         local, remote = _hex_addr(pip, int(peer[1]), v6), _hex_addr(lip, int(ours[1]), v6)
@@ -114,7 +164,7 @@ def peer_uid(peer: tuple, ours: tuple) -> int | None:
 
 
 def available() -> bool:
-    return os.path.exists(PROC_TABLES[0])
+    return os.path.exists(PROC_TABLES[0])  # Linux (netlink sock_diag, or /proc as the fallback)
 
 
 def enabled_by(config_value: Any) -> bool:
