@@ -152,7 +152,8 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
     paths.write_config(cfg)
     other = make_worker(config_dir, free_port())  # no limit
     other.update_config(autostart="unless-stopped")
-    host = start_host(config_dir, tmp_path)
+    metrics_port = free_port()
+    host = start_host(config_dir, tmp_path, "--metrics-port", str(metrics_port))
     hosts.append(host)
     pid = poll_until(lambda: running_worker(paths), 40, what="worker ready")
     other_pid = poll_until(lambda: running_worker(other), 40, what="other worker ready")
@@ -199,6 +200,12 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
     # the other worker never noticed
     ost = state(other)
     assert running_worker(other) == other_pid and not ost.get("crashes") and ost.get("restarts", 0) == 0
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        kills = [ln for ln in r.read().decode().splitlines()
+                 if ln.startswith("fn_supervise_worker_crashes_total{") and 'reason="memory_limit"' in ln]
+    assert len(kills) == 1 and paths.name in kills[0] and float(kills[0].split()[-1]) >= 3, kills
     assert (paths.read_state() or {})["supervisor"]["pid"] == (other.read_state() or {})["supervisor"]["pid"] == host.pid
 # endregion
 
