@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import SupervisorConfig
-from . import listener
 from worker.tls import config_error as tls_config_error, scheme as tls_scheme
 
-from . import memory
+from .config import SupervisorConfig
+from . import listener, memory
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
 from .forkclient import ForkError, ForkServer
@@ -146,6 +145,7 @@ class Supervisor:
         self.reaper = GroupReaper()
         self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
         self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
+        self.memory_watch: memory.MemoryWatch | None = None  # the current worker's, when memory_max is set
         self.restarting = False  # a SIGHUP restart passes STOPPING: no STOPPING=1 for it
         self.listen_sock: Any = None  # the worker's listening socket, held across restarts
         self.listen_systemd = False  # it came from systemd socket activation
@@ -663,8 +663,8 @@ class Supervisor:
                 self.logfile.event(d.detail or f"memory back to {memory.fmt(d.rss)}")
                 if w.alive:
                     w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
-        memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval, on_decision,
-                           alive=lambda: w.alive)
+        self.memory_watch = memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval,
+                                               on_decision, alive=lambda: w.alive)
 
     def _keep_pidfile(self, pid: int) -> None:
         """The Workermanager deletes .p whenever one of its probes fails (e.g. while a node is
