@@ -153,6 +153,7 @@ class Supervisor:
         self.quarantine: dict[str, dict[str, Any]] = {}  # node id -> {reason, since, crashes}
         self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
         self.last_restart: dict[str, Any] | None = None
+        self.journal: dict[str, Any] | None = None  # the worker's journal cannot be written (disk full)
         self.launches = {"fork": 0, "spawn": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._files_due: dict[str, Any] = {}  # .runstate / state file writes of this turn (write_state)
@@ -237,6 +238,7 @@ class Supervisor:
             "fork_server": self.fork.status() if self.fork is not None else None,
             "launches": dict(self.launches),
             "last_restart": self.last_restart,
+            "journal": self.journal,
         }
         try:
             self.paths.write_state(data)
@@ -377,6 +379,22 @@ class Supervisor:
             self.logfile.close()
         self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
                                    self.cfg.log_backups, self.cfg.log_tail_lines)
+        logging.getLogger("fn-supervise").setLevel(self.cfg.log_level)
+        self._log_settings = (self.logfile.path, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+
+    def _apply_log_settings(self) -> None:
+        want = (self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+        if self.logfile is None or want == getattr(self, "_log_settings", None):
+            return
+        old = self.logfile.path
+        try:
+            self._open_log()
+        except OSError as e:  # a bad location: keep the log we have, and say so there
+            self.logfile = RotatingLog(old, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_tail_lines)
+            self.logfile.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
+            return
+        self.logfile.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
+                           + (f" (was {old})" if old != want[0] else ""))
 
     async def _main(self) -> int:
         while True:
@@ -427,6 +445,7 @@ class Supervisor:
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
+        self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
         problem = tls_config_error(self.worker_cfg) or memory.config_error(self.cfg.memory_max)
         if problem is not None:  # a bad cert or memory_max can never work: FATAL, not a crash loop
             self.exit_code = EXIT_USAGE
@@ -614,6 +633,10 @@ class Supervisor:
                     if detail == "Loading nodespace":
                         self.restart_clock["graph"] = time.monotonic()
                     self._runstate("starting", detail)
+                elif t == "journal":  # a full disk: edits refused until it has room (worker/store.py)
+                    self.journal = None if msg.get("writable") else msg
+                    self.logfile.event(f"journal: {msg.get('reason') or 'writable again'}")
+                    self.write_state()
                 elif t == "lift_quarantine":
                     self._lift(str(msg.get("node")), "a client")
                 elif t == "stopping":
@@ -686,6 +709,7 @@ class Supervisor:
         if isinstance(port, int):
             self.port = port
         self.ready_wall = time.time()
+        self.journal = None  # a new worker reports its own
         self.policy.on_ready()
         self._note_restart_phases(w)
         self.paths.write_pid(w.pid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from conftest import REPO, poll_until
+from harness import child_env
 
 DEMO_NODES = REPO / "examples" / "demo_nodes.py"
 
@@ -35,9 +35,7 @@ class WorkerProc:
     def __init__(self, base: Path, uuid: str, port: int, python: str = sys.executable, args=(), env=None):
         self.base, self.uuid, self.port = base, uuid, port
         self.log = open(base / f"worker_{uuid}.test.log", "ab")
-        e = dict(os.environ)
-        e.update(env or {})
-        e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+        e = child_env(**(env or {}))
         self.proc = subprocess.Popen(
             [python, "-m", "worker", f"worker_{uuid}", "--dir", str(base), "--port", str(port), *args],
             cwd=str(REPO), env=e, stdout=self.log, stderr=subprocess.STDOUT,
@@ -195,7 +193,7 @@ class ChannelWorker:
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", f"worker_{uuid}", "--dir", str(base),
                                       "--port", str(port), "--control-fd", str(theirs.fileno())],
                                      pass_fds=(theirs.fileno(),), cwd=str(REPO),
-                                     env={**os.environ, "PYTHONPATH": str(REPO)},
+                                     env=child_env(inherit_path=False),
                                      stdout=self.log, stderr=subprocess.STDOUT)
         theirs.close()
         self.ours.settimeout(0.5)

@@ -18,6 +18,8 @@ Names (base units, `_total` counters):
   fn_worker_journal_write_seconds                           histogram of journal appends
   fn_worker_journal_fsync_seconds                           histogram of journal fdatasyncs
   fn_worker_journal_records_total / _snapshots_total        from Store.stats
+  fn_worker_journal_writable                                0 while the journal cannot be written (disk full)
+  fn_worker_edits_refused_total                             edits refused (or undone) for that reason
   process_*, python_info, python_gc_*                       the library's standard collectors
 
 `/metrics` needs the worker's token like every other route, unless the config says
@@ -56,6 +58,7 @@ class WorkerMetrics:
         self.rt = rt
         self.public = bool((getattr(rt, "config", None) or {}).get("metrics_public"))
         self.enabled = CollectorRegistry is not None
+        self._rpc_children: dict[tuple[str, bool], tuple] = {}
         if not self.enabled:
             return
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -89,9 +92,14 @@ class WorkerMetrics:
     def rpc(self, cmd: str, started: float, ok: bool) -> None:
         if not self.enabled:
             return
-        label = self.command_label(cmd)
-        self.rpcs.labels(label, "ok" if ok else "error").inc()
-        self.rpc_seconds.labels(label).observe(time.perf_counter() - started)
+        children = self._rpc_children.get((cmd, ok))
+        if children is None:  # labels() looks up under a lock each time: keep the children
+            label = self.command_label(cmd)
+            children = (self.rpcs.labels(label, "ok" if ok else "error"), self.rpc_seconds.labels(label))
+            if label == cmd:  # known verbs only: a bounded set, and "other" stays a lookup
+                self._rpc_children[(cmd, ok)] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     def ns_event(self, event: str) -> None:
         if not self.enabled:
@@ -162,3 +170,8 @@ class _Live:
                                   value=float(stats.get("records", 0)))
         yield CounterMetricFamily("fn_worker_journal_snapshots", "snapshots written (journal cuts)",
                                   value=float(stats.get("snapshots", 0)))
+        yield GaugeMetricFamily("fn_worker_journal_writable", "0 while the journal cannot be written "
+                                "(a full disk): edits are refused", value=0.0 if getattr(
+                                    getattr(rt, "store", None), "trouble", None) else 1.0)
+        yield CounterMetricFamily("fn_worker_edits_refused", "edits refused because the journal could not be written",
+                                  value=float(stats.get("refused", 0)))
