@@ -51,6 +51,8 @@ if not sys.platform.startswith("linux"):
     sys.exit(f"fn-supervise: runs on Linux only (it needs pidfd, prctl and a child subreaper); this is "
              f"{sys.platform}. Run it in a Linux VM or container (WSL2 works).")
 
+from worker.tls import scheme as tls_scheme  # noqa: E402
+
 from .config import SupervisorConfig  # noqa: E402
 from .files import (AlreadyRunning, WorkerPaths, base_dir, identity_alive, list_workers, lock_held,
                     parse_worker_id)
@@ -467,7 +469,8 @@ def cmd_demo(a: argparse.Namespace, base: Path) -> int:
         print(f"seeded {paths.data_dir() / 'nodespace.json'} from {seed}")
 
     def ready(host: str, port: int) -> None:
-        print(f"demo worker {paths.name} serving at ws://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+        scheme = tls_scheme(paths.read_config_or_empty())
+        print(f"demo worker {paths.name} serving at {scheme}://{host}:{port}/  (Ctrl-C to stop)", flush=True)
 
     a.worker = paths.name
     return cmd_run(a, base, on_ready=ready)

@@ -62,6 +62,8 @@ class SupervisorConfig:
     log_tail_lines: int = 30
     crash_history: int = 20
     venv: bool = True
+    memory_max: Any = None  # bytes or "512MB" (supervisor/memory.py); None: no limit
+    memory_interval: float = 0.1  # seconds between samples of the worker's memory
     python: str | None = None
     worker_module: str = "worker"
 

@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from worker.tls import config_error as tls_config_error, scheme as tls_scheme
+
 from .config import SupervisorConfig
-from . import listener
+from . import listener, memory
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
 from .forkclient import ForkError, ForkServer
@@ -143,6 +145,7 @@ class Supervisor:
         self.reaper = GroupReaper()
         self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
         self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
+        self.memory_watch: memory.MemoryWatch | None = None  # the current worker's, when memory_max is set
         self.restarting = False  # a SIGHUP restart passes STOPPING: no STOPPING=1 for it
         self.listen_sock: Any = None  # the worker's listening socket, held across restarts
         self.listen_systemd = False  # it came from systemd socket activation
@@ -443,6 +446,11 @@ class Supervisor:
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
         self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
+        problem = tls_config_error(self.worker_cfg) or memory.config_error(self.cfg.memory_max)
+        if problem is not None:  # a bad cert or memory_max can never work: FATAL, not a crash loop
+            self.exit_code = EXIT_USAGE
+            self.sm.fire("prepare_failed", problem)
+            return
         try:
             self._ensure_listener()
         except OSError as e:
@@ -535,6 +543,7 @@ class Supervisor:
         self.worker = w
         self.pgids.add(w.pgid)
         self.policy.on_spawn()
+        self._watch_memory(w)
         self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
                            f"pid {w.pid}: {' '.join(argv)}")
         self._runstate("starting", f"worker process {w.pid} started")
@@ -637,6 +646,10 @@ class Supervisor:
                     self._start_install(w, msg)
                 else:
                     log.debug("unhandled frame %s", t)
+            elif kind == "memory" and kill_reason is None:  # over memory_max: _watch_memory
+                kill_reason = ("memory_limit", ev[2])
+                self.logfile.event(f"killing worker {w.pid}: {ev[2]}")
+                w.signal(signal.SIGKILL)
             elif kind == "eof":
                 if w.alive and eof_at is None:
                     eof_at = time.monotonic()
@@ -659,6 +672,22 @@ class Supervisor:
                                  oom_before=oom_before, node=in_flight[-1] if in_flight else health.node,
                                  first_sign=eof_at, suspects=in_flight)
                 return
+
+    def _watch_memory(self, w: WorkerProcess) -> None:
+        """memory_max (supervisor/memory.py): tell the worker at 80 %, kill its group at 100 %."""
+        limit = memory.parse_size(self.cfg.memory_max)
+        if limit is None:
+            return
+
+        def on_decision(d: memory.MemoryDecision) -> None:
+            if d.action == "kill":
+                self._event("memory", w, d.detail)
+            else:
+                self.logfile.event(d.detail or f"memory back to {memory.fmt(d.rss)}")
+                if w.alive:
+                    w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
+        self.memory_watch = memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval,
+                                               on_decision, alive=lambda: w.alive)
 
     def _keep_pidfile(self, pid: int) -> None:
         """The Workermanager deletes .p whenever one of its probes fails (e.g. while a node is
@@ -684,7 +713,7 @@ class Supervisor:
         self.policy.on_ready()
         self._note_restart_phases(w)
         self.paths.write_pid(w.pid)
-        self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        self.sm.fire("ready", f"pid {w.pid} listening on {tls_scheme(self.worker_cfg)}://{self.host}:{self.port}/")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
         self._check_update_after_ready()

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from worker.tls import scheme as tls_scheme
+
 from .crash import CrashRecord
 from .files import WorkerPaths, identity_alive, lock_held
 
@@ -35,6 +37,7 @@ def live_status(paths: WorkerPaths) -> dict[str, Any]:
     out.setdefault("host", cfg.get("host"))
     if out.get("port") is None:
         out["port"] = cfg.get("port")
+    out["url"] = f"{tls_scheme(cfg)}://{out.get('host')}:{out.get('port')}/"  # wss:// with "ssl": true
     out["update"] = update_line(paths, cfg)
     ready_at = out.get("ready_at")
     out["uptime"] = (time.time() - ready_at) if (alive and ready_at) else None
@@ -57,7 +60,7 @@ def format_status(s: dict[str, Any]) -> str:
     wk = s.get("worker") or {}
     lines.append(f"  supervisor:  {sup.get('pid') if s.get('supervisor_alive') else '-'}")
     lines.append(f"  worker:      {wk.get('pid', '-') if wk else '-'}")
-    lines.append(f"  address:     {s.get('host')}:{s.get('port')}")
+    lines.append(f"  address:     {s.get('url') or str(s.get('host')) + ':' + str(s.get('port'))}")
     up = s.get("uptime")
     lines.append(f"  uptime:      {f'{up:.1f}s' if up is not None else '-'}")
     launches = s.get("launches") or {}

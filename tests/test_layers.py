@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "plugins",
-     "wakeup", "__init__"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
+     "plugins", "wakeup", "__init__"},
     {"config", "control", "install", "modules", "pyproject"},
+    {"tls"},
     {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},
     {"graph"},

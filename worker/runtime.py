@@ -256,6 +256,10 @@ class WorkerRuntime:
                 self._early_control.append(msg)
                 return
             self.commands.on_local_scripts(msg.get("changes") or [], bool(msg.get("initial")))
+        elif t == "memory":  # the supervisor's memory_max watch (supervisor/memory.py)
+            self.metrics.memory(msg)
+            if msg.get("level") == "warn":
+                self.broadcast(codec.workerevent("memory_warning", rss=msg.get("rss"), limit=msg.get("limit")))
         elif t == "monitor":
             self.config["subprocess_monitor"] = {"host": msg.get("host"), "port": msg.get("port")}
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))

@@ -36,6 +36,8 @@ from aiohttp import WSMsgType, web
 from . import codec, wakeup
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
+from .peers import PeerGate, enabled_by
+from .tls import server_context
 
 
 log = logging.getLogger("fn_supervise.worker.server")
@@ -230,12 +232,14 @@ class WorkerServer:
         self.port = 0
         self.max_msg = max_message_size()
         self.max_data = max_data_size()
+        self.scheme = "http"
+        self.peers = PeerGate(enabled_by(backend.config.get("peer_uid_check")))
 
     # region setup
     def make_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_data,
-            middlewares=[self.cors_middleware, self.auth_middleware],
+            middlewares=[self.peer_middleware, self.cors_middleware, self.auth_middleware],
         )
         r = app.router
         r.add_get("/", self.handle_ws)
@@ -261,14 +265,16 @@ class WorkerServer:
     async def _start(self, host: str, port: int | None) -> tuple[str, int]:
         if self.core_ready is None:
             self.core_ready = asyncio.Event()
+        ctx = server_context(self.backend.config)  # TLS (worker/tls.py): wss:// and https:// on this port
+        self.scheme = "https" if ctx is not None else "http"
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         from . import listener  # the supervisor's held socket, if it handed us one
 
         held = listener.take()
-        site = (web.SockSite(self.runner, held) if held is not None
-                else web.TCPSite(self.runner, host, port or 0, reuse_address=True))
+        site = (web.SockSite(self.runner, held, ssl_context=ctx) if held is not None
+                else web.TCPSite(self.runner, host, port or 0, reuse_address=True, ssl_context=ctx))
         try:
             await site.start()
         except BaseException:
@@ -353,10 +359,25 @@ class WorkerServer:
         return resp
 
     @web.middleware
-    async def auth_middleware(self, request: web.Request, handler):
-        if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+    async def peer_middleware(self, request: web.Request, handler):
+        """Another local user is refused before anything else (WebSocket handshake included)."""
+        path = request.path
+        if request.method == "OPTIONS" or self.open_route(request):
+            path = "/healthz"  # as open to every local user as to every remote one
+        verdict = self.peers.check(request.transport, path, bool(self.token()) and self.authorized(request))
+        if not verdict.allowed:
+            return web.Response(status=403, text=verdict.reason + "\n")
+        return await handler(request)
+
+    def open_route(self, request: web.Request) -> bool:
+        """Served without the token: probes, public metrics, large-message fetches."""
+        return (request.path in ("/healthz", "/readyz")
                 or (request.path == "/metrics" and self.backend.metrics.public)
-                or (request.method == "GET" and request.path.startswith("/message/"))):
+                or (request.method == "GET" and request.path.startswith("/message/")))
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler):
+        if request.method == "OPTIONS" or self.open_route(request):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
             return await handler(request)
@@ -502,7 +523,7 @@ class WorkerServer:
             msg_id = str(uuid.uuid4())
             self.store_large(msg_id, text, fetches)
             return json.dumps(
-                {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
+                {"type": "large_message", "url": f"{self.scheme}://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
             )
         return text
 
