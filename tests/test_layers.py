@@ -31,7 +31,7 @@ LAYERS = [
 
 
 SUPERVISOR_LAYERS = [
-    {"__init__", "config", "crash", "environment", "files", "forkclient", "health", "listener", "progress",
+    {"__init__", "config", "crash", "environment", "files", "forkclient", "health", "listener", "memory", "progress",
      "states", "systemd"},
     {"policy", "process", "units", "forkpool", "status", "modules"},  # status: what cli and hostctl both show; modules: the modules CLI's client
     {"runner"},  # one Supervisor: knows its parts, not who hosts it
@@ -48,8 +48,8 @@ PACKAGES = {"worker": LAYERS, "supervisor": SUPERVISOR_LAYERS, "sidecars": SIDEC
 # Across packages: what each package may import of the others (nothing else; never upwards).
 SHARED = {
     "worker": {},
-    "sidecars": {},
-    "supervisor": {"worker": {"__init__", "channel", "config", "fsutil", "metrics"}, "sidecars": {"entry", "host"}},
+    "sidecars": {"worker": {"peers"}},  # the peer-uid rule: a stdlib-only leaf both servers apply
+    "supervisor": {"worker": {"__init__", "channel", "config", "fsutil", "metrics", "tls"}, "sidecars": {"entry", "host"}},
 }
 
 

@@ -15,8 +15,7 @@ import pytest
 from conftest import poll_until
 from helpers import Client, RPCError, run
 from test_restarts import POISON
-from test_host import hosts  # noqa: F401 (fixture)
-from test_supervisor import make_worker, running_worker, start_supervisor, state, sup_procs  # noqa: F401
+from harness import make_worker, running_worker, start_supervisor, state
 
 from supervisor.memory import MemoryPolicy, config_error, parse_size, tree_rss
 
@@ -129,10 +128,10 @@ NODE_SHELF = fn.Shelf(nodes=[big], subshelves=[], name="grow", description="")
 
 
 def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouched(
-        config_dir, port, tmp_path, hosts):
+        config_dir, port, tmp_path, sup_procs):
     """Under one `fn-supervise host`: the worker with the limit and another one beside it."""
     from conftest import free_port
-    from test_host import start_host
+    from harness import start_host
 
     limit = 400 * MB
     armed, progress = tmp_path / "armed", tmp_path / "progress"
@@ -154,7 +153,7 @@ def test_a_node_past_memory_max_is_killed_recorded_and_quarantined_others_untouc
     other.update_config(autostart="unless-stopped")
     metrics_port = free_port()
     host = start_host(config_dir, tmp_path, "--metrics-port", str(metrics_port))
-    hosts.append(host)
+    sup_procs.append(host)
     pid = poll_until(lambda: running_worker(paths), 40, what="worker ready")
     other_pid = poll_until(lambda: running_worker(other), 40, what="other worker ready")
     url = f"http://127.0.0.1:{port}"

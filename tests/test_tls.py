@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from conftest import REPO, poll_until
-from test_supervisor import make_worker, running_worker, start_supervisor, state, stop_supervisor, sup_procs  # noqa: F401
+from harness import make_worker, running_worker, start_supervisor, state, stop_supervisor
 
 from supervisor.status import format_status as _fmt_status, live_status
 from worker.tls import TLSConfigError, server_context
