@@ -75,8 +75,12 @@ import subprocess
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import hmac
+
 if TYPE_CHECKING:
     import psutil
+
+from worker.peers import PeerGate, enabled_by
 
 from ._lifeline import arm_sidecar, set_child_subreaper, set_parent_death_signal
 
@@ -249,7 +253,8 @@ class _LineReader(asyncio.Protocol):
 class Monitor:
     def __init__(self, conn, host: str = "127.0.0.1", port: int = 0, *,
                  kill_timeout: float = 5.0, owner_pid: int | None = None,
-                 worker_spawn_timeout: float = 30.0, delegate_workers: bool = True):
+                 worker_spawn_timeout: float = 30.0, delegate_workers: bool = True,
+                 token: str | None = None, peer_uid_check: bool | None = None):
         self.conn = conn
         self.host = host
         self.port = port
@@ -268,6 +273,9 @@ class Monitor:
         # server is not starting: a stop waits for it, so the runner is never cleaned up under a
         # site that is still starting.
         self.bound = asyncio.Event()
+        # /spawn runs commands as our user: another local user must not reach it (worker/peers.py)
+        self.token = token or os.environ.get("FN_SUPERVISE_TOKEN") or None
+        self.peers = PeerGate(enabled_by(peer_uid_check), what="subprocess monitor")
 
     # -- pipe to the supervisor -------------------------------------------------------------
 
@@ -304,6 +312,15 @@ class Monitor:
             asyncio.get_running_loop().create_task(self.shutdown())
 
     # -- HTTP API ---------------------------------------------------------------------------
+
+    async def peer_middleware(self, request: web.Request, handler):
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.query.get("token", "")
+        token_ok = bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+        verdict = self.peers.check(request.transport, request.path, token_ok)
+        if not verdict.allowed:
+            return web.Response(status=403, text=verdict.reason + "\n")
+        return await handler(request)
 
     async def index(self, _request: web.Request) -> web.Response:
         return web.json_response(sorted(self.children))
@@ -604,7 +621,12 @@ class Monitor:
         """aiohttp takes over the bound socket; the waiting connection is its first."""
         try:
             _load_http()
-            app = web.Application()
+
+            @web.middleware
+            async def peer(request: web.Request, handler):
+                return await self.peer_middleware(request, handler)
+
+            app = web.Application(middlewares=[peer])
             app.router.add_get("/", self.index)
             app.router.add_post("/spawn", self.spawn)
             app.router.add_post("/stop", self.stop)
@@ -647,7 +669,8 @@ def _alive(p: psutil.Process) -> bool:
 
 def run_monitor(conn, host: str = "127.0.0.1", port: int = 0, *, kill_timeout: float = 5.0,
                 owner_pid: int | None = None, worker_spawn_timeout: float = 30.0,
-                delegate_workers: bool = True) -> None:
+                delegate_workers: bool = True, token: str | None = None,
+                peer_uid_check: bool | None = None) -> None:
     """Sidecar entry point (runs in the child process)."""
     arm_sidecar()
     set_child_subreaper()
@@ -656,7 +679,7 @@ def run_monitor(conn, host: str = "127.0.0.1", port: int = 0, *, kill_timeout: f
                             format="monitor[%(process)d] %(levelname)s %(message)s")
     monitor = Monitor(conn, host, port, kill_timeout=kill_timeout, owner_pid=owner_pid,
                       worker_spawn_timeout=worker_spawn_timeout,
-                      delegate_workers=delegate_workers)
+                      delegate_workers=delegate_workers, token=token, peer_uid_check=peer_uid_check)
     try:
         asyncio.run(monitor.run())
     except OSError as exc:  # cannot listen: say why, then exit non-zero (the host restarts us)
