@@ -123,9 +123,12 @@ def exit_with(fn: Callable[[], Any]) -> NoReturn:
             os._exit(code)
 
 
-def clean_child(keep: set[int], parent: int) -> None:
-    """In a child just forked from the supervisor: what a fresh interpreter would not have, gone."""
+def clean_child(keep: set[int], parent: int, death_signal: int | None = None) -> None:
+    """In a child just forked from the supervisor: what a fresh interpreter would not have, gone
+    (and, with death_signal, that signal when the supervisor dies)."""
     _lifeline.FORK_PARENT = parent
+    if death_signal is not None:
+        _lifeline.set_parent_death_signal(death_signal, parent)
     _reset_signals()
     _detach_fds(keep | {1, 2})
     _reset_logging()

@@ -308,8 +308,11 @@ class SidecarHost:
         loop = self.loop
         self._exited = asyncio.Event()
         if self.start_method == "fork":
+            from .entry import preload, run_named  # noqa: PLC0415
             from .forked import ForkedSidecar  # noqa: PLC0415
 
+            if self.target is run_named and self.args:
+                preload(self.args[0])
             proc = ForkedSidecar(self.target, self.args, self.kwargs, name=self.name)
             child_conn = None
         else:

@@ -113,9 +113,8 @@ def prepare() -> None:
         return
     if pid == 0:
         def run() -> int:
-            clean_child({theirs.fileno()}, parent)
+            clean_child({theirs.fileno()}, parent, death_signal=signal.SIGKILL)
             set_title(f"fn-supervise: fork server standby of {parent}", "fn-standby")
-            _set_parent_death_signal(parent)
             return _wait_and_become(theirs)
 
         exit_with(run)
@@ -153,12 +152,6 @@ def _same_interpreter(python: str, env: dict[str, str]) -> bool:
         if k.startswith("PYTHON") and k not in ("PYTHONPATH", "PYTHONUNBUFFERED") and env.get(k) != os.environ.get(k):
             return False
     return True
-
-
-def _set_parent_death_signal(parent: int) -> None:
-    from sidecars._lifeline import set_parent_death_signal  # noqa: PLC0415
-
-    set_parent_death_signal(signal.SIGKILL, parent)
 
 
 def _wait_and_become(sock: socket.socket) -> int:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fn_supervise.sidecars")
 
 MONITOR = "sidecars.monitor:run_monitor"
+DISCOVERY = "sidecars.discovery:run_discovery"
 # Forked from the supervisor (sidecars/forked.py): the sidecars share its pages instead of each
 # being a fresh interpreter. They start before any thread of the supervisor exists.
 START_METHOD = "fork"
@@ -41,26 +42,26 @@ class SidecarSet:
 
     # region lifecycle
     def start(self) -> None:
-        from sidecars.entry import run_named
+        from sidecars.entry import preload, run_named
         from sidecars.host import SidecarHost
 
         from . import forkstandby  # noqa: PLC0415
 
         # Everything forked from the supervisor is forked here, before its first thread: the
         # fork server's standby (it becomes the fork server at the first worker start), then
-        # the sidecars.
+        # the sidecars. The sidecars' modules are imported before any fork, so every child
+        # shares them (a page a later import made the supervisor and the fork server both write
+        # would be left to one sidecar alone).
+        for target in (DISCOVERY, MONITOR):
+            preload(target)
         if self.sup.cfg.fork_server and self.sup.cfg.worker_module == "worker":
             forkstandby.prepare()
-        # Imported here, once, before the forks: a module a forked sidecar imported itself would
-        # be its own copy (and grow the interpreter's shared tables in each of them).
-        import sidecars.discovery  # noqa: F401, PLC0415
-        import sidecars.monitor  # noqa: F401, PLC0415
         loop = asyncio.get_running_loop()
         data = self.sup.paths.data_dir(self.sup.worker_cfg)
         budget = int(self.sidecar_cfg.get("budget", 5))
         if self.sidecar_cfg.get("discovery", True):
             self.hosts["discovery"] = SidecarHost(
-                "discovery", run_named, ("sidecars.discovery:run_discovery", str(data / "local_scripts")),
+                "discovery", run_named, (DISCOVERY, str(data / "local_scripts")),
                 on_message=self.on_message, loop=loop, budget=budget, start_method=START_METHOD)
         if self.sidecar_cfg.get("monitor", True):
             port = int(self.sidecar_cfg.get("monitor_port") or 0)

@@ -31,8 +31,9 @@ LAYERS = [
 
 
 SUPERVISOR_LAYERS = [
-    {"__init__", "config", "crash", "environment", "files", "forkclient", "health", "listener", "memory", "progress",
+    {"__init__", "config", "crash", "environment", "files", "forkstandby", "health", "listener", "memory", "progress",
      "states", "systemd"},
+    {"forkclient"},  # a fork server: spawned, or the standby forked from the supervisor becomes it
     {"policy", "process", "units", "forkpool", "status", "modules"},  # status: what cli and hostctl both show; modules: the modules CLI's client
     {"runner"},  # one Supervisor: knows its parts, not who hosts it
     {"sidecarset", "hostmetrics", "hostctl"},  # plug into a runner / talk to a host through a socket
@@ -41,7 +42,9 @@ SUPERVISOR_LAYERS = [
     {"__main__"},
 ]
 SIDECARS_LAYERS = [
-    {"__init__", "_lifeline", "entry", "host"},
+    {"__init__", "_lifeline", "entry"},
+    {"forked"},  # a child forked from the supervisor, made clean
+    {"host"},
     {"discovery", "monitor"},
 ]
 PACKAGES = {"worker": LAYERS, "supervisor": SUPERVISOR_LAYERS, "sidecars": SIDECARS_LAYERS}
@@ -49,7 +52,9 @@ PACKAGES = {"worker": LAYERS, "supervisor": SUPERVISOR_LAYERS, "sidecars": SIDEC
 SHARED = {
     "worker": {},
     "sidecars": {"worker": {"peers"}},  # the peer-uid rule: a stdlib-only leaf both servers apply
-    "supervisor": {"worker": {"__init__", "channel", "config", "fsutil", "metrics", "tls"}, "sidecars": {"entry", "host"}},
+    # worker.forkserver: the supervisor's fork server standby (forkstandby.py) becomes one
+    "supervisor": {"worker": {"__init__", "channel", "config", "fsutil", "metrics", "tls", "forkserver"},
+                   "sidecars": {"entry", "host", "forked"}},
 }
 
 
