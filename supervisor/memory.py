@@ -20,8 +20,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import psutil
-
 WARN_AT = 0.8
 CLEAR_AT = 0.7  # hysteresis: warned again only after dropping below this
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -110,6 +108,8 @@ def _children(pid: int) -> list[int]:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 out.extend(int(c) for c in f.read().split())
     except (OSError, ValueError):
+        import psutil  # noqa: PLC0415 (no /proc: the fallback; ~4 MB the supervisor spares otherwise)
+
         try:
             return [c.pid for c in psutil.Process(pid).children()]
         except psutil.Error:
@@ -122,6 +122,8 @@ def _rss(pid: int) -> int:
         with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
+        import psutil  # noqa: PLC0415
+
         try:
             return psutil.Process(pid).memory_info().rss
         except psutil.Error:
