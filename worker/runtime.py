@@ -42,6 +42,11 @@ MUTATING = {
 
 EXIT_OK = 0
 EXIT_CONFIG = 3
+# Binary values in one frame by default, as the stock worker: the React UI's reassembly of
+# chunk=i/n frames (n > 1) keeps each frame's header in the data, so it would corrupt them.
+# 262144 keeps other clients' replies flowing (benchmarks/bench_binary_stream.py) for clients
+# that reassemble correctly.
+BINARY_CHUNK = 0
 
 
 class WorkerRuntime:
@@ -378,8 +383,14 @@ class WorkerRuntime:
                 payload, mime = res.data, res.mime
             else:
                 payload, mime = codec.encode_bytes(res, preview=False)
-            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
+            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.binary_chunk())
         return codec.dumps(codec.result(res, msg_id))
+
+    def binary_chunk(self) -> int:
+        """Frame size of binary values (`binary_chunk_size`; 0, the default: one frame, as stock)."""
+        size = self.config.get("binary_chunk_size", BINARY_CHUNK)
+        size = int(size) if isinstance(size, int) and size >= 0 else BINARY_CHUNK
+        return min(size, self.server.max_data) if size else self.server.max_data
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
         self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
@@ -416,7 +427,7 @@ class WorkerRuntime:
             log.exception("cannot encode value of %s/%s", nid, ioid)
             return
         frames = codec.binary_frames(
-            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.server.max_data
+            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk()
         )
         self.server.post_frames(frames)
 
