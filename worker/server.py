@@ -113,7 +113,8 @@ class Client:
     def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
             return
-        if (item is not None and self.direct and not self.sending and self.queue.empty()
+        # A list is the chunks of one binary value: through the queue, so other writes interleave.
+        if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
                 and not self.ws.closed and not self.transport.is_closing()
                 and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
             self.transport.write(ws_frame(item))
