@@ -47,22 +47,19 @@ from pathlib import Path
 from typing import Any
 
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, list_workers, process_identity
+from .hostctl import socket_path
 from .process import GroupReaper
 from .runner import EXIT_FATAL, EXIT_OK, EXIT_RUNNING, Supervisor
+from .status import live_status
 from .systemd import Notifier
 
 log = logging.getLogger("fn-supervise")
 
-SOCKET_NAME = "fn-supervise-host.sock"
 LOCK_NAME = "fn-supervise-host.lock"
 STATE_NAME = "fn-supervise-host.state"
 AUTOSTART = ("always", "unless-stopped")
 DISCOVERY = "sidecars.discovery:run_discovery_multi"
 MONITOR = "sidecars.monitor:run_monitor"
-
-
-def socket_path(base: Path) -> Path:
-    return Path(base) / SOCKET_NAME
 
 
 def autostart_mode(value: Any) -> str:
@@ -533,8 +530,6 @@ class HostSupervisor:
             await self.scan()
             return {"ok": True}
         if op == "list":
-            from .cli import live_status
-
             rows = []
             for p in list_workers(self.base):
                 s = live_status(p)
@@ -554,8 +549,6 @@ class HostSupervisor:
             if lock_held(e.paths.lock):  # a per-worker `fn-supervise run` has it: the CLI asks that one
                 return {"ok": False, "elsewhere": True, "error": f"{e.paths.name} is supervised outside the host"}
         if op == "status":
-            from .cli import live_status
-
             s = live_status(e.paths)
             s.update({"hosted": e.running, "host_pid": os.getpid(), "blocked": e.blocked,
                       "stopped_by_hand": uuid in self.stopped})
@@ -646,7 +639,8 @@ class HostSupervisor:
             if self.metrics_port is not None:
                 from .hostmetrics import serve
 
-                self._metrics_server, self.metrics_addr = serve(self, self.metrics_port, self.metrics_bind)
+                self.metrics, self._metrics_server, self.metrics_addr = serve(self, self.metrics_port,
+                                                                             self.metrics_bind)
             await self.scan()
             self.notify.ready(f"host: {len(self.supervisors())} workers")
             log.info("host: %s, control socket %s%s", self.base, socket_path(self.base),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,15 +33,31 @@ from prometheus_client.process_collector import ProcessCollector
 from .states import State
 
 if TYPE_CHECKING:
-    from .host import HostSupervisor
+    from .files import WorkerPaths
     from .runner import Supervisor
+
+
+# What the metrics read of the host, declared here (the host module is above this one).
+class HostedWorker(Protocol):
+    sup: "Supervisor | None"
+    paths: "WorkerPaths"
+    running: bool
+
+
+class SharedSidecars(Protocol):
+    def status(self) -> list[dict[str, Any]]: ...
+
+
+class HostView(Protocol):
+    entries: dict[str, HostedWorker]
+    shared: SharedSidecars
 
 PHASES = (State.PREPARING, State.STARTING, State.BACKOFF, State.STOPPING)
 PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class HostMetrics:
-    def __init__(self, host: "HostSupervisor"):
+    def __init__(self, host: HostView):
         from worker.metrics import version
 
         self.host = host
@@ -81,7 +97,7 @@ class HostMetrics:
 
 
 class _HostLive:
-    def __init__(self, host: "HostSupervisor"):
+    def __init__(self, host: HostView):
         self.host = host
 
     def describe(self) -> list:
@@ -128,11 +144,12 @@ class _HostLive:
         yield sc_restarts
 
 
-def serve(host: "HostSupervisor", port: int, addr: str = "127.0.0.1") -> tuple[Any, tuple[str, int]]:
-    """The library's own threaded HTTP server (no aiohttp in the host). -> (server, (addr, port))."""
-    host.metrics = HostMetrics(host)
+def serve(host: HostView, port: int, addr: str = "127.0.0.1") -> tuple[HostMetrics, Any, tuple[str, int]]:
+    """The library's own threaded HTTP server (no aiohttp in the host).
+    -> (metrics, server, (addr, port)); every Supervisor the host runs now is instrumented."""
+    metrics = HostMetrics(host)
     for e in host.entries.values():
         if e.sup is not None:
-            host.metrics.instrument(e.sup)
-    server, _thread = start_http_server(port, addr=addr, registry=host.metrics.registry)
-    return server, (addr, server.server_port)
+            metrics.instrument(e.sup)
+    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    return metrics, server, (addr, server.server_port)

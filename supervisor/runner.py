@@ -35,8 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from worker.tls import config_error as tls_config_error, scheme as tls_scheme
+
 from .config import SupervisorConfig
-from . import listener
+from . import listener, memory
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
 from .forkclient import ForkError, ForkServer
@@ -143,6 +145,7 @@ class Supervisor:
         self.reaper = GroupReaper()
         self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
         self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
+        self.memory_watch: memory.MemoryWatch | None = None  # the current worker's, when memory_max is set
         self.restarting = False  # a SIGHUP restart passes STOPPING: no STOPPING=1 for it
         self.listen_sock: Any = None  # the worker's listening socket, held across restarts
         self.listen_systemd = False  # it came from systemd socket activation
@@ -150,6 +153,7 @@ class Supervisor:
         self.quarantine: dict[str, dict[str, Any]] = {}  # node id -> {reason, since, crashes}
         self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
         self.last_restart: dict[str, Any] | None = None
+        self.journal: dict[str, Any] | None = None  # the worker's journal cannot be written (disk full)
         self.launches = {"fork": 0, "spawn": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._files_due: dict[str, Any] = {}  # .runstate / state file writes of this turn (write_state)
@@ -234,6 +238,7 @@ class Supervisor:
             "fork_server": self.fork.status() if self.fork is not None else None,
             "launches": dict(self.launches),
             "last_restart": self.last_restart,
+            "journal": self.journal,
         }
         try:
             self.paths.write_state(data)
@@ -374,6 +379,22 @@ class Supervisor:
             self.logfile.close()
         self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
                                    self.cfg.log_backups, self.cfg.log_tail_lines)
+        logging.getLogger("fn-supervise").setLevel(self.cfg.log_level)
+        self._log_settings = (self.logfile.path, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+
+    def _apply_log_settings(self) -> None:
+        want = (self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+        if self.logfile is None or want == getattr(self, "_log_settings", None):
+            return
+        old = self.logfile.path
+        try:
+            self._open_log()
+        except OSError as e:  # a bad location: keep the log we have, and say so there
+            self.logfile = RotatingLog(old, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_tail_lines)
+            self.logfile.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
+            return
+        self.logfile.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
+                           + (f" (was {old})" if old != want[0] else ""))
 
     async def _main(self) -> int:
         while True:
@@ -424,6 +445,12 @@ class Supervisor:
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
+        self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
+        problem = tls_config_error(self.worker_cfg) or memory.config_error(self.cfg.memory_max)
+        if problem is not None:  # a bad cert or memory_max can never work: FATAL, not a crash loop
+            self.exit_code = EXIT_USAGE
+            self.sm.fire("prepare_failed", problem)
+            return
         try:
             self._ensure_listener()
         except OSError as e:
@@ -516,6 +543,7 @@ class Supervisor:
         self.worker = w
         self.pgids.add(w.pgid)
         self.policy.on_spawn()
+        self._watch_memory(w)
         self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
                            f"pid {w.pid}: {' '.join(argv)}")
         self._runstate("starting", f"worker process {w.pid} started")
@@ -605,6 +633,10 @@ class Supervisor:
                     if detail == "Loading nodespace":
                         self.restart_clock["graph"] = time.monotonic()
                     self._runstate("starting", detail)
+                elif t == "journal":  # a full disk: edits refused until it has room (worker/store.py)
+                    self.journal = None if msg.get("writable") else msg
+                    self.logfile.event(f"journal: {msg.get('reason') or 'writable again'}")
+                    self.write_state()
                 elif t == "lift_quarantine":
                     self._lift(str(msg.get("node")), "a client")
                 elif t == "stopping":
@@ -614,6 +646,10 @@ class Supervisor:
                     self._start_install(w, msg)
                 else:
                     log.debug("unhandled frame %s", t)
+            elif kind == "memory" and kill_reason is None:  # over memory_max: _watch_memory
+                kill_reason = ("memory_limit", ev[2])
+                self.logfile.event(f"killing worker {w.pid}: {ev[2]}")
+                w.signal(signal.SIGKILL)
             elif kind == "eof":
                 if w.alive and eof_at is None:
                     eof_at = time.monotonic()
@@ -637,6 +673,22 @@ class Supervisor:
                                  first_sign=eof_at, suspects=in_flight)
                 return
 
+    def _watch_memory(self, w: WorkerProcess) -> None:
+        """memory_max (supervisor/memory.py): tell the worker at 80 %, kill its group at 100 %."""
+        limit = memory.parse_size(self.cfg.memory_max)
+        if limit is None:
+            return
+
+        def on_decision(d: memory.MemoryDecision) -> None:
+            if d.action == "kill":
+                self._event("memory", w, d.detail)
+            else:
+                self.logfile.event(d.detail or f"memory back to {memory.fmt(d.rss)}")
+                if w.alive:
+                    w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
+        self.memory_watch = memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval,
+                                               on_decision, alive=lambda: w.alive)
+
     def _keep_pidfile(self, pid: int) -> None:
         """The Workermanager deletes .p whenever one of its probes fails (e.g. while a node is
         busy); like the stock worker, put it back while the worker runs."""
@@ -657,10 +709,11 @@ class Supervisor:
         if isinstance(port, int):
             self.port = port
         self.ready_wall = time.time()
+        self.journal = None  # a new worker reports its own
         self.policy.on_ready()
         self._note_restart_phases(w)
         self.paths.write_pid(w.pid)
-        self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        self.sm.fire("ready", f"pid {w.pid} listening on {tls_scheme(self.worker_cfg)}://{self.host}:{self.port}/")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
         self._check_update_after_ready()

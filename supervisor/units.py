@@ -185,6 +185,7 @@ def systemd_unit(target: Target, cfg: SupervisorConfig, *, worker: str | None, n
         "# environment could not be built: restarting fn-supervise does not fix these.",
         "RestartPreventExitStatus=" + " ".join(str(c) for c in NO_RESTART_EXIT_CODES),
     ]
+    lines += memory_max_lines(cfg)
     floor = watchdog_floor(cfg)
     if watchdog:
         if watchdog < floor:
@@ -195,6 +196,25 @@ def systemd_unit(target: Target, cfg: SupervisorConfig, *, worker: str | None, n
         lines.append(f"#WatchdogSec={2 * floor}")
     lines += ["", "[Install]", "WantedBy=default.target", ""]
     return "\n".join(lines)
+
+
+MEMORY_HEADROOM = 256 * 2**20  # fn-supervise, its fork server and sidecars beside the worker
+
+
+def memory_max_lines(cfg: SupervisorConfig) -> list[str]:
+    """MemoryMax= for the unit's cgroup: the worker's memory_max plus room for the rest, so
+    fn-supervise's own watch (which records why and restarts) acts before the kernel's OOM kill."""
+    from .memory import parse_size  # noqa: PLC0415
+
+    try:
+        limit = parse_size(cfg.memory_max)
+    except ValueError:
+        return []
+    if limit is None:
+        return ["# memory_max in the worker's supervisor settings would add a matching MemoryMax=."]
+    return [f"# memory_max {limit} bytes (fn-supervise kills and records the worker past it) + "
+            f"{MEMORY_HEADROOM >> 20} MiB for fn-supervise, its fork server and sidecars.",
+            f"MemoryMax={limit + MEMORY_HEADROOM}"]
 
 
 # ---------------------------------------------------------------- supervisord

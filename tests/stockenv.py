@@ -79,6 +79,14 @@ def write_stock_config(base: Path, uuid: str, port: int, **extra) -> Path:
     return p
 
 
+def stock_launch(base: Path, uuid: str, port: int, env: dict) -> tuple[list[str], Path]:
+    """argv and cwd of a stock worker in `base` on 127.0.0.1:`port` (benchmarks); sets env."""
+    write_stock_config(base, uuid, port)
+    env.update({"FUNCNODES_HOST": "127.0.0.1", "FUNCNODES_WS_WORKER_STARTPORT": str(port),
+                "FUNCNODES_WS_WORKER_ENDPORT": str(port), "PYTHONPATH": str(REPO / "examples")})
+    return [stock_python(), "-c", LAUNCHER, uuid, str(port)], Path(base)
+
+
 class StockWorker:
     """A stock WSWorker process in `base` (its FUNCNODES_CONFIG_DIR) on 127.0.0.1:`port`."""
 

@@ -17,9 +17,8 @@ import aiohttp
 
 from conftest import REPO, poll_until
 from helpers import Client, WorkerProc, run, write_config
+from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 from stockenv import stock_files_python
-from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
-from test_supervisor import sup_procs  # noqa: F401 (fixture)
 
 FILES_DEP = {"funcnodes-files": {"package": "funcnodes-files", "version": None}}
 TEXT = b"hello, files\n"  # 13 bytes

@@ -10,9 +10,8 @@ import tomllib
 
 from conftest import REPO, poll_until
 from helpers import DEMO_NODES, Client, run
+from harness import make_worker, running_worker, start_supervisor, stop_supervisor
 from stockenv import stock_files_python
-from test_supervisor import make_worker, running_worker, start_supervisor, stop_supervisor
-from test_supervisor import sup_procs  # noqa: F401 (fixture)
 
 
 def cli(base, *args):

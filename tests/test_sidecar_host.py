@@ -9,17 +9,10 @@ import time
 import pytest
 
 from conftest import poll_until
+from harness import FakeClock
 from test_sidecars_support import Hosted, alive, crash_at_start, idle, stubborn
 
 from sidecars.host import RestartPolicy
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
 
 
 def test_restart_policy_backoff_budget_and_window():

@@ -17,6 +17,7 @@ import multiprocess
 import pytest
 
 from conftest import REPO, poll_until
+from harness import child_env
 from test_sidecars_support import Hosted, alive
 
 from sidecars.host import stop_helper_processes
@@ -444,7 +445,7 @@ def test_stop_during_start_ends_cleanly(how):
     """A stop (or the pipe's EOF) that reaches the monitor while it still binds, as when many
     supervised workers stop together: exit 0, no traceback, no address announced."""
     r = subprocess.run([PY, "-c", STOP_DURING_START, how], capture_output=True, text=True, timeout=60,
-                       cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+                       cwd=str(REPO), env=child_env(inherit_path=False))
     assert r.stdout.strip().splitlines()[-1] == "exit 0", r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "IndexError" not in r.stderr, r.stderr
     assert "announced" not in r.stdout, r.stdout

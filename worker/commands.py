@@ -58,6 +58,22 @@ ADD_NODE_KWARGS = {
 }
 
 
+# Verbs that replace the whole graph (a snapshot, not records): refused like edits while the
+# journal cannot be written (a full disk), since their result could not be kept either.
+WHOLE_GRAPH = frozenset({"load_data", "update", "update_from_export", "remove_package_dependency"})
+
+
+def _shape(func: Callable) -> tuple:
+    """(signature, keyword names it accepts or None when it takes **kwargs, names it requires)."""
+    sig = inspect.signature(func)
+    P = inspect.Parameter
+    params = [p for p in sig.parameters.values() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]
+    if any(p.kind in (P.VAR_KEYWORD, P.POSITIONAL_ONLY) for p in sig.parameters.values()):
+        return sig, None, frozenset()
+    return (sig, frozenset(p.name for p in params),
+            frozenset(p.name for p in params if p.default is P.empty))
+
+
 def command(name: str | None = None, mutates: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
@@ -73,28 +89,40 @@ class Commands:
         self._modules: Any = None
         self._importing: asyncio.Lock | None = None  # imports wait on installs: one at a time
         self.registry: dict[str, Callable] = {}
-        self._signatures: dict[str, inspect.Signature] = {}
+        self._signatures: dict[str, tuple] = {}  # name -> _shape(verb)
         for attr in dir(type(self)):
             f = getattr(type(self), attr)
             if callable(f) and hasattr(f, "_fn_command"):
                 self.registry[f._fn_command] = getattr(self, attr)
 
     async def run(self, name: str, kwargs: dict) -> Any:
+        res = self.call(name, kwargs)
+        if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
+            res = await res
+        return res
+
+    def call(self, name: str, kwargs: dict) -> Any:
+        """Run a verb up to its first wait: the result, or the coroutine of an async verb (the
+        caller awaits it). Most verbs are plain functions, so most commands finish here."""
         func = self.registry.get(name)
         if func is None:
             raise ValueError(f"Unknown command {name} , available commands: {', '.join(sorted(self.registry))}")
-        sig = self._signatures.get(name)
-        if sig is None:
-            sig = self._signatures[name] = inspect.signature(func)
-        try:
-            sig.bind(**kwargs)
-        except TypeError as e:
-            raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
-            res = func(**kwargs)
-            if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
-                res = await res
-            return res
+        shape = self._signatures.get(name)
+        if shape is None:
+            shape = self._signatures[name] = _shape(func)
+        sig, accepted, required = shape
+        # Keyword names alone decide most calls (Signature.bind costs ~4 us per command);
+        # anything else gets bind's own words for what is wrong.
+        if accepted is None or not (required <= kwargs.keys() <= accepted):
+            try:
+                sig.bind(**kwargs)
+            except TypeError as e:
+                raise TypeError(f"bad arguments for '{name}': {e}") from None
+        mutates = getattr(func, "_fn_mutates", False)
+        if mutates or name in WHOLE_GRAPH:
+            self.store.check_writable()  # a full disk: refused before anything changes
+        if not mutates:  # verbs others register (quarantine) are plain
+            return func(**kwargs)
         # Mutating verbs are plain functions: nothing interleaves between the change and its
         # records, and the graph's own events during the call are covered by them.
         self._effects.clear()
@@ -106,10 +134,25 @@ class Commands:
             raise
         finally:
             self.store.covered -= 1
+        touched = {kwargs["nid"]} if isinstance(kwargs.get("nid"), str) else set()
         for rec in self._effects:
             self.store.feed(rec)  # the one feed site
+            touched.update(effects.nodes_of(rec))
         self._effects.clear()
+        if touched:
+            # An edit can make a node ready without an event (set_default_value on its missing
+            # input): a trigger requested meanwhile starts now, not at the safety sweep.
+            asyncio.get_running_loop().call_soon(self._trigger_requested, touched)
         return res
+
+    def _trigger_requested(self, nids: set[str]) -> None:
+        for nid in nids:
+            try:
+                node = self.ns.get_node_by_id(nid)
+                if node._requests_trigger:  # funcnodes-core's flag: a cheap test per edit
+                    node.trigger_if_requested()
+            except Exception:  # noqa: BLE001 (removed since, or a trigger that failed)
+                log.debug("trigger of %s after an edit", nid, exc_info=True)
 
     def effect(self, rec: dict | None) -> None:
         if rec is not None:

@@ -64,6 +64,11 @@ class Graph:
         prop = backend.get("prop")
         if isinstance(prop, dict) and "files_dir" in prop:  # another machine's folder: never ours
             backend = dict(backend, prop={k: v for k, v in prop.items() if k != "files_dir"})
+        for node in self.nodespace.nodes:
+            # A run of a node about to be replaced would write into its removed outputs.
+            task = getattr(node, "_trigger_task", None)
+            if task is not None and not task.done():
+                task.cancel()
         self.nodespace.deserialize(backend)
         self.pin_files_dir()
         for nid, vs in legacy_nodes.items():

@@ -12,6 +12,7 @@ server (transport) -> runtime.execute -> commands (verbs) -> graph / store.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -51,6 +52,7 @@ class WorkerRuntime:
         self.config = load_config(self.base, uuid)
         if debug:
             self.config["debug"] = True
+        _set_log_level(self.config)
         self.paths = WorkerPaths.make(self.base, uuid, self.config.get("data_path"))
         self.host = host or self.config.get("host") or "127.0.0.1"
         self.port = port if port is not None else self.config.get("port")
@@ -155,6 +157,8 @@ class WorkerRuntime:
 
         self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files))
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.on_trouble = self._on_journal_trouble
+        self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
         self.commands = Commands(self.graph, self.store, self, self.local)
@@ -252,11 +256,26 @@ class WorkerRuntime:
                 self._early_control.append(msg)
                 return
             self.commands.on_local_scripts(msg.get("changes") or [], bool(msg.get("initial")))
+        elif t == "memory":  # the supervisor's memory_max watch (supervisor/memory.py)
+            self.metrics.memory(msg)
+            if msg.get("level") == "warn":
+                self.broadcast(codec.workerevent("memory_warning", rss=msg.get("rss"), limit=msg.get("limit")))
         elif t == "monitor":
             self.config["subprocess_monitor"] = {"host": msg.get("host"), "port": msg.get("port")}
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+            if self.saving_enabled:  # a tool reading worker_<uuid>.json must find this run's monitor
+                self.write_config()
+
+    def _on_journal_trouble(self, why: str | None) -> None:
+        """The journal stopped (or resumed) taking edits: tell the clients and the supervisor."""
+        if self.channel is not None:
+            self.channel.send({"type": "journal", **self.journal_health()})
+        if why is not None:
+            self.set_progress(f"Edits are refused: {why}", "error", 0.0, False)
+        else:
+            self.set_progress("Edits are accepted again", "info", 1.0, False)
 
     def _apply_early_control(self) -> None:
         early, self._early_control = self._early_control, []
@@ -320,25 +339,47 @@ class WorkerRuntime:
                 text = text.replace(path, alias)
         return codec.dumps(codec.error(text, clean_traceback(e, debug), msg_id))
 
-    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
-        """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
+    def dispatch(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> Any:
+        """Run a command on this (the main) loop as far as it goes without waiting: return its
+        encoded reply (text, or binary frames), or a coroutine that finishes it (an async verb,
+        a group fdatasync). Most edits end here, with no Task and no Future."""
         started = time.perf_counter()  # metrics: RPCs by command, latency
         try:
-            res = await self.commands.run(cmd, codec.revive(kwargs))
+            res = self.commands.call(cmd, codec.revive(kwargs))
             # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
             # the result below exists only once the edit's record is in the journal.
-            await self.store.flush()
+            if inspect.iscoroutine(res) or not self.store.write_now():
+                return self._finish(cmd, res, started, msg_id, as_bytes)
             self.metrics.rpc(cmd, started, ok=True)
-            if as_bytes:
-                if codec.is_bytes_result(res):
-                    payload, mime = res.data, res.mime
-                else:
-                    payload, mime = codec.encode_bytes(res, preview=False)
-                return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
-            return codec.dumps(codec.result(res, msg_id))
+            return self._encode_result(res, msg_id, as_bytes)
         except Exception as e:
             self.metrics.rpc(cmd, started, ok=False)
             return self.error_text(e, msg_id)
+
+    async def _finish(self, cmd: str, res: Any, started: float, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        try:
+            if inspect.iscoroutine(res):
+                res = await res
+            await self.store.flush()
+            self.metrics.rpc(cmd, started, ok=True)
+            return self._encode_result(res, msg_id, as_bytes)
+        except Exception as e:
+            self.metrics.rpc(cmd, started, ok=False)
+            return self.error_text(e, msg_id)
+
+    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        """dispatch, awaited to the end (the HTTP route for commands)."""
+        out = self.dispatch(cmd, kwargs, msg_id, as_bytes)
+        return (await out) if inspect.iscoroutine(out) else out
+
+    def _encode_result(self, res: Any, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        if as_bytes:
+            if codec.is_bytes_result(res):
+                payload, mime = res.data, res.mime
+            else:
+                payload, mime = codec.encode_bytes(res, preview=False)
+            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
+        return codec.dumps(codec.result(res, msg_id))
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
         self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
@@ -455,10 +496,25 @@ class WorkerRuntime:
         io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
         return codec.encode_bytes(io.value, preview=False)
 
+    def journal_health(self) -> dict:
+        store = self.store
+        why = getattr(store, "trouble", None)
+        return {"writable": why is None, "reason": why, "since": getattr(store, "trouble_since", None)}
+
     def files_changed(self) -> None:
         if self.graph is not None:
             self.graph.pin_files_dir()  # set from the first load on; kept here for a graph swapped in
     # endregion
+
+
+def _set_log_level(config: dict) -> None:
+    """`supervisor.log_level` of the config: what this worker writes to its log (INFO by default)."""
+    sup = config.get("supervisor")
+    level = str((sup.get("log_level") if isinstance(sup, dict) else None) or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        log.warning("unknown log_level %r (expected DEBUG, INFO, WARNING or ERROR); using INFO", level)
+        level = "INFO"
+    logging.getLogger().setLevel(level)
 
 
 def _is_our_worker(pid: int, uuid: str) -> bool:
