@@ -564,13 +564,14 @@ class Commands:
         return [m for m in (sys.modules.get(info["module"]) for info in self.graph.dependencies.values()) if m]
 
     @command()
-    def get_plugin_keys(self, type: str = "react"):
+    async def get_plugin_keys(self, type: str = "react"):
         # From the installed packages' entry points (worker/plugins.py); nothing is installed here.
-        return plugins.keys(type, self._loaded_modules())
+        # In a thread: the first call imports every module that offers a plugin.
+        return await asyncio.to_thread(plugins.keys, type, self._loaded_modules())
 
     @command()
-    def get_plugin(self, key: str, type: str = "react"):
-        return plugins.content(key, type, self._loaded_modules())
+    async def get_plugin(self, key: str, type: str = "react"):
+        return await asyncio.to_thread(plugins.content, key, type, self._loaded_modules())
 
     @command()
     def get_available_modules(self):
