@@ -129,7 +129,7 @@ class ReaperSlot:
 class SharedSidecars:
     """One discovery and one monitor for the host; messages routed by worker key."""
 
-    def __init__(self, host: "HostSupervisor", *, discovery: bool = True, monitor: bool = True,
+    def __init__(self, host: "Fleet", *, discovery: bool = True, monitor: bool = True,
                  monitor_port: int = 0, budget: int = 5):
         self.host = host
         self.want_discovery, self.want_monitor = discovery, monitor
@@ -251,7 +251,10 @@ class Entry:
         return self.task is not None and not self.task.done()
 
 
-class HostSupervisor:
+class Fleet:
+    """`fn-supervise host`: every worker of one base folder under one process, one Supervisor each
+    (was HostSupervisor: "host" is the address a worker binds)."""
+
     def __init__(self, base: Path, *, no_venv: bool = False, poll: float = 1.0, metrics_port: int | None = None,
                  sidecars: bool = True, monitor_port: int = 0, manager_argv: list[str] | None = None,
                  metrics_bind: str = "127.0.0.1", fork_server: bool = True):
@@ -664,7 +667,7 @@ class HostSupervisor:
 
 def run_host(base: Path, **kw: Any) -> int:
     try:
-        return asyncio.run(HostSupervisor(base, **kw).run())
+        return asyncio.run(Fleet(base, **kw).run())
     except AlreadyRunning:
         print(f"fn-supervise: a host already runs for {base} (lock {Path(base) / LOCK_NAME})", file=sys.stderr)
         return EXIT_RUNNING
