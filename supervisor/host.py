@@ -142,7 +142,7 @@ class SharedSidecars:
 
     def start(self) -> None:
         from sidecars.entry import run_named
-        from sidecars.host import SidecarHost as cls  # spawns with a bare __main__ (lean children)
+        from sidecars.host import SidecarKeeper as cls  # spawns with a bare __main__ (lean children)
 
         loop = asyncio.get_running_loop()
         if self.want_discovery:

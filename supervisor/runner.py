@@ -326,7 +326,7 @@ class Supervisor:
             self._open_log()
             await clear_leftovers(self.paths)
             if self.sidecar_factory is not None:
-                # Sidecars (sidecars/host.py SidecarHost): started here, messages are routed
+                # Sidecars (sidecars/host.py SidecarKeeper): started here, messages are routed
                 # through self.on_sidecar_message, stopped in the finally below.
                 self.sidecars = self.sidecar_factory(self)
                 await _maybe_await(self.sidecars.start())
@@ -790,7 +790,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ sidecars
     def on_sidecar_message(self, msg: dict[str, Any]) -> None:
-        """Callback for SidecarHost (any thread): queued, handled in the loop (deliver)."""
+        """Callback for SidecarKeeper (any thread): queued, handled in the loop (deliver)."""
         self._loop.call_soon_threadsafe(self._queue, SidecarMsg(msg))
 
 
