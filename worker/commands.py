@@ -77,6 +77,14 @@ class Commands:
             if callable(f) and hasattr(f, "_fn_command"):
                 self.registry[f._fn_command] = getattr(self, attr)
 
+    def register(self, name: str, fn: Callable) -> None:
+        """A verb of another part of the worker (safe mode's lift_quarantine, get_quarantine):
+        plain, it never feeds the journal."""
+        if name in self.registry:
+            raise ValueError(f"command {name} exists already")
+        self.registry[name] = fn
+        self._signatures.pop(name, None)
+
     async def run(self, name: str, kwargs: dict) -> Any:
         func = self.registry.get(name)
         if func is None:
@@ -88,7 +96,7 @@ class Commands:
             sig.bind(**kwargs)
         except TypeError as e:
             raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not getattr(func, "_fn_mutates", False):  # verbs others register (quarantine) are plain
+        if not getattr(func, "_fn_mutates", False):  # verbs others register (register()) are plain
             res = func(**kwargs)
             if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
                 res = await res
