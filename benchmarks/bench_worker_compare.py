@@ -58,17 +58,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_our_config(base: Path, port: int) -> None:
+def write_our_config(base: Path, port: int, **extra) -> None:
     d = base / "workers"
     d.mkdir(parents=True, exist_ok=True)
     cfg = {"uuid": UUID, "type": "WSWorker", "name": UUID, "host": "127.0.0.1", "port": port,
            "package_dependencies": {"demo_nodes": {"package": "demo_nodes",
-                                                   "path": str(REPO / "examples" / "demo_nodes.py")}}}
+                                                   "path": str(REPO / "examples" / "demo_nodes.py")}}, **extra}
     (d / f"worker_{UUID}.json").write_text(json.dumps(cfg))
 
 
 class Spawned:
-    def __init__(self, kind: str, base: Path, port: int, python: str):
+    def __init__(self, kind: str, base: Path, port: int, python: str, **cfg):
         self.kind, self.base, self.port = kind, base, port
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
@@ -81,7 +81,7 @@ class Spawned:
                         "FUNCNODES_WS_WORKER_ENDPORT": str(port), "PYTHONPATH": str(REPO / "examples")})
             argv = [python, "-c", LAUNCHER, UUID, str(port)]
         else:
-            write_our_config(base, port)
+            write_our_config(base, port, **cfg)
             env["PYTHONPATH"] = str(REPO)
             argv = [python, "-m", "worker", f"worker_{UUID}", "--dir", str(base), "--port", str(port)]
         self.t0 = time.perf_counter()

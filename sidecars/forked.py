@@ -2,7 +2,7 @@
 starting a fresh interpreter (a spawned sidecar re-imports Python, asyncio and its own
 dependencies: 15-30 MB each; a forked one starts with every page shared).
 
-`ForkedSidecar` has the few attributes SidecarHost reads from a multiprocess.Process (pid,
+`ForkedSidecar` has the few attributes SidecarKeeper reads from a multiprocess.Process (pid,
 sentinel, exitcode, join, close, _popen.returncode), so the host supervises either the same way.
 
 The child is made clean before the target runs, which is what "spawn" gave for free:
@@ -45,7 +45,7 @@ class ForkedSidecar:
         self.pid: int | None = None
         self.sentinel: int | None = None
         self.returncode: int | None = None
-        self._popen = self  # SidecarHost records a status it learned elsewhere as _popen.returncode
+        self._popen = self  # SidecarKeeper records a status it learned elsewhere as _popen.returncode
 
     def start(self) -> Connection:
         """Fork the sidecar; returns the supervisor's end of the duplex pipe."""
@@ -77,7 +77,7 @@ class ForkedSidecar:
         return self.returncode
 
     def join(self, timeout: float | None = 0) -> None:
-        """Reap without blocking (SidecarHost calls this once the sentinel says it exited)."""
+        """Reap without blocking (SidecarKeeper calls this once the sentinel says it exited)."""
         if self.returncode is not None or self.pid is None:
             return
         try:

@@ -38,7 +38,12 @@ def stock_python() -> str:
 
 def stock_files_python() -> str:
     """The stock worker with funcnodes-files (file nodes, a react_plugin) and funcnodes-react-flow,
-    through which the stock worker serves frontend plugins (without it, it installs it from PyPI)."""
+    through which the stock worker serves frontend plugins (without it, it installs it from PyPI).
+
+    Our worker runs on it too in the tests that need a real FuncNodes module (tests/
+    test_files_dir.py, test_worker_plugins.py, ...): both sides then see the same installed
+    packages, and the project's own test env stays free of FuncNodes packages (whose presence
+    would change what `get_available_modules` reports as installed)."""
     return str(ensure_venv("stock-files", FILES_PINS,
                            "import funcnodes_worker.websocket, aiohttp, funcnodes_files, funcnodes_react_flow"))
 

@@ -1,6 +1,7 @@
 """File nodes keep finding uploads: the NodeSpace's `files_dir` is set whenever the graph loads
 (start, crash restart, SIGHUP restart, import, load_data) and after `clear`, as the stock worker
-does, not only after an upload. Driven with the real funcnodes-files module (a test dependency)."""
+does, not only after an upload. Driven with the real funcnodes-files module: our worker runs on
+the interpreter of a test env that has it (stockenv.stock_files_python)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import aiohttp
 from conftest import REPO, poll_until
 from helpers import Client, WorkerProc, run, write_config
 from harness import make_worker, running_worker, start_supervisor, stop_supervisor
+from stockenv import stock_files_python
 
 FILES_DEP = {"funcnodes-files": {"package": "funcnodes-files", "version": None}}
 TEXT = b"hello, files\n"  # 13 bytes
@@ -54,7 +56,7 @@ async def build(url: str) -> None:
 
 
 def test_file_node_works_after_a_crash_and_a_restart(config_dir, port, tmp_path, sup_procs):
-    paths = make_worker(config_dir, port)
+    paths = make_worker(config_dir, port, python=stock_files_python())
     cfg = paths.read_config()
     cfg["package_dependencies"] = FILES_DEP
     paths.write_config(cfg)
@@ -84,8 +86,9 @@ def test_file_node_works_after_import_load_data_and_clear(config_dir, tmp_path):
 
     write_config(config_dir, "fa", package_dependencies=FILES_DEP)
     write_config(config_dir, "fb", package_dependencies=FILES_DEP)
-    a = WorkerProc(config_dir, "fa", free_port()).wait_ready()
-    b = WorkerProc(config_dir, "fb", free_port()).wait_ready()
+    py = stock_files_python()
+    a = WorkerProc(config_dir, "fa", free_port(), python=py).wait_ready()
+    b = WorkerProc(config_dir, "fb", free_port(), python=py).wait_ready()
     try:
         run(build(a.url))
 

@@ -34,7 +34,10 @@ SUPERVISOR_LAYERS = [
     {"__init__", "config", "crash", "environment", "files", "forkstandby", "health", "listener", "memory", "progress",
      "states", "systemd"},
     {"forkclient"},  # a fork server: spawned, or the standby forked from the supervisor becomes it
-    {"policy", "process", "units", "forkpool", "status", "modules"},  # status: what cli and hostctl both show; modules: the modules CLI's client
+    # attempt: one worker start (pure); status: what cli and hostctl both show; the rest are the
+    # runner's parts: installs, safe mode's record, the state files
+    {"attempt", "policy", "process", "units", "forkpool", "status", "installs", "safemode", "statefile", "modules"},  # modules: the modules CLI's client
+    {"launcher"},  # fork server or spawn: the launching seam
     {"runner"},  # one Supervisor: knows its parts, not who hosts it
     {"sidecarset", "hostmetrics", "hostctl"},  # plug into a runner / talk to a host through a socket
     {"host", "managerhost"},  # build runners

@@ -11,6 +11,7 @@ import tomllib
 from conftest import REPO, poll_until
 from helpers import DEMO_NODES, Client, run
 from harness import make_worker, running_worker, start_supervisor, stop_supervisor
+from stockenv import stock_files_python
 
 
 def cli(base, *args):
@@ -19,7 +20,7 @@ def cli(base, *args):
 
 
 def test_modules_install_list_remove_through_the_running_worker(config_dir, port, tmp_path, sup_procs):
-    paths = make_worker(config_dir, port)
+    paths = make_worker(config_dir, port, python=stock_files_python())  # where funcnodes-files is installed
     cfg = paths.read_config()
     cfg["package_dependencies"] = {"demo_nodes": {"package": "demo_nodes", "path": str(DEMO_NODES)}}
     paths.write_config(cfg)
@@ -35,7 +36,7 @@ def test_modules_install_list_remove_through_the_running_worker(config_dir, port
     r = cli(config_dir, "modules", "list", paths.name)
     assert r.returncode == 0 and "demo_nodes" in r.stdout, r
     assert "Files" not in run(shelves())
-    # funcnodes-files is importable in the test env: the worker adds it without a download
+    # funcnodes-files is importable in the worker's env: the worker adds it without a download
     r = cli(config_dir, "modules", "install", paths.name, "funcnodes-files>=1.0")
     assert r.returncode == 0, r.stderr
     assert "installed funcnodes-files" in r.stdout and "Add package dependency funcnodes-files" in r.stderr

@@ -50,7 +50,7 @@ def read_pid(path) -> int | None:
 
 @pytest.fixture
 def mon(port):
-    """The monitor sidecar under a SidecarHost, on a fixed port (so a restart keeps it)."""
+    """The monitor sidecar under a SidecarKeeper, on a fixed port (so a restart keeps it)."""
     h = Hosted("monitor", run_monitor, (H, port), kwargs={"kill_timeout": 1.0},
                backoff_base=0.05)
     _, msg = h.rec.wait(lambda m: m["type"] == "monitor", 10, "monitor listening")
@@ -352,7 +352,7 @@ def test_monitor_exit_kills_what_it_spawned(port, tmp_path, how):
 STANDIN = """
 import asyncio, json, os, sys
 sys.path.insert(0, {repo!r})
-from sidecars.host import SidecarHost
+from sidecars.host import SidecarKeeper
 from sidecars.monitor import run_monitor
 
 def on_message(name, msg):
@@ -363,7 +363,7 @@ def on_message(name, msg):
         os.replace(out + ".tmp", out)
 
 async def main():
-    host = SidecarHost("monitor", run_monitor, ("127.0.0.1", int(sys.argv[2])),
+    host = SidecarKeeper("monitor", run_monitor, ("127.0.0.1", int(sys.argv[2])),
                        on_message=on_message)
     host.start()
     await asyncio.Event().wait()

@@ -1,6 +1,5 @@
-"""Frontend plugins and file nodes beside the stock worker, with funcnodes-files installed on both
-sides (stock: a test env with funcnodes-react-flow, through which it serves plugins; ours: the
-test extra). Deliberate difference: the plugin keys. Stock's are `str(module)` (the server's
+"""Frontend plugins and file nodes beside the stock worker, both run on the interpreter of one test
+env with funcnodes-files and funcnodes-react-flow (through which the stock worker serves plugins). Deliberate difference: the plugin keys. Stock's are `str(module)` (the server's
 install path) plus a duplicate 'None'; ours are the module names. The plugins behind them, and
 what a file node reads after load_data and clear, must be the same."""
 
@@ -33,7 +32,8 @@ def both(config_dir, tmp_path):
     sbase.mkdir()
     stock = StockWorker(stock_files_python(), sbase, "plug1", free_port(), config={"package_dependencies": FILES_DEP})
     write_config(config_dir, "plug1", package_dependencies=FILES_DEP)
-    ours = WorkerProc(config_dir, "plug1", free_port(), env={"FN_SUPERVISE_MODULES_URL": ""})
+    ours = WorkerProc(config_dir, "plug1", free_port(), python=stock_files_python(),  # the same packages
+                      env={"FN_SUPERVISE_MODULES_URL": ""})
     try:
         run(gather(wait_ws(stock.url, stock.proc), wait_ws(ours.url, ours.proc)))
         yield stock, ours

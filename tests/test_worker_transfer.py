@@ -15,6 +15,7 @@ import pytest
 
 from conftest import free_port
 from helpers import Client, RPCError, WorkerProc, run, write_config
+from stockenv import stock_files_python
 from supervisor.cli import add_demo_nodes, create_worker
 
 MY_NODES = '''
@@ -158,8 +159,9 @@ def test_a_refused_import_leaves_nothing_behind(config_dir, port, tmp_path):
 def test_pyproject_names_the_dependencies_and_travels(config_dir):
     write_config(config_dir, "py1")
     write_config(config_dir, "py2")
-    a = WorkerProc(config_dir, "py1", free_port()).wait_ready()
-    b = WorkerProc(config_dir, "py2", free_port()).wait_ready()
+    py = stock_files_python()  # funcnodes-files is installed there: added without a download
+    a = WorkerProc(config_dir, "py1", free_port(), python=py).wait_ready()
+    b = WorkerProc(config_dir, "py2", free_port(), python=py).wait_ready()
     pa = config_dir / "workers" / "worker_py1" / "pyproject.toml"
     pb = config_dir / "workers" / "worker_py2" / "pyproject.toml"
 

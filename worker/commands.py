@@ -7,7 +7,7 @@ A verb marked `mutates=True` changes the graph and states its effect with `self.
 (builders in effects.py); `run` hands those records to the store, the one feed site. A verb that
 replaces the whole graph takes a snapshot instead. Nothing here writes nodespace.json itself.
 
-The verbs know the worker through `Host` (below), the graph, the store and the local scripts.
+The verbs know the worker through `WorkerSide` (below), the graph, the store and the local scripts.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .packages import DependencyError, is_project, normalize, path_allowed
 from .store import Store
 
 
-class Host(Protocol):
+class WorkerSide(Protocol):
     """What the verbs need from the worker process (the runtime provides it)."""
 
     uuid: str
@@ -83,7 +83,7 @@ def command(name: str | None = None, mutates: bool = False):
 
 
 class Commands:
-    def __init__(self, graph: Graph, store: Store, host: Host, local: localworkers.LocalScripts):
+    def __init__(self, graph: Graph, store: Store, host: WorkerSide, local: localworkers.LocalScripts):
         self.graph, self.store, self.host, self.local = graph, store, host, local
         self._effects: list[dict] = []
         self._modules: Any = None
@@ -94,6 +94,14 @@ class Commands:
             f = getattr(type(self), attr)
             if callable(f) and hasattr(f, "_fn_command"):
                 self.registry[f._fn_command] = getattr(self, attr)
+
+    def register(self, name: str, fn: Callable) -> None:
+        """A verb of another part of the worker (safe mode's lift_quarantine, get_quarantine):
+        plain, it never feeds the journal."""
+        if name in self.registry:
+            raise ValueError(f"command {name} exists already")
+        self.registry[name] = fn
+        self._signatures.pop(name, None)
 
     async def run(self, name: str, kwargs: dict) -> Any:
         res = self.call(name, kwargs)
@@ -564,13 +572,14 @@ class Commands:
         return [m for m in (sys.modules.get(info["module"]) for info in self.graph.dependencies.values()) if m]
 
     @command()
-    def get_plugin_keys(self, type: str = "react"):
+    async def get_plugin_keys(self, type: str = "react"):
         # From the installed packages' entry points (worker/plugins.py); nothing is installed here.
-        return plugins.keys(type, self._loaded_modules())
+        # In a thread: the first call imports every module that offers a plugin.
+        return await asyncio.to_thread(plugins.keys, type, self._loaded_modules())
 
     @command()
-    def get_plugin(self, key: str, type: str = "react"):
-        return plugins.content(key, type, self._loaded_modules())
+    async def get_plugin(self, key: str, type: str = "react"):
+        return await asyncio.to_thread(plugins.content, key, type, self._loaded_modules())
 
     @command()
     def get_available_modules(self):
@@ -713,3 +722,8 @@ class Commands:
         self.host.loop.call_later(0.05, self.host.request_stop, "stop_worker")
         return True
     # endregion
+
+
+# Old name, kept only while branches written against it are merged (issue 15: "host" is the
+# address a worker binds). Remove after.
+Host = WorkerSide

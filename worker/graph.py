@@ -18,11 +18,22 @@ log = logging.getLogger("fn_supervise.worker.graph")
 
 
 class Graph:
-    def __init__(self, on_event: Callable[..., None], files_dir: str | None = None):
+    def __init__(self, on_event: Callable[..., None], files_dir: str | None = None,
+                 admit: Callable[[Any], None] | None = None):
         self.files_dir = files_dir
         self.nodespace = fn.NodeSpace()
         self.pin_files_dir()  # before any node arrives: file nodes read it when they are added
         self.nodespace.on("*", on_event)
+        if admit is not None:
+            # The one wrapper of add_node_instance: every node of a load or an add_node passes
+            # here before it is in the graph (safe mode blocks quarantined ones).
+            add = self.nodespace.add_node_instance
+
+            def add_node_instance(node: Any) -> Any:
+                admit(node)
+                return add(node)
+
+            self.nodespace.add_node_instance = add_node_instance
         self.view: dict[str, Any] = {"renderoptions": {"typemap": {}, "inputconverter": {}}}
         self.external_workers: dict = {}
         self.dependencies: dict[str, dict] = {}  # package -> {dep, module, shelf, worker_classes}

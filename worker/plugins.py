@@ -33,11 +33,23 @@ def _valid(plugin: Any) -> bool:
     return isinstance(plugin, dict) and isinstance(plugin.get("module"), (str, Path)) and bool(plugin["module"])
 
 
+_cache: tuple[tuple, dict[str, dict]] | None = None  # (what was installed and loaded, the plugins)
+
+
 def react_plugins(loaded: Iterable[Any] = ()) -> dict[str, dict]:
-    """{module name: plugin} of every installed module's entry point, then of `loaded` modules."""
+    """{module name: plugin} of every installed module's entry point, then of `loaded` modules.
+
+    Loading an entry point imports its module (seconds for a large one): call this off the event
+    loop. The answer is kept until the installed entry points or the loaded modules change."""
+    global _cache
+    loaded = list(loaded)
+    eps = [ep for ep in entry_points(group="funcnodes.module") if ep.name == "react_plugin"]
+    key = (tuple((ep.module, ep.value) for ep in eps), tuple(getattr(m, "__name__", "") for m in loaded))
+    if _cache is not None and _cache[0] == key:
+        return _cache[1]
     out: dict[str, dict] = {}
-    for ep in entry_points(group="funcnodes.module"):
-        if ep.name != "react_plugin" or ep.module in out:
+    for ep in eps:
+        if ep.module in out:
             continue
         try:
             plugin = ep.load()
@@ -51,6 +63,7 @@ def react_plugins(loaded: Iterable[Any] = ()) -> dict[str, dict]:
         name = getattr(mod, "__name__", None)
         if name and name not in out and _valid(plugin):
             out[name] = plugin
+    _cache = (key, out)
     return out
 
 

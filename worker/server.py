@@ -110,10 +110,11 @@ class Client:
         # keeps the compressor state) or something is queued or being sent before them.
         self.direct = transport is not None and not ws.compress
 
-    def put(self, item: str | bytes | None) -> None:
+    def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
             return
-        if (item is not None and self.direct and not self.sending and self.queue.empty()
+        # A list is the chunks of one binary value: through the queue, so other writes interleave.
+        if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
                 and not self.ws.closed and not self.transport.is_closing()
                 and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
             self.transport.write(ws_frame(item))
@@ -158,6 +159,9 @@ class Client:
                 async with asyncio.timeout(SEND_TIMEOUT):  # no Task per message, unlike wait_for
                     if isinstance(item, bytes):
                         await self.ws.send_bytes(item)
+                    elif isinstance(item, list):  # the chunks of one binary value: other clients'
+                        for frame in item:        # writes run between them (each send awaits drain)
+                            await self.ws.send_bytes(frame)
                     else:
                         await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
@@ -505,8 +509,7 @@ class WorkerServer:
     def deliver(self, client: Client | None, out: str | list, msg_id: Any) -> str | dict:
         if isinstance(out, list):  # binary result frames
             if client is not None:
-                for frame in out:
-                    client.put(frame)
+                client.put(out)  # one queue item, however many chunks
             return {"type": "result", "id": msg_id, "binary": True}
         if client is None:
             self.broadcast_text(out)
@@ -551,8 +554,7 @@ class WorkerServer:
 
     def broadcast_frames(self, frames: list[bytes]) -> None:
         for c in list(self.clients.values()):
-            for f in frames:
-                c.put(f)
+            c.put(frames)
 
     def set_core_ready(self) -> None:
         """Called on the main loop once the graph is loaded: commands held until now run."""
