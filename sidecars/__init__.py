@@ -3,12 +3,12 @@
 Each sidecar is a `multiprocess` process (start method "spawn", see host.py) of the
 supervisor's interpreter, connected to it by one `multiprocess.Pipe`. It exits when the
 supervisor goes away (pipe EOF; PR_SET_PDEATHSIG=SIGTERM as a second line), ignores SIGINT, and
-is restarted one-for-one by `sidecars.host.SidecarHost` on its own crash budget.
+is restarted one-for-one by `sidecars.host.SidecarKeeper` on its own crash budget.
 
   sidecars.discovery.run_discovery(conn, scripts_dir, debounce_ms=50)
   sidecars.monitor.run_monitor(conn, host="127.0.0.1", port=0, *, kill_timeout=5.0,
                                owner_pid=None, worker_spawn_timeout=30.0, delegate_workers=True)
-  sidecars.host.SidecarHost(name, target, args, *, on_message, loop=None, budget=5,
+  sidecars.host.SidecarKeeper(name, target, args, *, on_message, loop=None, budget=5,
                             window=60.0, backoff_base=0.2, backoff_cap=5.0)
 
 Messages, sidecar -> supervisor
@@ -25,7 +25,7 @@ Messages, sidecar -> supervisor
         a FuncNodes worker start arrived at POST /spawn; answer with spawn_worker_result
     {"type": "error", "sidecar": "monitor", "error": text}
         cannot listen (the sidecar then exits non-zero)
-  any sidecar (consumed by SidecarHost, not passed to on_message):
+  any sidecar (consumed by SidecarKeeper, not passed to on_message):
     {"type": "pgroup", "op": "add"|"remove", "pgid": n}
         a process group the sidecar owns; the host SIGKILLs the groups still recorded when the
         sidecar dies

@@ -1,11 +1,11 @@
 """Supervision of one sidecar process from the supervisor's asyncio loop.
 
-`SidecarHost` starts the sidecar as a `multiprocess` process, learns of its messages and of its
+`SidecarKeeper` starts the sidecar as a `multiprocess` process, learns of its messages and of its
 death from file descriptors registered with the loop (the pipe and the process sentinel; no
 polling), restarts it one-for-one with capped backoff while it stays within its own crash budget,
 and otherwise leaves it FATAL: a sidecar never takes the worker or the supervisor down with it.
 
-The restart decision is `RestartPolicy`, a plain class driven by an injectable clock.
+The restart decision is `CrashBudget`, a plain class driven by an injectable clock.
 
 Host-level messages (consumed here, not passed to `on_message`):
   {"type": "pgroup", "op": "add"|"remove", "pgid": int}
@@ -42,11 +42,11 @@ log = logging.getLogger(__name__)
 # inherited descriptors are the ones multiprocess passes explicitly.
 # "spawn" would also start multiprocess's resource-tracker helper (one per supervisor, at the first
 # sidecar start). It would hold nothing for us (we use no named semaphores or shared memory), so
-# SidecarHost._spawn hands the child /dev/null instead and none is started; stop_helper_processes()
+# SidecarKeeper._spawn hands the child /dev/null instead and none is started; stop_helper_processes()
 # still ends one that something else in the process started.
 START_METHOD = "spawn"
 _CTX = multiprocess.get_context(START_METHOD)
-_live_hosts: set["SidecarHost"] = set()
+_live_hosts: set["SidecarKeeper"] = set()
 
 
 _devnull_fd: int | None = None
@@ -91,7 +91,7 @@ def stop_helper_processes(timeout: float = 2.0) -> bool:
     return True
 
 
-class RestartPolicy:
+class CrashBudget:
     """Crash budget and capped exponential backoff; pure (the clock is injected).
 
     At most `budget` restarts within any `window` seconds; the crash after that is fatal.
@@ -161,7 +161,7 @@ def kill_process_groups(pgids) -> None:
             pass
 
 
-class SidecarHost:
+class SidecarKeeper:
     """One supervised sidecar process.
 
     States: idle -> running -> (crash) backoff -> running ... -> fatal;
@@ -188,7 +188,7 @@ class SidecarHost:
         self.kwargs = dict(kwargs or {})
         self.on_message = on_message
         self._loop = loop
-        self.policy = RestartPolicy(budget, window, backoff_base, backoff_cap, clock)
+        self.policy = CrashBudget(budget, window, backoff_base, backoff_cap, clock)
         self.state = "idle"
         self.restarts = 0
         self.last_exit: dict[str, Any] | None = None
@@ -462,3 +462,9 @@ class SidecarHost:
     def _kill(self) -> None:
         self._eof_kill_handle = None
         self._signal(signal.SIGKILL)
+
+
+# Old names, kept only while branches written against them are merged (issue 15 renamed them:
+# "host" is the address a worker binds, "policy" the supervisor's restart policy). Remove after.
+SidecarHost = SidecarKeeper
+RestartPolicy = CrashBudget

@@ -15,15 +15,20 @@ else <base>/workers/worker_<uuid>/.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import json
+import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from worker.fsutil import atomic_write, atomic_write_json, boot_id, process_start_time, same_process
+
+log = logging.getLogger("fn-supervise")
 
 STATE_SCHEMA = 1
 
@@ -58,7 +63,12 @@ class WorkerPaths:
         return Path(dp) if dp else self.default_data
 
     def log_file(self, cfg: dict[str, Any] | None = None) -> Path:
-        return self.data_dir(cfg) / "worker.log"
+        """`supervisor.log_file` of the config (relative: to the data folder), else <data>/worker.log."""
+        if cfg is None:
+            cfg = self.read_config_or_empty()
+        sup = cfg.get("supervisor")
+        custom = sup.get("log_file") if isinstance(sup, dict) else None
+        return self.data_dir(cfg) / Path(str(custom)).expanduser() if custom else self.data_dir(cfg) / "worker.log"
 
     # config -------------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:
@@ -87,6 +97,19 @@ class WorkerPaths:
     # .p / .runstate -------------------------------------------------------------
     def write_pid(self, pid: int) -> None:
         atomic_write(self.pidfile, f"{pid}")
+
+    def keep_pid(self, pid: int) -> None:
+        """The Workermanager deletes .p whenever one of its probes fails (e.g. while a node is
+        busy); like the stock worker, put it back while the worker runs."""
+        try:
+            if self.pidfile.read_text().strip() == str(pid):
+                return
+        except OSError:
+            pass
+        try:
+            self.write_pid(pid)
+        except OSError as e:
+            log.warning("cannot rewrite %s: %s", self.pidfile, e)
 
     def remove_pid(self) -> None:
         _unlink(self.pidfile)
@@ -223,3 +246,22 @@ def list_workers(base: Path) -> list[WorkerPaths]:
             continue
         out.append(WorkerPaths(base, uuid))
     return out
+
+
+async def clear_leftovers(paths: "WorkerPaths") -> None:
+    """A previous supervisor that was SIGKILLed may have left a worker that has not yet
+    noticed the lifeline EOF. Only the very process recorded (PID + start time + boot id)
+    is touched; stale .p / .runstate are simply replaced."""
+    old = paths.read_state()
+    ident = (old or {}).get("worker")
+    if ident and identity_alive(ident):
+        deadline = time.monotonic() + 2.0
+        while identity_alive(ident) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if identity_alive(ident):
+            log.warning("killing leftover worker %s of a dead supervisor", ident["pid"])
+            try:
+                os.killpg(int(ident["pid"]), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    paths.remove_pid()

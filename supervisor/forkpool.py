@@ -1,13 +1,13 @@
 """One warm fork server per environment for the whole host, instead of one per worker.
 
-runner.Supervisor makes its own `forkclient.ForkServer` (one process per worker, each importing
-aiohttp, funcnodes-core and the worker again). In `fn-supervise host`, `ForkPool.make` stands in
-for that constructor: Supervisors whose environment key is the same (interpreter, environment
+A Supervisor's ForkLauncher (launcher.py) makes its own `forkclient.ForkServer` (one process per
+worker, each importing aiohttp, funcnodes-core and the worker again). In `fn-supervise host`, the
+LauncherPool gives each Supervisor a ForkLauncher whose server factory is `ForkPool.make`: Supervisors whose environment key is the same (interpreter, environment
 fingerprint, package dependencies; e.g. every `--no-venv` worker with the same deps) get a handle
 on ONE server, so their workers are forked from one warm process and share its imported pages.
 A worker with an environment of its own gets a server of its own, as before.
 
-A handle is the runner's ForkServer as far as the runner can tell: `close()` drops the handle;
+A handle is a ForkServer as far as the launcher can tell: `close()` drops the handle;
 the server is closed when its last handle goes (or when the runner replaces a dead or failing
 one: a dead server is replaced for everyone). Forks through one server are serialized by its
 own lock, and every forked worker is re-parented to the host (a child subreaper) as it would

@@ -47,22 +47,20 @@ from pathlib import Path
 from typing import Any
 
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, list_workers, process_identity
+from .hostctl import socket_path
+from .launcher import LauncherPool
 from .process import GroupReaper
 from .runner import EXIT_FATAL, EXIT_OK, EXIT_RUNNING, Supervisor
+from .status import live_status
 from .systemd import Notifier
 
 log = logging.getLogger("fn-supervise")
 
-SOCKET_NAME = "fn-supervise-host.sock"
 LOCK_NAME = "fn-supervise-host.lock"
 STATE_NAME = "fn-supervise-host.state"
 AUTOSTART = ("always", "unless-stopped")
 DISCOVERY = "sidecars.discovery:run_discovery_multi"
 MONITOR = "sidecars.monitor:run_monitor"
-
-
-def socket_path(base: Path) -> Path:
-    return Path(base) / SOCKET_NAME
 
 
 def autostart_mode(value: Any) -> str:
@@ -131,7 +129,7 @@ class ReaperSlot:
 class SharedSidecars:
     """One discovery and one monitor for the host; messages routed by worker key."""
 
-    def __init__(self, host: "HostSupervisor", *, discovery: bool = True, monitor: bool = True,
+    def __init__(self, host: "Fleet", *, discovery: bool = True, monitor: bool = True,
                  monitor_port: int = 0, budget: int = 5):
         self.host = host
         self.want_discovery, self.want_monitor = discovery, monitor
@@ -144,7 +142,7 @@ class SharedSidecars:
 
     def start(self) -> None:
         from sidecars.entry import run_named
-        from sidecars.host import SidecarHost as cls  # spawns with a bare __main__ (lean children)
+        from sidecars.host import SidecarKeeper as cls  # spawns with a bare __main__ (lean children)
 
         loop = asyncio.get_running_loop()
         if self.want_discovery:
@@ -193,7 +191,7 @@ class SharedSidecars:
         if t == "local_scripts":
             sup = self.host.supervisor_of(str(msg.get("key") or ""))
             if sup is not None:
-                sup._route_sidecar({"type": "local_scripts", "changes": msg.get("changes") or [],
+                sup.deliver({"type": "local_scripts", "changes": msg.get("changes") or [],
                                     "initial": bool(msg.get("initial"))})
         elif t == "monitor":
             self.monitor_addr = {"type": "monitor", "host": msg.get("host"), "port": msg.get("port"),
@@ -201,7 +199,7 @@ class SharedSidecars:
             if self.monitor is not None and msg.get("port"):
                 self.monitor.args = (MONITOR, msg.get("host"), msg.get("port"))  # a restart keeps the address
             for sup in self.host.supervisors():
-                sup._route_sidecar(self.monitor_addr)
+                sup.deliver(self.monitor_addr)
             self.host.start_manager(msg.get("host"), msg.get("port"))
         elif t == "spawn_worker":
             reply = self.host.spawn_request(str(msg.get("uuid") or ""), msg.get("args"))
@@ -229,18 +227,8 @@ class WorkerSidecars:
 
     def on_worker_ready(self) -> None:
         if self.shared.monitor_addr:
-            self.sup._route_sidecar(self.shared.monitor_addr)
+            self.sup.deliver(self.shared.monitor_addr)
 # endregion
-
-
-class _NoForkServer:
-    """`host --no-fork-server`: every worker is spawned (the runner's fallback on OSError)."""
-
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        self.on_ready = None
-
-    def start(self) -> None:
-        raise OSError("no fork server (fn-supervise host --no-fork-server)")
 
 
 class Entry:
@@ -263,7 +251,10 @@ class Entry:
         return self.task is not None and not self.task.done()
 
 
-class HostSupervisor:
+class Fleet:
+    """`fn-supervise host`: every worker of one base folder under one process, one Supervisor each
+    (was HostSupervisor: "host" is the address a worker binds)."""
+
     def __init__(self, base: Path, *, no_venv: bool = False, poll: float = 1.0, metrics_port: int | None = None,
                  sidecars: bool = True, monitor_port: int = 0, manager_argv: list[str] | None = None,
                  metrics_bind: str = "127.0.0.1", fork_server: bool = True):
@@ -273,7 +264,7 @@ class HostSupervisor:
         self.metrics_port = metrics_port
         self.metrics_bind = metrics_bind
         self.fork_server = fork_server
-        self.forkpool = None  # forkpool.ForkPool: one warm fork server per environment, shared
+        self.launchers = LauncherPool(fork=fork_server)  # one warm fork server per environment, shared
         self.metrics_addr: tuple[str, int] | None = None
         self.entries: dict[str, Entry] = {}
         self.stopped: set[str] = set()   # stopped by hand (or by themselves) while the host runs
@@ -359,10 +350,9 @@ class HostSupervisor:
         if e.running:
             return
         sup = Supervisor(e.paths, no_venv=self.no_venv, install_signals=False,
-                         sidecar_factory=lambda s: WorkerSidecars(self.shared, s))
-        sup.reaper = self.reaper.slot(e.paths.uuid)  # type: ignore[assignment]
-        if self.metrics is not None:
-            self.metrics.instrument(sup)
+                         sidecar_factory=lambda s: WorkerSidecars(self.shared, s),
+                         reaper=self.reaper.slot(e.paths.uuid), launcher=self.launchers.launcher(),
+                         observers=[self.metrics] if self.metrics is not None else [])
         e.sup, e.exit_code, e.held, e.blocked = sup, None, False, None
         e.started += 1
         e.task = asyncio.ensure_future(self._supervise(e, sup))
@@ -392,7 +382,7 @@ class HostSupervisor:
         if not e.running or e.sup is None:
             return True
         e.held = True
-        e.sup._event("signal", signal.SIGTERM)
+        e.sup.request_stop()
         if timeout is None:
             timeout = e.sup.cfg.stop_deadline() + 5.0
         done, _ = await asyncio.wait({e.task}, timeout=timeout)
@@ -457,7 +447,7 @@ class HostSupervisor:
             elif e.running and not want and mode_changed:
                 asyncio.ensure_future(self._stop(e))  # autostart turned to never
             elif e.running and changed and e.sup is not None:
-                e.sup._event("signal", signal.SIGHUP)  # restart with the re-read config
+                e.sup.request_restart()  # restart with the re-read config
         for uuid in list(self.entries):
             if uuid not in present:
                 e = self.entries.pop(uuid)
@@ -533,8 +523,6 @@ class HostSupervisor:
             await self.scan()
             return {"ok": True}
         if op == "list":
-            from .cli import live_status
-
             rows = []
             for p in list_workers(self.base):
                 s = live_status(p)
@@ -554,8 +542,6 @@ class HostSupervisor:
             if lock_held(e.paths.lock):  # a per-worker `fn-supervise run` has it: the CLI asks that one
                 return {"ok": False, "elsewhere": True, "error": f"{e.paths.name} is supervised outside the host"}
         if op == "status":
-            from .cli import live_status
-
             s = live_status(e.paths)
             s.update({"hosted": e.running, "host_pid": os.getpid(), "blocked": e.blocked,
                       "stopped_by_hand": uuid in self.stopped})
@@ -574,7 +560,7 @@ class HostSupervisor:
             e.blocked = None
             if op == "restart" and e.running and e.sup is not None:
                 e.sup.policy.reset()
-                e.sup._event("signal", signal.SIGHUP)
+                e.sup.request_restart()
                 return {"ok": True, "restarted": True}
             self._start(e)
             self.write_state()
@@ -594,19 +580,9 @@ class HostSupervisor:
     # endregion
 
     # region run
-    def _share_fork_servers(self) -> None:
-        """One warm fork server per environment for every Supervisor of the host (forkpool.py):
-        runner's ForkServer constructor is swapped for the pool's in this process only."""
-        from . import runner
-        from .forkpool import ForkPool
-
-        self.forkpool = ForkPool()
-        runner.ForkServer = self.forkpool.make  # type: ignore[assignment]
-
     def _reap(self) -> None:
         for sup in self.supervisors():
-            if getattr(sup, "_loop", None) is not None:
-                sup._reap()
+            sup.reap()
 
     def _on_signal(self, sig: int) -> None:
         if sig == signal.SIGHUP:
@@ -635,18 +611,13 @@ class HostSupervisor:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
             self._load_stopped()
-            if self.fork_server:
-                self._share_fork_servers()
-            else:
-                from . import runner
-
-                runner.ForkServer = _NoForkServer  # type: ignore[assignment]
             self.shared.start()
             await self._open_socket()
             if self.metrics_port is not None:
                 from .hostmetrics import serve
 
-                self._metrics_server, self.metrics_addr = serve(self, self.metrics_port, self.metrics_bind)
+                self.metrics, self._metrics_server, self.metrics_addr = serve(self, self.metrics_port,
+                                                                             self.metrics_bind)
             await self.scan()
             self.notify.ready(f"host: {len(self.supervisors())} workers")
             log.info("host: %s, control socket %s%s", self.base, socket_path(self.base),
@@ -659,40 +630,44 @@ class HostSupervisor:
             self.notify.stopping("stopping every worker")
             return self.exit_code
         finally:
-            if self.manager is not None and self.manager.poll() is None:
-                self.manager.terminate()  # it stops first: no worker start may arrive meanwhile
-                try:
-                    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.manager.wait), 15)
-                except asyncio.TimeoutError:
-                    self.manager.kill()
-            if self._server is not None:
-                self._server.close()
-            with contextlib.suppress(OSError):
-                socket_path(self.base).unlink()
-            await asyncio.gather(*(self._stop(e) for e in list(self.entries.values()) if e.running),
-                                 return_exceptions=True)
-            from .sidecarset import stop_all
+            await self._shutdown(loop)
 
-            await stop_all(list(self.children.values()), [], 15.0)
-            await self.shared.stop()
-            if self.forkpool is not None:
-                self.forkpool.close()  # the Supervisors closed their handles already
-            self.reaper.close()
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                with contextlib.suppress(ValueError, RuntimeError):
-                    loop.remove_signal_handler(sig)
-            self.write_state()
-            self.notify.close()
-            self.lock.release()
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The manager first (no worker start may arrive meanwhile), then every worker, then the
+        shared parts; the lock last."""
+        if self.manager is not None and self.manager.poll() is None:
+            self.manager.terminate()  # it stops first: no worker start may arrive meanwhile
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.manager.wait), 15)
+            except asyncio.TimeoutError:
+                self.manager.kill()
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(OSError):
+            socket_path(self.base).unlink()
+        await asyncio.gather(*(self._stop(e) for e in list(self.entries.values()) if e.running),
+                             return_exceptions=True)
+        from .sidecarset import stop_all
+
+        await stop_all(list(self.children.values()), [], 15.0)
+        await self.shared.stop()
+        self.launchers.close()
+        self.reaper.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        self.write_state()
+        self.notify.close()
+        self.lock.release()
     # endregion
 
 
 def run_host(base: Path, **kw: Any) -> int:
     try:
-        return asyncio.run(HostSupervisor(base, **kw).run())
+        return asyncio.run(Fleet(base, **kw).run())
     except AlreadyRunning:
         print(f"fn-supervise: a host already runs for {base} (lock {Path(base) / LOCK_NAME})", file=sys.stderr)
         return EXIT_RUNNING

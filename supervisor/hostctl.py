@@ -1,6 +1,8 @@
-"""Client of the host's control socket (<base>/fn-supervise-host.sock, see host.py).
+"""The host's control socket: its protocol and its client (host.py serves it).
 
-One JSON line out, one JSON line back. `dispatch` is the CLI's hook: while a host runs for the
+<base>/fn-supervise-host.sock, mode 0600. One JSON line out ({"op": ..., fields}), one JSON
+line back ({"ok": bool, ...; "error", "code" when not ok; "elsewhere" when a per-worker
+supervisor, not the host, runs that worker). `dispatch` is the CLI's hook: while a host runs for the
 base folder, `list`, `status`, `stop`, `restart` and `new --autostart` go to it (the host's
 Supervisors share its PID, so a signal to "the supervisor" would reach every worker); without
 a host it returns None and the CLI does what it does for per-worker supervisors."""
@@ -13,7 +15,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .host import socket_path
+from .status import err, format_status
+
+SOCKET_NAME = "fn-supervise-host.sock"
+
+
+def socket_path(base: Path) -> Path:
+    return Path(base) / SOCKET_NAME
 
 
 class HostNotRunning(Exception):
@@ -53,9 +61,7 @@ def host_running(base: Path) -> bool:
 def _fail(reply: dict[str, Any]) -> int | None:
     if reply.get("elsewhere"):
         return None  # a per-worker supervisor: the CLI's own path reaches it
-    from .cli import _err
-
-    _err(str(reply.get("error")))
+    err(str(reply.get("error")))
     return int(reply.get("code") or 1)
 
 
@@ -79,11 +85,9 @@ def dispatch(a: argparse.Namespace, base: Path) -> int | None:
             r = request(base, "status", worker=a.worker)
             if not r.get("ok"):
                 return _fail(r)
-            from .cli import _fmt_status
-
             s = r["status"]
             print(json.dumps(s, indent=2, default=str) if a.json else
-                  _fmt_status(s) + f"\n  host:        {s.get('host_pid')} (fn-supervise host)")
+                  format_status(s) + f"\n  host:        {s.get('host_pid')} (fn-supervise host)")
             return 0
         if a.cmd == "stop":
             r = request(base, "stop", worker=a.worker, timeout=a.timeout,

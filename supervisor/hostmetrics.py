@@ -1,8 +1,8 @@
 """Prometheus metrics of `fn-supervise host` (prometheus_client), on 127.0.0.1:<--metrics-port>.
 
 Counters that must not be lost when a Supervisor's crash history is trimmed (crashes by
-reason, phase durations) are fed from two seams of each Supervisor, wrapped here at start:
-its state machine's change hook and its `_after_exit`. Everything else is read at scrape time.
+reason, phase durations) are fed as each Supervisor's observer (runner.Observer: on_transition,
+on_exit); the host passes it in when it builds them. Everything else is read at scrape time.
 
 Names (base units, `_total` counters; `worker` is worker_<uuid>):
   fn_supervise_build_info{version,python}                       1
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,15 +33,32 @@ from prometheus_client.process_collector import ProcessCollector
 from .states import State
 
 if TYPE_CHECKING:
-    from .host import HostSupervisor
+    from .crash import CrashRecord
+    from .files import WorkerPaths
     from .runner import Supervisor
+
+
+# What the metrics read of the host, declared here (the host module is above this one).
+class HostedWorker(Protocol):
+    sup: "Supervisor | None"
+    paths: "WorkerPaths"
+    running: bool
+
+
+class SharedSidecars(Protocol):
+    def status(self) -> list[dict[str, Any]]: ...
+
+
+class HostView(Protocol):
+    entries: dict[str, HostedWorker]
+    shared: SharedSidecars
 
 PHASES = (State.PREPARING, State.STARTING, State.BACKOFF, State.STOPPING)
 PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class HostMetrics:
-    def __init__(self, host: "HostSupervisor"):
+    def __init__(self, host: HostView):
         from worker.metrics import version
 
         self.host = host
@@ -55,33 +72,22 @@ class HostMetrics:
         self.phase = Histogram("fn_supervise_phase_duration_seconds", "time spent in a start/stop phase",
                                ["phase"], buckets=PHASE_BUCKETS, registry=r)
         r.register(_HostLive(host))
+        self._entered: dict[str, float] = {}  # worker -> monotonic time it entered its state
 
-    def instrument(self, sup: "Supervisor") -> None:
-        """Wrap the two seams of one Supervisor (composition: runner.py unchanged)."""
-        name = sup.paths.name
-        entered = {"at": time.monotonic()}
-        on_change = sup.sm._on_change
+    # the Observer of every Supervisor the host builds (runner.Observer)
+    def on_transition(self, sup: "Supervisor", old: State, new: State, name: str, reason: str) -> None:
+        now = time.monotonic()
+        entered = self._entered.get(sup.paths.name, now)
+        if old in PHASES:
+            self.phase.labels(old.value).observe(now - entered)
+        self._entered[sup.paths.name] = now
 
-        def changed(old: State, new: State, tname: str, reason: str) -> None:
-            now = time.monotonic()
-            if old in PHASES:
-                self.phase.labels(old.value).observe(now - entered["at"])
-            entered["at"] = now
-            if on_change is not None:
-                on_change(old, new, tname, reason)
-
-        sup.sm._on_change = changed
-        after_exit = sup._after_exit
-
-        def exited(w: Any, **kw: Any) -> Any:
-            self.crashes.labels(name, str(kw.get("reason") or "unknown")).inc()
-            return after_exit(w, **kw)
-
-        sup._after_exit = exited  # type: ignore[method-assign]
+    def on_exit(self, sup: "Supervisor", record: "CrashRecord") -> None:
+        self.crashes.labels(sup.paths.name, str(record.reason or "unknown")).inc()
 
 
 class _HostLive:
-    def __init__(self, host: "HostSupervisor"):
+    def __init__(self, host: HostView):
         self.host = host
 
     def describe(self) -> list:
@@ -128,11 +134,9 @@ class _HostLive:
         yield sc_restarts
 
 
-def serve(host: "HostSupervisor", port: int, addr: str = "127.0.0.1") -> tuple[Any, tuple[str, int]]:
-    """The library's own threaded HTTP server (no aiohttp in the host). -> (server, (addr, port))."""
-    host.metrics = HostMetrics(host)
-    for e in host.entries.values():
-        if e.sup is not None:
-            host.metrics.instrument(e.sup)
-    server, _thread = start_http_server(port, addr=addr, registry=host.metrics.registry)
-    return server, (addr, server.server_port)
+def serve(host: HostView, port: int, addr: str = "127.0.0.1") -> tuple[HostMetrics, Any, tuple[str, int]]:
+    """The library's own threaded HTTP server (no aiohttp in the host).
+    -> (metrics, server, (addr, port)). The host passes the metrics to the Supervisors it builds."""
+    metrics = HostMetrics(host)
+    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    return metrics, server, (addr, server.server_port)

@@ -89,3 +89,21 @@ def _listen(host: str, port: int) -> socket.socket:
 def address(sock: socket.socket) -> tuple[str, int]:
     host, port = sock.getsockname()[:2]
     return host, port
+
+
+def wanted_port(port: object) -> int:
+    """The config's port, else FUNCNODES_WS_WORKER_STARTPORT (where a walk for a free one starts)."""
+    if not isinstance(port, int) or isinstance(port, bool) or port <= 0:
+        return int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
+    return port
+
+
+def hold(sock: socket.socket | None, host: str, port: int, same_host: bool) -> socket.socket:
+    """The listening socket for host:port: `sock` itself when it is bound there already (held
+    across restarts), else a new one, and `sock` is closed (the config names another address
+    now, after SIGHUP). A busy port walks to the next free one up to end_port()."""
+    if sock is not None:
+        if same_host and address(sock)[1] == port:
+            return sock
+        sock.close()
+    return bind(host, port)

@@ -77,12 +77,12 @@ class ManagerHost:
 
     async def run(self) -> int:
         from sidecars.entry import run_named
-        from sidecars.host import SidecarHost
+        from sidecars.host import SidecarKeeper
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.events.put_nowait, ("signal", sig))
-        self.monitor = SidecarHost("monitor", run_named, (MONITOR, "127.0.0.1", self.monitor_port),
+        self.monitor = SidecarKeeper("monitor", run_named, (MONITOR, "127.0.0.1", self.monitor_port),
                                    kwargs={"owner_pid": os.getpid()}, on_message=self.on_message, loop=loop)
         self.monitor.start()
         try:

@@ -33,20 +33,30 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
+from worker.tls import config_error as tls_config_error, scheme as tls_scheme
+
+from . import listener, memory
+from .attempt import (WORKER_START_FAILURE, Abandon, Attempt, Crash, Eof, Event, Exit, Frame, Kill, RestartPhases,
+                      MemoryOver, SidecarMsg, Signal, Stopped)
 from .config import SupervisorConfig
-from . import listener
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
-from .files import AlreadyRunning, SupervisorLock, WorkerPaths, identity_alive, process_identity
-from .forkclient import ForkError, ForkServer
+from .files import AlreadyRunning, SupervisorLock, WorkerPaths, clear_leftovers, process_identity
 from .health import HeartbeatMonitor
+from .installs import Installer
+from .launcher import ForkLauncher, Launcher, LaunchSpec
 from .policy import RestartPolicy
+from .safemode import Quarantine
+from .statefile import StateFiles
 from .process import GroupReaper, RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
 from .states import RUNSTATE, IllegalTransition, State, StateMachine
 from .systemd import EXTEND_STEP, Notifier, Probe, keepalive
 
 log = logging.getLogger("fn-supervise")
+
+# The signals a per-worker supervisor handles, all through _signal_received.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -55,8 +65,6 @@ EXIT_RUNNING = 3
 EXIT_FATAL = 4
 EXIT_ENV = 5
 
-WORKER_START_FAILURE = 3  # the worker's own "cannot start" exit code (bad config, port busy)
-FORK_GIVE_UP = 3  # fork servers in a row that die or fail before we stop replacing them
 
 
 class PrepareError(Exception):
@@ -103,6 +111,15 @@ class Environment:
         return str(info.python), str(info.fingerprint)
 
 
+class Observer(Protocol):
+    """What a Supervisor tells those who registered (observers=): every state change, and every
+    worker exit the policy counts (with its crash record). A failing observer is logged, never
+    fatal (jupyter_client's restarter callbacks)."""
+
+    def on_transition(self, sup: "Supervisor", old: State, new: State, name: str, reason: str) -> None: ...
+    def on_exit(self, sup: "Supervisor", record: CrashRecord) -> None: ...
+
+
 def project_root() -> str:
     import worker  # the package our own `worker.channel` came from
     return str(Path(worker.__file__).resolve().parent.parent)
@@ -111,7 +128,9 @@ def project_root() -> str:
 class Supervisor:
     def __init__(self, paths: WorkerPaths, *, no_venv: bool = False, environment: Environment | None = None,
                  on_ready: Callable[[str, int], None] | None = None, install_signals: bool = True,
-                 sidecar_factory: Callable[["Supervisor"], Any] | None = None):
+                 sidecar_factory: Callable[["Supervisor"], Any] | None = None,
+                 reaper: GroupReaper | None = None, launcher: Launcher | None = None,
+                 observers: list[Observer] = ()):
         self.paths = paths
         self.env = environment or Environment(no_venv=no_venv)
         self.on_ready_cb = on_ready
@@ -119,6 +138,9 @@ class Supervisor:
         self.sidecar_factory = sidecar_factory
         self.sidecars: Any = None
         self.sm = StateMachine(on_change=self._on_transition)
+        self.observers = list(observers)
+        for o in self.observers:
+            self.sm.add_listener(self._observer_listener(o))
         self.cfg = SupervisorConfig()
         self.policy = RestartPolicy(self.cfg)
         self.lock = SupervisorLock(paths.lock)
@@ -137,29 +159,63 @@ class Supervisor:
         self.backoff_until: float | None = None
         self.exit_code: int | None = None
         self.ready_once = False
-        self._installs: set[asyncio.Task] = set()
-        self._install_lock = asyncio.Lock()
-        self._install_cancel = threading.Event()  # set on stop: uv is killed, not waited for
-        self.reaper = GroupReaper()
+        self.installs = Installer(self.env, self._note)
+        self.reaper = reaper if reaper is not None else GroupReaper()
         self.notify = Notifier()  # silent until run() reads (and scrubs) NOTIFY_SOCKET; see systemd.py
         self.health: HeartbeatMonitor | None = None  # the current worker's (read by the watchdog)
+        self.attempt: Attempt | None = None  # the current worker start (attempt.py)
         self.restarting = False  # a SIGHUP restart passes STOPPING: no STOPPING=1 for it
         self.listen_sock: Any = None  # the worker's listening socket, held across restarts
         self.listen_systemd = False  # it came from systemd socket activation
-        self.fork: ForkServer | None = None  # the warm fork server of the current environment
-        self.quarantine: dict[str, dict[str, Any]] = {}  # node id -> {reason, since, crashes}
-        self.restart_clock: dict[str, float] = {}  # monotonic marks of the restart in progress
-        self.last_restart: dict[str, Any] | None = None
+        self.launcher: Launcher = launcher if launcher is not None else ForkLauncher()
+        self.launcher.attach(self._note, self.write_state)
+        self.quarantine = Quarantine(paths, self._note, lambda: self.worker_cfg)  # safe mode's nodes
+        self.phases = RestartPhases()  # seconds per phase of the restart in progress (attempt.py)
+        self.memory_watch: memory.MemoryWatch | None = None  # the current worker's, when memory_max is set
+        self.journal: dict[str, Any] | None = None  # the worker's journal cannot be written (disk full)
         self.launches = {"fork": 0, "spawn": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._files_due: dict[str, Any] = {}  # .runstate / state file writes of this turn (write_state)
-        self._flush_handle: asyncio.Handle | None = None
-        self.fork_failures = 0  # fork servers in a row that died or failed; FORK_GIVE_UP -> spawn only
-        self.fork_given_up_key: str | None = None
+        self.files = StateFiles(paths, self.state_record)  # .runstate and the state file
+
+    # ------------------------------------------------------------------ public verbs
+    def request_stop(self) -> None:
+        """Stop the worker and end run() (as SIGTERM does)."""
+        self._queue(Signal(signal.SIGTERM))
+
+    def request_restart(self) -> None:
+        """Restart with the re-read config (as SIGHUP does)."""
+        self._queue(Signal(signal.SIGHUP))
+
+    def deliver(self, msg: dict[str, Any]) -> None:
+        """A frame for the current worker (sidecar events, the monitor address); dropped when no
+        worker runs (the next one gets the current state from its sidecars at ready)."""
+        if self.worker is not None and self.worker.alive and isinstance(msg, dict) and "type" in msg:
+            self.worker.send(msg)
+
+    def reap(self) -> None:
+        """Reap exited orphans of this supervisor's worker groups (on SIGCHLD); never waitpid(-1)."""
+        w = self.worker
+        for pid, status in reap_orphans(self.pgids, exclude={w.pid} if w is not None and w.pid else set()):
+            log.info("reaped orphan %d of a worker group (%s)", pid, ExitStatus.from_wait_status(status).describe())
 
     # ------------------------------------------------------------------ plumbing
-    def _event(self, *ev: Any) -> None:
+    def _queue(self, ev: Event) -> None:
         self.q.put_nowait(ev)
+
+    def _observer_listener(self, o: Observer) -> Callable[[State, State, str, str], None]:
+        def on_change(old: State, new: State, name: str, reason: str) -> None:
+            try:
+                o.on_transition(self, old, new, name, reason)
+            except Exception:  # noqa: BLE001
+                log.exception("observer %r failed on a transition", o)
+        return on_change
+
+    def _tell_exit(self, rec: CrashRecord) -> None:
+        for o in self.observers:
+            try:
+                o.on_exit(self, rec)
+            except Exception:  # noqa: BLE001
+                log.exception("observer %r failed on an exit", o)
 
     def _on_transition(self, old: State, new: State, name: str, reason: str) -> None:
         msg = f"{old.value} -> {new.value} ({name})" + (f": {reason}" if reason else "")
@@ -178,87 +234,58 @@ class Supervisor:
             self.notify.extend_timeout(EXTEND_STEP)
 
     def _runstate(self, state: str, detail: str = "") -> None:
-        """.runstate, in the same deferred, last-one-wins write as the state file."""
-        self._files_due["runstate"] = (state, detail)
-        self.write_state()
+        self.files.runstate(state, detail)
 
     def write_state(self) -> None:
-        """Soon, not now: the transitions of one turn of the loop (RUNNING -> BACKOFF -> STARTING
-        on a crash) cost one write each of .runstate and the state file, done while the next
-        worker is being forked instead of before. `_flush_files` writes them at once."""
-        self._files_due["state"] = True
-        if self._loop is None:
-            self._flush_files()
-        elif self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush_files)
+        """Soon, not now (statefile.py): one write per turn of the loop."""
+        self.files.soon()
 
-    def _flush_files(self) -> None:
-        self._flush_handle = None
-        due, self._files_due = self._files_due, {}
-        if "runstate" in due:
-            try:
-                self.paths.write_runstate(*due["runstate"])
-            except OSError as e:
-                log.warning("cannot write runstate: %s", e)
-        if due.get("state"):
-            self._write_state_now()
-
-    def _write_state_now(self) -> None:
+    def state_record(self) -> dict[str, Any]:
+        """The state file's content: everything `fn-supervise status` shows."""
         w = self.worker
-        data = {
-            "uuid": self.paths.uuid,
-            "state": self.sm.state.value,
-            "reason": self.sm.reason,
+        alive = w is not None and w.alive
+        return {
+            "uuid": self.paths.uuid, "state": self.sm.state.value, "reason": self.sm.reason,
             "since": time.time() - (time.monotonic() - self.sm.since),
-            "supervisor": process_identity(os.getpid()),
-            "supervisor_started": self.started_wall,
-            "worker": process_identity(w.pid) if (w is not None and w.alive) else None,
-            "ready_at": self.ready_wall if (w is not None and w.alive and self.sm.state == State.RUNNING) else None,
-            "host": self.host,
-            "port": self.port,
-            "restarts": self.policy.total_restarts,
-            "consecutive_crashes": self.policy.consecutive,
-            "start_failures": self.policy.start_failures,
-            "crashes": self.crashes[-self.cfg.crash_history:],
+            "supervisor": process_identity(os.getpid()), "supervisor_started": self.started_wall,
+            "worker": process_identity(w.pid) if alive else None,
+            "ready_at": self.ready_wall if (alive and self.sm.state == State.RUNNING) else None,
+            "host": self.host, "port": self.port,
+            "restarts": self.policy.total_restarts, "consecutive_crashes": self.policy.consecutive,
+            "start_failures": self.policy.start_failures, "crashes": self.crashes[-self.cfg.crash_history:],
             "env": {"python": self.python, "fingerprint": self.fingerprint},
             "backoff_until": (time.time() + max(0.0, self.backoff_until - time.monotonic()))
             if self.backoff_until else None,
-            "stop_deadline": self.cfg.stop_deadline(),
-            "exit_code": self.exit_code,
+            "stop_deadline": self.cfg.stop_deadline(), "exit_code": self.exit_code,
             "log": str(self.paths.log_file(self.worker_cfg)),
             "sidecars": self.sidecars.status() if self.sidecars is not None else [],
-            "safe_mode": bool(self.quarantine),
-            "quarantine": self.quarantine,
+            "safe_mode": bool(self.quarantine.nodes), "quarantine": self.quarantine.nodes,
             "listen": {"fd_from": "systemd" if self.listen_systemd else "supervisor",
                        "address": list(listener.address(self.listen_sock))} if self.listen_sock is not None else None,
-            "fork_server": self.fork.status() if self.fork is not None else None,
-            "launches": dict(self.launches),
-            "last_restart": self.last_restart,
+            "fork_server": self.launcher.status(), "launches": dict(self.launches), "last_restart": self.phases.last,
+            "journal": self.journal,
         }
-        try:
-            self.paths.write_state(data)
-        except OSError as e:
-            log.warning("cannot write state file: %s", e)
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self._event, "signal", sig)
-        loop.add_signal_handler(signal.SIGUSR1, self._lift_requested)
-        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        for sig in SIGNALS:
+            loop.add_signal_handler(sig, self._signal_received, sig)
+
+    def _signal_received(self, sig: int) -> None:
+        """The one handler: no decision here (gunicorn's "just queue the signal"). SIGCHLD is
+        bookkeeping, not a decision, and must not wait for a loop that reads the queue."""
+        if sig == signal.SIGCHLD:
+            self.reap()
+        else:
+            self._queue(Signal(sig))
 
     def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        for sig in SIGNALS:
             try:
                 loop.remove_signal_handler(sig)
             except (ValueError, RuntimeError):
                 pass
 
-    def _reap(self) -> None:
-        w = self.worker
-        for pid, status in reap_orphans(self.pgids, exclude={w.pid} if w is not None and w.pid else set()):
-            log.info("reaped orphan %d of a worker group (%s)", pid, ExitStatus.from_wait_status(status).describe())
-
-    async def _next(self, timeout: float | None) -> tuple | None:
+    async def _next(self, timeout: float | None) -> Event | None:
         if timeout is not None and timeout <= 0:
             try:
                 return self.q.get_nowait()
@@ -270,28 +297,10 @@ class Supervisor:
             return None
 
     # ------------------------------------------------------------------ startup checks
-    async def _clear_leftovers(self) -> None:
-        """A previous supervisor that was SIGKILLed may have left a worker that has not yet
-        noticed the lifeline EOF. Only the very process recorded (PID + start time + boot id)
-        is touched; stale .p / .runstate are simply replaced."""
-        old = self.paths.read_state()
-        ident = (old or {}).get("worker")
-        if ident and identity_alive(ident):
-            deadline = time.monotonic() + 2.0
-            while identity_alive(ident) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if identity_alive(ident):
-                log.warning("killing leftover worker %s of a dead supervisor", ident["pid"])
-                try:
-                    os.killpg(int(ident["pid"]), signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        self.paths.remove_pid()
-
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self._loop = loop
+        self._loop = self.files.loop = loop
         # Only this process notifies systemd: read NOTIFY_SOCKET/WATCHDOG_* and drop them from
         # os.environ before any child (worker env, sidecars) is made from it.
         self.notify = Notifier.from_environ()
@@ -318,11 +327,11 @@ class Supervisor:
                 return EXIT_USAGE
             self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
             self.policy.reconfigure(self.cfg)
-            self.quarantine = self.paths.read_quarantine(self.worker_cfg)
+            self.quarantine.load()
             self._open_log()
-            await self._clear_leftovers()
+            await clear_leftovers(self.paths)
             if self.sidecar_factory is not None:
-                # Sidecars (sidecars/host.py SidecarHost): started here, messages are routed
+                # Sidecars (sidecars/host.py SidecarKeeper): started here, messages are routed
                 # through self.on_sidecar_message, stopped in the finally below.
                 self.sidecars = self.sidecar_factory(self)
                 await _maybe_await(self.sidecars.start())
@@ -333,34 +342,34 @@ class Supervisor:
             finally:
                 sd_task.cancel()
         finally:
-            if self.sidecars is not None:
-                try:
-                    await _maybe_await(self.sidecars.stop())
-                except Exception as e:  # noqa: BLE001
-                    log.warning("sidecar stop failed: %s", e)
-            self._install_cancel.set()
-            for t in list(self._installs):
-                t.cancel()
-            if self.install_signals:
-                self._remove_signal_handlers(loop)
-            if self.worker is not None and self.worker.alive:  # never leave it behind
-                await self.worker.kill(self.cfg.kill_timeout)
-            if self.worker is not None:
-                self.worker.close()
-            if self.fork is not None:
-                self.fork.close()
-                self.fork = None
-            if self.listen_sock is not None:
-                self.listen_sock.close()
-                self.listen_sock = None
-            self.reaper.close()
-            self._flush_files()  # nothing may be written after the removals below
-            self.paths.remove_pid()
-            if self.sm.state in (State.STOPPED, State.STOPPING):
-                self.paths.remove_runstate()
-            self._write_state_now()
-            if self.logfile is not None:
-                self.logfile.close()
+            await self._shutdown(loop)
+
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Whatever ended run(): nothing is left behind, the files say so last."""
+        if self.sidecars is not None:
+            try:
+                await _maybe_await(self.sidecars.stop())
+            except Exception as e:  # noqa: BLE001
+                log.warning("sidecar stop failed: %s", e)
+        self.installs.stop()
+        if self.install_signals:
+            self._remove_signal_handlers(loop)
+        if self.worker is not None and self.worker.alive:  # never leave it behind
+            await self.worker.kill(self.cfg.kill_timeout)
+        if self.worker is not None:
+            self.worker.close()
+        self.launcher.close()
+        if self.listen_sock is not None:
+            self.listen_sock.close()
+            self.listen_sock = None
+        self.reaper.close()
+        self.files.flush()  # nothing may be written after the removals below
+        self.paths.remove_pid()
+        if self.sm.state in (State.STOPPED, State.STOPPING):
+            self.paths.remove_runstate()
+        self.files.write_now()
+        if self.logfile is not None:
+            self.logfile.close()
 
     def _sd_probe(self) -> Probe:
         h = self.health
@@ -374,6 +383,22 @@ class Supervisor:
             self.logfile.close()
         self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
                                    self.cfg.log_backups, self.cfg.log_tail_lines)
+        logging.getLogger("fn-supervise").setLevel(self.cfg.log_level)
+        self._log_settings = (self.logfile.path, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+
+    def _apply_log_settings(self) -> None:
+        want = (self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+        if self.logfile is None or want == getattr(self, "_log_settings", None):
+            return
+        old = self.logfile.path
+        try:
+            self._open_log()
+        except OSError as e:  # a bad location: keep the log we have, and say so there
+            self.logfile = RotatingLog(old, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_tail_lines)
+            self.logfile.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
+            return
+        self.logfile.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
+                           + (f" (was {old})" if old != want[0] else ""))
 
     async def _main(self) -> int:
         while True:
@@ -397,23 +422,37 @@ class Supervisor:
                 log.error("%s: FATAL: %s", self.paths.name, self.sm.reason)
                 return self.exit_code
 
-    def _signal_intent(self, sig: int) -> str:
-        return "restart" if sig == signal.SIGHUP else "stop"
-
-    def _handle_control(self, ev: tuple) -> bool:
-        """Signals outside a running worker. True if the state changed."""
-        if ev[0] != "signal":
+    async def _on_signal(self, sig: int) -> bool:
+        """What each signal does, in every state, in one place (gunicorn's handle_*). -> True when
+        the current phase ends. SIGUSR1: lift what `fn-supervise lift` asked for. SIGHUP: restart
+        with the re-read config (while preparing: that is under way already). SIGTERM, SIGINT:
+        stop (the STOPPING state stops a running worker)."""
+        name = signal.Signals(sig).name
+        st = self.sm.state
+        if sig == signal.SIGUSR1:
+            self._lift_requested()
             return False
-        intent = self._signal_intent(ev[1])
-        name = signal.Signals(ev[1]).name
-        if intent == "stop":
-            self.sm.fire("stop", f"{name} received")
-        else:
+        if sig == signal.SIGHUP:
             self.policy.reset()
-            if self.sm.state == State.PREPARING:
-                return False  # already (re)preparing
-            self.sm.fire("restart", f"{name}: restart with re-read config")
+            if st == State.PREPARING:
+                return False
+            if st in (State.STARTING, State.RUNNING):
+                await self._restart_worker(f"{name}: restart with re-read config")
+            else:
+                self.sm.fire("restart", f"{name}: restart with re-read config")
+            return True
+        self.sm.fire("stop", f"{name} received" + (" while preparing" if st == State.PREPARING else ""))
         return True
+
+    async def _restart_worker(self, reason: str) -> None:
+        self.restarting = True  # no STOPPING=1 to systemd for a restart
+        try:
+            self.sm.fire("stop", reason)
+            await self._stop_worker("restart")
+            self.policy.reset()
+            self.sm.fire("restart", reason)
+        finally:
+            self.restarting = False
 
     async def _prepare(self) -> None:
         try:
@@ -424,6 +463,12 @@ class Supervisor:
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
+        self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
+        problem = tls_config_error(self.worker_cfg) or memory.config_error(self.cfg.memory_max)
+        if problem is not None:  # a bad cert or memory_max can never work: FATAL, not a crash loop
+            self.exit_code = EXIT_USAGE
+            self.sm.fire("prepare_failed", problem)
+            return
         try:
             self._ensure_listener()
         except OSError as e:
@@ -445,12 +490,12 @@ class Supervisor:
             done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 ev = getter.result()
-                if ev[0] == "signal" and self._signal_intent(ev[1]) == "stop":
+                if isinstance(ev, Signal) and ev.sig in (signal.SIGTERM, signal.SIGINT):
                     # environment.py kills its uv on cancel and builds beside the live venv,
                     # so nothing half-built is ever used. Bounded wait for it to unwind.
                     cancel.set()
                     await asyncio.wait({task}, timeout=self.cfg.stop_grace + self.cfg.term_timeout)
-                    self.sm.fire("stop", f"{signal.Signals(ev[1]).name} received while preparing")
+                if isinstance(ev, Signal) and await self._on_signal(ev.sig):
                     return
             else:
                 getter.cancel()
@@ -464,7 +509,7 @@ class Supervisor:
             self.exit_code = EXIT_ENV
             self.sm.fire("prepare_failed", f"environment error: {type(e).__name__}: {e}")
             return
-        self._ensure_fork_server()
+        self.launcher.prepare(self._launch_spec())
         self.sm.fire("prepared", f"python {self.python}")
 
     def _prepare_progress(self, message: str, fraction: float | None) -> None:
@@ -484,9 +529,8 @@ class Supervisor:
         if self.port and not isinstance(self.worker_cfg.get("port"), int):
             # no port in the config (the worker chose one): pin it, so a restart comes back on it
             argv += ["--port", str(self.port)]
-        if self.quarantine:
-            argv += ["--quarantine", json.dumps({k: str(v.get("reason") or "quarantined")
-                                                 for k, v in self.quarantine.items()})]
+        if self.quarantine.nodes:
+            argv += ["--quarantine", json.dumps(self.quarantine.reasons())]
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["FUNCNODES_CONFIG_DIR"] = str(self.paths.base)
@@ -498,157 +542,131 @@ class Supervisor:
         return argv, env
 
     async def _run_worker(self) -> None:
+        """One attempt (attempt.py decides): launch, then events until the worker is gone."""
+        w = await self._start_worker()
+        if w is None:
+            return
+        a = self.attempt
+        while True:
+            ev = await self._next(a.deadline() - time.monotonic())
+            match ev:
+                case None:
+                    if self._on_attempt_timeout(w, a):
+                        return
+                case Signal(sig):
+                    if await self._on_signal(sig):
+                        return
+                case SidecarMsg(msg):
+                    self.deliver(msg)
+                case Frame(worker, msg) if worker is w:
+                    effect = a.on_frame(msg)
+                    if effect is not None:
+                        self._frame_effect(effect, w, msg)
+                case MemoryOver(worker, detail) if worker is w:  # over memory_max: _watch_memory
+                    if a.on_memory(detail) is not None:
+                        self.logfile.event(f"killing worker {w.pid}: {detail}")
+                        w.signal(signal.SIGKILL)
+                case Eof(worker) if worker is w:
+                    a.on_eof(w.alive)
+                case Exit(worker) if worker is w:
+                    self._on_worker_exit(w, a)
+                    return
+                # anything else is an event of an earlier worker: stale
+
+    async def _start_worker(self) -> WorkerProcess | None:
         argv, env = self._worker_argv()
         w = WorkerProcess(argv, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)), logfile=self.logfile,
-                          on_frame=lambda m, _w=None: None, on_exit=lambda wp: self._event("exit", wp),
-                          on_eof=lambda wp: self._event("eof", wp), reaper=self.reaper,
+                          on_frame=lambda m: None, on_exit=lambda wp: self._queue(Exit(wp)),
+                          on_eof=lambda wp: self._queue(Eof(wp)), reaper=self.reaper,
                           listen_fd=self.listen_sock.fileno() if self.listen_sock is not None else None)
-        w.on_frame = lambda m: self._event("frame", w, m)
+        w.on_frame = lambda m: self._queue(Frame(w, m))
         oom_before = oom_kill_count()
-        self.restart_clock["launch"] = time.monotonic()
+        self.phases.mark("launch")
         try:
-            await self._launch(w)
+            kind = await self.launcher.launch(w, not self.ready_once, min(self.cfg.start_timeout, 60.0))
         except OSError as e:
             self.logfile.event(f"spawn failed: {e}")
-            self._after_exit(None, was_ready=False, reason="start_failed", detail=f"spawn failed: {e}",
-                             status=ExitStatus(code=127), oom_before=None)
-            return
+            self._after_exit(None, Crash("start_failed", f"spawn failed: {e}", False), ExitStatus(code=127), None)
+            return None
+        self.launches[kind] += 1
         self.worker = w
         self.pgids.add(w.pgid)
         self.policy.on_spawn()
+        self._watch_memory(w)
         self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
                            f"pid {w.pid}: {' '.join(argv)}")
         self._runstate("starting", f"worker process {w.pid} started")
         self.write_state()
-        health = HeartbeatMonitor(self.cfg.heartbeat_timeout)
-        self.health = health
-        ready = False
-        start_deadline = time.monotonic() + self.cfg.start_timeout
-        eof_at: float | None = None
-        kill_reason: tuple[str, str] | None = None
-        deliberate: str | None = None
-        stable_noted = False
-        in_flight: list[str] = []  # nodes running now, in start order (worker/quarantine.py)
-        while True:
-            now = time.monotonic()
-            if kill_reason is not None:
-                deadline = now + self.cfg.kill_timeout + 1.0
-            else:
-                deadline = health.deadline() if ready else start_deadline
-                if eof_at is not None:
-                    deadline = min(deadline, eof_at + self.cfg.eof_grace)
-                if ready and not stable_noted:
-                    deadline = min(deadline, (self.policy.ready_at or now) + self.cfg.min_uptime + 0.01)
-            ev = await self._next(deadline - now)
-            if ev is None:
-                now = time.monotonic()
-                if kill_reason is not None:
-                    # SIGKILL did not end it (uninterruptible sleep?): abandon, never hang here.
-                    log.error("worker %s did not die after SIGKILL; abandoning it", w.pid)
-                    w.close()
-                    self._after_exit(w, was_ready=ready, reason=kill_reason[0], detail=kill_reason[1] + "; unkillable",
-                                     status=ExitStatus(), oom_before=oom_before,
-                                     node=in_flight[-1] if in_flight else health.node, suspects=in_flight)
-                    return
-                if eof_at is not None and now >= eof_at + self.cfg.eof_grace:
-                    kill_reason = ("crashed", "control channel closed without exit")
-                elif ready and now >= health.deadline():
-                    kill_reason = ("hung", health.describe())
-                elif not ready and now >= start_deadline:
-                    kill_reason = ("start_timeout", f"not ready within {self.cfg.start_timeout:g}s")
-                else:
-                    if ready and self.policy.check_stable():
-                        stable_noted = True
-                        self.write_state()  # counters were reset after a stable period
-                    continue
-                self.logfile.event(f"killing worker {w.pid}: {kill_reason[1]}")
-                w.signal(signal.SIGKILL)
-                continue
-            kind = ev[0]
-            if kind == "signal":
-                intent = self._signal_intent(ev[1])
-                name = signal.Signals(ev[1]).name
-                if intent == "stop":
-                    self.sm.fire("stop", f"{name} received")
-                    await self._stop_worker("stop")
-                else:
-                    self.restarting = True
-                    try:
-                        self.sm.fire("stop", f"{name}: restart with re-read config")
-                        await self._stop_worker("restart")
-                        self.policy.reset()
-                        self.sm.fire("restart", f"{name}: restart with re-read config")
-                    finally:
-                        self.restarting = False
-                return
-            if kind == "sidecar":
-                self._route_sidecar(ev[1])
-                continue
-            if len(ev) > 1 and ev[1] is not w:
-                continue  # stale event of an earlier worker
-            if kind == "frame":
-                msg = ev[2]
-                t = msg.get("type")
-                if t == "heartbeat":
-                    health.beat(msg)
-                    if ready:
-                        self._keep_pidfile(w.pid)
-                elif t == "ready" and not ready:
-                    ready = True
-                    self._on_worker_ready(w, msg)
-                    health.arm()
-                elif t == "in_flight":  # at once when a node starts or ends, not at the next beat
-                    nodes = msg.get("nodes")
-                    in_flight = [str(n) for n in nodes] if isinstance(nodes, list) else []
-                elif t == "runstate" and not ready:
-                    detail = str(msg.get("detail") or "")
-                    if detail == "Loading nodespace":
-                        self.restart_clock["graph"] = time.monotonic()
-                    self._runstate("starting", detail)
-                elif t == "lift_quarantine":
-                    self._lift(str(msg.get("node")), "a client")
-                elif t == "stopping":
-                    deliberate = str(msg.get("reason") or "stopping")
-                    self.logfile.event(f"worker is stopping on its own: {deliberate}")
-                elif t == "install":
-                    self._start_install(w, msg)
-                else:
-                    log.debug("unhandled frame %s", t)
-            elif kind == "eof":
-                if w.alive and eof_at is None:
-                    eof_at = time.monotonic()
-            elif kind == "exit":
-                status: ExitStatus = w.status  # type: ignore[assignment]
-                self.paths.remove_pid()
-                if deliberate is not None and status.code == 0:
-                    self.logfile.event(f"worker exited 0 after a deliberate stop ({deliberate})")
-                    self.sm.fire("stop", f"worker stopped: {deliberate}")
-                    self.worker = None
-                    return
-                if kill_reason is not None:
-                    reason, detail = kill_reason
-                else:
-                    reason = "crashed" if ready else "start_failed"
-                    detail = status.describe()
-                    if not ready and status.code == WORKER_START_FAILURE:
-                        detail += " (worker start failure)"
-                self._after_exit(w, was_ready=ready, reason=reason, detail=detail, status=status,
-                                 oom_before=oom_before, node=in_flight[-1] if in_flight else health.node,
-                                 first_sign=eof_at, suspects=in_flight)
-                return
+        self.attempt = Attempt(self.cfg)
+        self.attempt.oom_before = oom_before
+        self.health = self.attempt.health
+        return w
 
-    def _keep_pidfile(self, pid: int) -> None:
-        """The Workermanager deletes .p whenever one of its probes fails (e.g. while a node is
-        busy); like the stock worker, put it back while the worker runs."""
-        try:
-            if self.paths.pidfile.read_text().strip() == str(pid):
-                return
-        except OSError:
-            pass
-        try:
-            self.paths.write_pid(pid)
-        except OSError as e:
-            log.warning("cannot rewrite %s: %s", self.paths.pidfile, e)
+    def _on_attempt_timeout(self, w: WorkerProcess, a: Attempt) -> bool:
+        """No event before the attempt's deadline. -> True when the attempt is over."""
+        match a.on_timeout():
+            case Abandon() as ab:
+                log.error("worker %s did not die after SIGKILL; abandoning it", w.pid)
+                w.close()
+                self._after_exit(w, a.abandoned(ab), ExitStatus(), a.oom_before)
+                return True
+            case Kill(_, detail):
+                self.logfile.event(f"killing worker {w.pid}: {detail}")
+                w.signal(signal.SIGKILL)
+            case None:
+                if a.stable_due() and self.policy.check_stable():
+                    a.stable_noted = True
+                    self.write_state()  # counters were reset after a stable period
+        return False
+
+    def _frame_effect(self, effect: str, w: WorkerProcess, msg: dict[str, Any]) -> None:
+        """What a control frame makes the supervisor do (the attempt took its part in already)."""
+        if effect == "heartbeat":
+            self.paths.keep_pid(w.pid)
+        elif effect == "ready":
+            self._on_worker_ready(w, msg)
+        elif effect == "runstate":
+            detail = str(msg.get("detail") or "")
+            if detail == "Loading nodespace":
+                self.phases.mark("graph")
+            self._runstate("starting", detail)
+        elif effect == "lift_quarantine":
+            self._lift(str(msg.get("node")), "a client")
+        elif effect == "stopping":
+            self.logfile.event(f"worker is stopping on its own: {self.attempt.deliberate}")
+        elif effect == "install":
+            self._start_install(w, msg)
+        elif effect == "journal":  # a full disk: edits refused until it has room (worker/store.py)
+            self.journal = None if msg.get("writable") else msg
+            self.logfile.event(f"journal: {msg.get('reason') or 'writable again'}")
+            self.write_state()
+
+    def _on_worker_exit(self, w: WorkerProcess, a: Attempt) -> None:
+        status: ExitStatus = w.status  # type: ignore[assignment]
+        self.paths.remove_pid()
+        match a.outcome(status):
+            case Stopped(why):
+                self.logfile.event(f"worker exited 0 after a deliberate stop ({why})")
+                self.sm.fire("stop", f"worker stopped: {why}")
+                self.worker = None
+            case Crash() as c:
+                self._after_exit(w, c, status, a.oom_before)
+
+    def _watch_memory(self, w: WorkerProcess) -> None:
+        """memory_max (supervisor/memory.py): tell the worker at 80 %, kill its group at 100 %."""
+        limit = memory.parse_size(self.cfg.memory_max)
+        if limit is None:
+            return
+
+        def on_decision(d: memory.MemoryDecision) -> None:
+            if d.action == "kill":
+                self._queue(MemoryOver(w, d.detail))
+            else:
+                self.logfile.event(d.detail or f"memory back to {memory.fmt(d.rss)}")
+                if w.alive:
+                    w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
+        self.memory_watch = memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval,
+                                               on_decision, alive=lambda: w.alive)
 
     def _on_worker_ready(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
         host = msg.get("host")
@@ -657,10 +675,17 @@ class Supervisor:
         if isinstance(port, int):
             self.port = port
         self.ready_wall = time.time()
+        self.journal = None  # a new worker reports its own
         self.policy.on_ready()
-        self._note_restart_phases(w)
+        if self.attempt is not None:
+            self.attempt.mark_ready(self.policy.ready_at or time.monotonic())
+        r = self.phases.ready(w)
+        if r is not None:
+            if self.crashes:
+                self.crashes[-1]["restart"] = r
+            self._note("restart phases: " + ", ".join(f"{k} {v}" for k, v in r.items()))
         self.paths.write_pid(w.pid)
-        self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        self.sm.fire("ready", f"pid {w.pid} listening on {tls_scheme(self.worker_cfg)}://{self.host}:{self.port}/")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
         self._check_update_after_ready()
@@ -673,202 +698,71 @@ class Supervisor:
             except Exception as e:  # noqa: BLE001
                 log.warning("on_ready callback failed: %s", e)
 
-    # ------------------------------------------------------------------ restart phases
-    def _note_restart_phases(self, w: WorkerProcess) -> None:
-        """Seconds per phase of the restart that just became ready: detect (first sign of the
-        death -> handled), delay (handled -> launch: the backoff the policy chose, `backoff`, plus
-        bookkeeping), fork|spawn (-> a pid), boot (pid -> graph load starts: imports, packages),
-        graph_load (-> ready), total (first sign -> ready)."""
-        rc, self.restart_clock = self.restart_clock, {}
-        if "first" not in rc or w.spawned_at is None:
-            return
-        now = time.monotonic()
-        graph = rc.get("graph", now)
-        launch = rc.get("launch", w.spawned_at)
-        r = {"launch": w.launch, "detect": round(rc["handled"] - rc["first"], 4),
-             "delay": round(max(0.0, launch - rc["handled"]), 4), "backoff": round(rc.get("backoff", 0.0), 4),
-             str(w.launch): round(w.launch_time or 0.0, 4),
-             "boot": round(max(0.0, graph - w.spawned_at), 4), "graph_load": round(max(0.0, now - graph), 4),
-             "total": round(now - rc["first"], 4), "pid": w.pid}
-        self.last_restart = r
-        if self.crashes:
-            self.crashes[-1]["restart"] = r
-        self.logfile.event("restart phases: " + ", ".join(f"{k} {v}" for k, v in r.items()))
-
     # ------------------------------------------------------------------ listening socket
     def _ensure_listener(self) -> None:
-        """Bind (or keep) the worker's port. A busy port walks to the next free one up to
-        FUNCNODES_WS_WORKER_ENDPORT; the port taken is written to the worker config before the
-        worker (or a Workermanager) reads it."""
+        """Bind (or keep) the worker's port (listener.hold); the port taken is written to the
+        worker config before the worker (or a Workermanager) reads it."""
+        cfg = self.worker_cfg
         if self.listen_systemd:
-            addr_host, port = listener.address(self.listen_sock)
-            self.host = str(self.worker_cfg.get("host") or addr_host)
-            self.port = port
-            if self.worker_cfg.get("port") != port:  # clients (a Workermanager) look it up there
-                log.info("%s: serving on port %s from systemd socket activation", self.paths.name, port)
-                self.worker_cfg = self.paths.update_config(port=port)
-            return
-        host = str(self.worker_cfg.get("host") or "127.0.0.1")
-        want = self.worker_cfg.get("port")
-        if not isinstance(want, int) or isinstance(want, bool) or want <= 0:
-            want = int(os.environ.get("FUNCNODES_WS_WORKER_STARTPORT", 9382))
-        if self.listen_sock is not None:
-            if self.host == host and listener.address(self.listen_sock)[1] == want:
-                return
-            self.listen_sock.close()  # the config names another address now (SIGHUP)
-            self.listen_sock = None
-        self.listen_sock = listener.bind(host, want)
-        port = listener.address(self.listen_sock)[1]
-        self.host, self.port = host, port
-        if self.worker_cfg.get("port") != port:
-            log.warning("%s: port %s is busy, listening on %s instead", self.paths.name, want, port)
-            self.worker_cfg = self.paths.update_config(port=port)
+            addr_host, self.port = listener.address(self.listen_sock)
+            self.host = str(cfg.get("host") or addr_host)
+        else:
+            host = str(cfg.get("host") or "127.0.0.1")
+            want = listener.wanted_port(cfg.get("port"))
+            self.listen_sock = listener.hold(self.listen_sock, host, want, same_host=self.host == host)
+            self.host, self.port = host, listener.address(self.listen_sock)[1]
+            if want != self.port:
+                log.warning("%s: port %s is busy, listening on %s instead", self.paths.name, want, self.port)
+        if cfg.get("port") != self.port:  # clients (a Workermanager) look it up there
+            if self.listen_systemd:
+                log.info("%s: serving on port %s from systemd socket activation", self.paths.name, self.port)
+            self.worker_cfg = self.paths.update_config(port=self.port)
 
-    # ------------------------------------------------------------------ fork server
-    def _fork_key(self) -> str:
-        return json.dumps([self.python, self.fingerprint, self.worker_cfg.get("package_dependencies") or {}],
-                          sort_keys=True, default=str)
-
-    def _ensure_fork_server(self) -> None:
-        """A warm fork server for the current environment (replaced when it changed)."""
-        if not self.cfg.fork_server or self.cfg.worker_module != "worker":
-            if self.fork is not None:
-                self.fork.close()
-                self.fork = None
-            return
-        if self.fork is not None and self.fork.alive and self.fork.key == self._fork_key():
-            return
-        self.fork_failures = 0  # a new environment gets a fresh chance
-        self.fork_given_up_key = None
-        self._replace_fork_server("environment changed" if self.fork is not None else "first start")
-
-    def _replace_fork_server(self, why: str) -> None:
-        if self.fork is not None:
-            self.fork.close()
-            self.fork = None
-        if not self.cfg.fork_server or self.cfg.worker_module != "worker":
-            return
-        if self.fork_given_up_key == self._fork_key():
-            return  # this environment's fork servers keep dying: spawn until it changes
+    # ------------------------------------------------------------------ launching
+    def _launch_spec(self) -> LaunchSpec:
         _, env = self._worker_argv()
-        fs = ForkServer(self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
-                        deps=dict(self.worker_cfg.get("package_dependencies") or {}), key=self._fork_key(),
-                        worker=self.paths.name,
-                        log_path=str(self.paths.log_file(self.worker_cfg)))
-        fs.on_ready = self.write_state
-        try:
-            fs.start()
-        except OSError as e:
-            log.warning("%s: cannot start a fork server (%s); workers are spawned", self.paths.name, e)
-            return
-        self.fork = fs
-        if self.logfile is not None:
-            self.logfile.event(f"fork server {fs.pid} started ({why})")
+        return LaunchSpec(python=self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
+                          deps=dict(self.worker_cfg.get("package_dependencies") or {}), fingerprint=self.fingerprint,
+                          worker=self.paths.name, log_path=str(self.paths.log_file(self.worker_cfg)),
+                          forkable=self.cfg.fork_server and self.cfg.worker_module == "worker")
 
-    async def _launch(self, w: WorkerProcess) -> None:
-        """From the fork server when it can deliver, else a plain spawn (logged)."""
-        fs = self.fork
-        if fs is not None:
-            if not fs.ready and fs.alive:
-                # The first start waits for the preload (a spawn would import the same); a restart
-                # never waits for a server that is still warming up.
-                await fs.wait_ready(min(self.cfg.start_timeout, 60.0) if not self.ready_once else 0.0)
-            if fs.ready:
-                try:
-                    await w.spawn_forked(fs)
-                    self.launches["fork"] += 1
-                    self.fork_failures = 0
-                    return
-                except ForkError as e:
-                    why = f"fork server {fs.pid} failed: {e}"
-            elif not fs.alive:
-                why = f"fork server {fs.pid} is dead ({fs.proc.returncode if fs.proc else '?'})"
-            else:
-                why = f"fork server {fs.pid} is still preloading"
-            log.warning("%s: %s; spawning instead", self.paths.name, why)
-            self.logfile.event(f"{why}; spawning instead")
-            if not fs.alive or fs.ready:  # ready but failed (e.g. its venv was swapped), or dead
-                self.fork_failures += 1
-                if self.fork_failures >= FORK_GIVE_UP:
-                    self.fork_given_up_key = self._fork_key()
-                    self.logfile.event(f"{self.fork_failures} fork servers in a row failed: workers are "
-                                       "spawned until the environment changes")
-                self._replace_fork_server(why)
-        w.spawn()
-        self.launches["spawn"] += 1
+    def _note(self, line: str) -> None:
+        """A line for the worker's log (the launcher's, the installs')."""
+        if self.logfile is not None:
+            self.logfile.event(line)
 
     # ------------------------------------------------------------------ safe mode
-    def _quarantine(self, node: str, rec: CrashRecord) -> None:
-        n = self.cfg.quarantine_after
-        reason = (f"{n} crashes with this node in flight (last: {rec.reason}, "
-                  f"{rec.signal_name or f'exit code {rec.exit_code}'})")
-        self.quarantine[node] = {"reason": reason, "since": time.time(), "crashes": n}
-        self._save_quarantine()
-        log.warning("%s: SAFE MODE: node %s quarantined: %s", self.paths.name, node, reason)
-        self.logfile.event(f"safe mode: node {node} quarantined: {reason}; "
-                           f"lift with `fn-supervise lift {self.paths.name} {node}`")
-
-    def _save_quarantine(self) -> None:
-        try:
-            self.paths.write_quarantine(self.quarantine, self.worker_cfg)
-        except OSError as e:
-            log.warning("cannot write %s: %s", self.paths.quarantine_file(self.worker_cfg), e)
-
     def _lift(self, node: str, who: str) -> None:
-        if node not in self.quarantine:
-            self.logfile.event(f"{who} asked to lift node {node}, which is not quarantined")
+        if not self.quarantine.lift(node, who):
             return
-        del self.quarantine[node]
         self.policy.lift(node)
-        self._save_quarantine()
-        self.logfile.event(f"{who} lifted the quarantine of node {node}")
-        log.info("%s: quarantine of node %s lifted by %s", self.paths.name, node, who)
         if who != "a client" and self.worker is not None and self.worker.alive:
-            self.worker.send({"type": "quarantine",
-                              "nodes": {k: str(v.get("reason")) for k, v in self.quarantine.items()}})
+            self.worker.send({"type": "quarantine", "nodes": self.quarantine.reasons()})
         self.write_state()
 
     def _lift_requested(self) -> None:
         """SIGUSR1 from `fn-supervise lift`: the node ids are in <workers>/worker_<uuid>.lift."""
-        taken = self.paths.lift_requests.with_name(self.paths.lift_requests.name + ".taken")
-        try:
-            os.replace(self.paths.lift_requests, taken)
-            nodes = taken.read_text().split()
-            taken.unlink()
-        except OSError:
-            return
-        for node in nodes:
+        for node in self.quarantine.take_lift_requests():
             self._lift(node, "fn-supervise lift")
 
-    def _after_exit(self, w: WorkerProcess | None, *, was_ready: bool, reason: str, detail: str,
-                    status: ExitStatus, oom_before: int | None, node: str | None = None,
-                    first_sign: float | None = None, suspects: list[str] | None = None) -> None:
-        now = time.monotonic()
-        self.restart_clock = {"first": min(first_sign or now, now), "handled": now}
+    def _after_exit(self, w: WorkerProcess | None, crash: Crash, status: ExitStatus, oom_before: int | None) -> None:
+        """A worker exit the policy counts: record it, tell the observers, act on the decision."""
+        self.phases.exited(crash.first_sign)
         self.paths.remove_pid()
-        uptime = None
-        if w is not None and w.spawned_at is not None:
-            uptime = time.monotonic() - w.spawned_at
-        rec: CrashRecord = make_record(
-            status=status, reason=reason, phase="run" if was_ready else "start",
-            we_signalled=w.signalled if w is not None else set(),
-            oom_before=oom_before, oom_after=oom_kill_count(), uptime=uptime, node=node,
-            pid=w.pid if w is not None else None,
-            last_lines=list(self.logfile.tail) if self.logfile else [], detail=detail, in_flight=suspects)
-        self.crashes.append(rec.to_json())
-        del self.crashes[:-max(1, self.cfg.crash_history)]
-        self.logfile.event(f"worker {rec.pid} {rec.summary()}")
+        rec = self._record_exit(w, crash, status, oom_before)
         self.worker = None
-        decision = self.policy.on_exit(was_ready=was_ready, reason=f"{reason}: {detail}", node=node,
-                                       suspects=suspects, quarantined=frozenset(self.quarantine))
-        self.restart_clock["backoff"] = decision.delay
+        self._tell_exit(rec)
+        decision = self.policy.on_exit(was_ready=crash.was_ready, reason=f"{crash.reason}: {crash.detail}",
+                                       node=crash.node, suspects=crash.suspects,
+                                       quarantined=frozenset(self.quarantine.nodes))
+        self.phases.backoff = decision.delay
         if decision.quarantine is not None:
-            self._quarantine(decision.quarantine, rec)
+            self.quarantine.add(decision.quarantine, rec, self.cfg.quarantine_after)
         if decision.action == "fatal":
             self.exit_code = EXIT_FATAL
             self.sm.fire("give_up", decision.reason)
             return
-        if not was_ready and status.code == WORKER_START_FAILURE:
+        if not crash.was_ready and status.code == WORKER_START_FAILURE:
             # The worker could not start (its config?): an unreadable config can never work.
             try:
                 self.paths.read_config()
@@ -877,8 +771,25 @@ class Supervisor:
                 self.sm.fire("give_up", f"cannot read {self.paths.config}: {e}")
                 return
         self.backoff_until = time.monotonic() + decision.delay
-        self.sm.fire("crashed" if was_ready else "start_failed",
-                     f"{reason}: {detail}; restart in {decision.delay:.2f}s")
+        self.sm.fire("crashed" if crash.was_ready else "start_failed",
+                     f"{crash.reason}: {crash.detail}; restart in {decision.delay:.2f}s")
+
+    def _record_exit(self, w: WorkerProcess | None, crash: Crash, status: ExitStatus,
+                     oom_before: int | None) -> CrashRecord:
+        uptime = None
+        if w is not None and w.spawned_at is not None:
+            uptime = time.monotonic() - w.spawned_at
+        rec: CrashRecord = make_record(
+            status=status, reason=crash.reason, phase="run" if crash.was_ready else "start",
+            we_signalled=w.signalled if w is not None else set(),
+            oom_before=oom_before, oom_after=oom_kill_count(), uptime=uptime, node=crash.node,
+            pid=w.pid if w is not None else None,
+            last_lines=list(self.logfile.tail) if self.logfile else [], detail=crash.detail,
+            in_flight=crash.suspects)
+        self.crashes.append(rec.to_json())
+        del self.crashes[:-max(1, self.cfg.crash_history)]
+        self.logfile.event(f"worker {rec.pid} {rec.summary()}")
+        return rec
 
     async def _backoff(self) -> None:
         while True:
@@ -888,7 +799,7 @@ class Supervisor:
                 self.backoff_until = None
                 self.sm.fire("retry", f"restart #{self.policy.total_restarts}")
                 return
-            if self._handle_control(ev):
+            if isinstance(ev, Signal) and await self._on_signal(ev.sig):
                 self.backoff_until = None
                 return
 
@@ -905,109 +816,35 @@ class Supervisor:
             w.close()
         self.paths.remove_pid()
         self.worker = None
-        self.last_stop_stage = stage
         return stage
 
-    # ------------------------------------------------------------------ installs
+    # ------------------------------------------------------------------ installs (installs.py)
     def _start_install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
-        t = asyncio.ensure_future(self._install(w, msg))
-        self._installs.add(t)
-        t.add_done_callback(self._installs.discard)
+        in_place = self.env.no_venv or not self.cfg.venv or bool(self.cfg.python)
+        self.installs.start(w, msg, in_place=in_place, python=self.python,
+                            data_dir=self.paths.data_dir(self.worker_cfg),
+                            deps=lambda: dict(self.worker_cfg.get("package_dependencies") or {}),
+                            installed=self._installed)
 
-    async def _install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
-        rid = msg.get("id")
-        if self.env.no_venv or not self.cfg.venv or self.cfg.python:
-            await self._install_in_place(w, msg)
-            return
-        loop = asyncio.get_running_loop()
-
-        def progress(message: str, fraction: float | None = None) -> None:
-            loop.call_soon_threadsafe(w.send, {"type": "install_progress", "id": rid, "message": message,
-                                               "progress": fraction})
-
-        # One install at a time, each on top of every dependency installed so far: a second
-        # package must not build a venv without the first.
-        async with self._install_lock:
-            deps = dict(self.worker_cfg.get("package_dependencies") or {})
-            for d in msg.get("deps") or []:
-                if isinstance(d, dict) and d.get("package"):
-                    deps[str(d["package"])] = {k: v for k, v in d.items() if v is not None}
-            try:
-                self.python, self.fingerprint = await asyncio.to_thread(
-                    self.env.install, self.paths.data_dir(self.worker_cfg), deps, progress, self._install_cancel)
-            except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
-                self.logfile.event(f"install failed: {e}")
-                w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
-                return
-            self.worker_cfg["package_dependencies"] = deps
-        self._replace_fork_server("environment changed by an install")  # its imports are stale now
-        self.write_state()
-        w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
-
-    async def _install_in_place(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
-        """No venv of its own (--no-venv, venv=false, python=...): install into the interpreter
-        the worker runs in, one install at a time, progress to the worker, failures as results."""
-        rid = msg.get("id")
-        loop = asyncio.get_running_loop()
-
-        def progress(message: str, fraction: float | None = None) -> None:
-            loop.call_soon_threadsafe(w.send, {"type": "install_progress", "id": rid, "message": message,
-                                               "progress": fraction})
-
-        deps = {str(d["package"]): {k: v for k, v in d.items() if v is not None}
-                for d in msg.get("deps") or [] if isinstance(d, dict) and d.get("package")}
-        async with self._install_lock:
-            try:
-                from . import environment  # noqa: PLC0415 (lazy, as in Environment)
-
-                done = await asyncio.to_thread(environment.install_into_interpreter, self.python or sys.executable,
-                                               deps, progress=progress, cancel=self._install_cancel)
-            except Exception as e:  # noqa: BLE001  (InstallError and anything else: never a crash)
-                self.logfile.event(f"install failed: {e}")
-                w.send({"type": "install_result", "id": rid, "ok": False, "error": f"{type(e).__name__}: {e}"})
-                return
-            self.logfile.event(f"installed into {self.python or sys.executable}: {', '.join(done) or 'nothing'}")
+    def _installed(self, python: str | None, fingerprint: str | None, deps: dict[str, Any]) -> None:
+        if python is None:  # into the running interpreter: the environment is the same one
             self.worker_cfg.setdefault("package_dependencies", {}).update(deps)
+        else:
+            self.python, self.fingerprint = python, fingerprint or ""
+            self.worker_cfg["package_dependencies"] = deps
+            self.launcher.prepare(self._launch_spec(), "environment changed by an install")  # stale imports
         self.write_state()
-        w.send({"type": "install_result", "id": rid, "ok": True, "error": None})
 
     def _check_update_after_ready(self) -> None:
-        """update_on_startup: once per supervisor run, after ready, build an updated venv aside
-        (supervisor/environment.py check_update); the next prepare takes it. Never delays or
-        fails a start: it runs in a thread, and its outcome only goes to the log and status."""
-        if getattr(self, "_update_task", None) is not None or self.env.no_venv or not self.cfg.venv \
-                or self.cfg.python:
+        if self.env.no_venv or not self.cfg.venv or self.cfg.python:
             return
-        flags = self.worker_cfg.get("update_on_startup")
-        from . import environment  # noqa: PLC0415 (lazy, as in Environment)
-
-        if not environment.update_wanted(flags):
-            return
-        data_dir = self.paths.data_dir(self.worker_cfg)
-        deps = dict(self.worker_cfg.get("package_dependencies") or {})
-
-        async def check() -> None:
-            self.logfile.event("update_on_startup: checking for newer packages in the background")
-            try:
-                st = await asyncio.to_thread(environment.check_update, data_dir, deps, flags,
-                                             python=sys.executable, cancel=self._install_cancel)
-            except Exception as e:  # noqa: BLE001 (never a crash)
-                st = {"state": "failed", "error": f"{type(e).__name__}: {e}"}
-            if self._install_cancel.is_set():
-                return  # stopping: the log may be closed already
-            self.logfile.event(f"update_on_startup: {environment.describe_update(data_dir) or st.get('state')}")
-
-        self._update_task = asyncio.ensure_future(check())
+        self.installs.check_update(self.worker_cfg.get("update_on_startup"), self.paths.data_dir(self.worker_cfg),
+                                   dict(self.worker_cfg.get("package_dependencies") or {}))
 
     # ------------------------------------------------------------------ sidecars
     def on_sidecar_message(self, msg: dict[str, Any]) -> None:
-        """Callback for SidecarHost (any thread): queued, handled in the loop."""
-        self._loop.call_soon_threadsafe(self._event, "sidecar", msg)
-
-    def _route_sidecar(self, msg: dict[str, Any]) -> None:
-        """Discovery events and the monitor address go to the worker as channel frames."""
-        if self.worker is not None and self.worker.alive and isinstance(msg, dict) and "type" in msg:
-            self.worker.send(msg)
+        """Callback for SidecarKeeper (any thread): queued, handled in the loop (deliver)."""
+        self._loop.call_soon_threadsafe(self._queue, SidecarMsg(msg))
 
 
 async def _maybe_await(x: Any) -> Any:

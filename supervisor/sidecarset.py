@@ -39,20 +39,21 @@ class SidecarSet:
     # region lifecycle
     def start(self) -> None:
         from sidecars.entry import run_named
-        from sidecars.host import SidecarHost
+        from sidecars.host import SidecarKeeper
 
         loop = asyncio.get_running_loop()
         data = self.sup.paths.data_dir(self.sup.worker_cfg)
         budget = int(self.sidecar_cfg.get("budget", 5))
         if self.sidecar_cfg.get("discovery", True):
-            self.hosts["discovery"] = SidecarHost(
+            self.hosts["discovery"] = SidecarKeeper(
                 "discovery", run_named, ("sidecars.discovery:run_discovery", str(data / "local_scripts")),
                 on_message=self.on_message, loop=loop, budget=budget)
         if self.sidecar_cfg.get("monitor", True):
             port = int(self.sidecar_cfg.get("monitor_port") or 0)
-            self.hosts["monitor"] = SidecarHost(
+            self.hosts["monitor"] = SidecarKeeper(
                 "monitor", run_named, (MONITOR, "127.0.0.1", port),
-                kwargs={"owner_pid": os.getpid()},
+                kwargs={"owner_pid": os.getpid(), "token": self.sup.worker_cfg.get("auth_token"),
+                        "peer_uid_check": self.sup.worker_cfg.get("peer_uid_check")},
                 on_message=self.on_message, loop=loop, budget=budget)
         for h in self.hosts.values():
             h.start()

@@ -65,7 +65,8 @@ class StateMachine:
         self.reason = ""
         self.since = clock()
         self._clock = clock
-        self._on_change = on_change
+        # Listeners of every transition, in order (the owner's own first); they never change it.
+        self.listeners: list[Callable[[State, State, str, str], None]] = [on_change] if on_change else []
         self.history: list[tuple[float, str, State, State, str]] = []
 
     def can(self, name: str) -> bool:
@@ -82,6 +83,9 @@ class StateMachine:
         self.state, self.reason, self.since = dst, reason, self._clock()
         self.history.append((self.since, name, old, dst, reason))
         del self.history[:-50]
-        if self._on_change is not None:
-            self._on_change(old, dst, name, reason)
+        for listener in self.listeners:
+            listener(old, dst, name, reason)
         return dst
+
+    def add_listener(self, listener: Callable[[State, State, str, str], None]) -> None:
+        self.listeners.append(listener)

@@ -102,3 +102,7 @@ def port() -> int:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+# The supervised-worker harness's fixtures, for every test module (imported last: it uses the above).
+from harness import sup_procs  # noqa: E402,F401

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from conftest import REPO, poll_until
+from harness import child_env
 
 DEMO_NODES = REPO / "examples" / "demo_nodes.py"
 
@@ -35,9 +35,7 @@ class WorkerProc:
     def __init__(self, base: Path, uuid: str, port: int, python: str = sys.executable, args=(), env=None):
         self.base, self.uuid, self.port = base, uuid, port
         self.log = open(base / f"worker_{uuid}.test.log", "ab")
-        e = dict(os.environ)
-        e.update(env or {})
-        e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+        e = child_env(**(env or {}))
         self.proc = subprocess.Popen(
             [python, "-m", "worker", f"worker_{uuid}", "--dir", str(base), "--port", str(port), *args],
             cwd=str(REPO), env=e, stdout=self.log, stderr=subprocess.STDOUT,
@@ -176,3 +174,54 @@ class Client:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+class ChannelWorker:
+    """A real `python -m worker` whose supervisor channel is held by the test (frames in and out)."""
+
+    def __init__(self, base: Path, uuid: str, port: int, log_path: Path, before_start=()):
+        import socket
+
+        from worker.channel import FrameBuffer, encode
+
+        self.encode, self.buf, self.frames = encode, FrameBuffer(), []
+        self.log_path = log_path
+        self.ours, theirs = socket.socketpair()
+        for frame in before_start:  # queued before the worker starts: its channel thread reads them at once
+            self.ours.sendall(encode(frame))
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", f"worker_{uuid}", "--dir", str(base),
+                                      "--port", str(port), "--control-fd", str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), cwd=str(REPO),
+                                     env=child_env(inherit_path=False),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        theirs.close()
+        self.ours.settimeout(0.5)
+
+    def send(self, frame: dict) -> None:
+        self.ours.sendall(self.encode(frame))
+
+    def wait_ready(self, timeout: float = 60.0) -> "ChannelWorker":
+        import socket
+
+        def ready():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                data = self.ours.recv(65536)
+            except socket.timeout:
+                return False
+            self.frames.extend(f for f in self.buf.feed(data) if isinstance(f, dict))
+            return any(f.get("type") == "ready" for f in self.frames)
+        poll_until(ready, timeout, what="ready frame")
+        return self
+
+    def stop(self) -> int:
+        self.send({"type": "stop", "deadline": 5})
+        return self.proc.wait(20)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.ours.close()
+        self.log.close()

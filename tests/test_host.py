@@ -7,48 +7,16 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import marked_processes, poll_until
+from conftest import free_port, marked_processes, poll_until
+from harness import make_worker, output, run_cli, running_pid, start_host, workers
 from supervisor.files import WorkerPaths
-from test_supervisor import REPO, make_worker, ws_uuid
 
 N = 3
-
-
-def start_host(base: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    out = open(tmp_path / f"host-{time.monotonic_ns()}.out", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(base), "host", "--poll", "0.3", *extra],
-                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    p.outfile = out.name  # type: ignore[attr-defined]
-    return p
-
-
-def host_output(p: subprocess.Popen) -> str:
-    return Path(p.outfile).read_text(errors="replace")  # type: ignore[attr-defined]
-
-
-def cli(base: Path, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "supervisor", "--dir", str(base), *args], capture_output=True,
-                          text=True, env=env, cwd=str(REPO), timeout=timeout)
-
-
-def running_pid(paths: WorkerPaths, not_pid: int | None = None) -> int | None:
-    st = paths.read_state() or {}
-    w = st.get("worker")
-    if st.get("state") == "RUNNING" and w and w["pid"] != not_pid and ws_uuid(st["port"]) == paths.uuid:
-        return w["pid"]
-    return None
 
 
 def group_alive(pgid: int) -> bool:
@@ -61,37 +29,12 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
-@pytest.fixture
-def hosts():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
-
-def workers(config_dir: Path, n: int = N, autostart: str = "unless-stopped") -> list[WorkerPaths]:
-    from conftest import free_port
-
-    out = []
-    for _ in range(n):
-        paths = make_worker(config_dir, free_port())
-        paths.update_config(autostart=autostart)
-        out.append(paths)
-    return out
-
-
-def test_three_workers_answer_a_kill_restarts_only_it_a_stop_leaves_nothing(config_dir, tmp_path, hosts,
+def test_three_workers_answer_a_kill_restarts_only_it_a_stop_leaves_nothing(config_dir, tmp_path, sup_procs,
                                                                            no_leaked_processes):
     ws = workers(config_dir)
-    never = make_worker(config_dir, __import__("conftest").free_port())  # autostart never: left alone
+    never = make_worker(config_dir, free_port())  # autostart never: left alone
     host = start_host(config_dir, tmp_path)
-    hosts.append(host)
+    sup_procs.append(host)
     pids = [poll_until(lambda p=p: running_pid(p), 40, what=f"{p.name} answers") for p in ws]
     assert len(set(pids)) == N
     # one process, one supervisor identity for all: the host's
@@ -110,17 +53,17 @@ def test_three_workers_answer_a_kill_restarts_only_it_a_stop_leaves_nothing(conf
     assert not (ws[1].read_state() or {}).get("crashes")
 
     # CLI through the control socket
-    r = cli(config_dir, "list", "--json")
+    r = run_cli(config_dir, "list", "--json")
     assert r.returncode == 0, r.stderr
     rows = {w["id"]: w for w in json.loads(r.stdout)}
     assert all(rows[p.name]["state"] == "RUNNING" for p in ws)
     assert rows[never.name]["state"] == "STOPPED"
-    r = cli(config_dir, "status", ws[1].name)
+    r = run_cli(config_dir, "status", ws[1].name)
     assert r.returncode == 0 and f"{host.pid} (fn-supervise host)" in r.stdout, r.stdout + r.stderr
 
     # stopping one leaves nothing of it: its pid and its group are gone, the others run on
     pgid1 = os.getpgid(pids[1])
-    r = cli(config_dir, "stop", ws[1].name)
+    r = run_cli(config_dir, "stop", ws[1].name)
     assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
     assert not psutil.pid_exists(pids[1]) or psutil.Process(pids[1]).status() == psutil.STATUS_ZOMBIE
     poll_until(lambda: not group_alive(pgid1), 5, what="worker 1's group gone")
@@ -131,21 +74,21 @@ def test_three_workers_answer_a_kill_restarts_only_it_a_stop_leaves_nothing(conf
     assert (ws[1].read_state() or {}).get("state") == "STOPPED"
 
     # restart brings it back
-    r = cli(config_dir, "restart", ws[1].name)
+    r = run_cli(config_dir, "restart", ws[1].name)
     assert r.returncode == 0, r.stderr
     poll_until(lambda: running_pid(ws[1]), 30, what="worker 1 started again")
 
     host.send_signal(signal.SIGTERM)
-    assert host.wait(40) == 0, host_output(host)
+    assert host.wait(40) == 0, output(host)
     assert not sock.exists()
     poll_until(lambda: not marked_processes(no_leaked_processes), 10, what="nothing left after the host stopped")
 
 
 @pytest.mark.parametrize("spawn", ["forked", "spawned"])
-def test_sigkill_of_the_host_leaves_no_process(spawn, config_dir, tmp_path, hosts, no_leaked_processes):
+def test_sigkill_of_the_host_leaves_no_process(spawn, config_dir, tmp_path, sup_procs, no_leaked_processes):
     ws = workers(config_dir)
     host = start_host(config_dir, tmp_path, *(["--no-fork-server"] if spawn == "spawned" else []))
-    hosts.append(host)
+    sup_procs.append(host)
     for p in ws:
         poll_until(lambda p=p: running_pid(p), 40, what=f"{p.name} answers")
     # the sidecars are up too (they would be the ones to linger)
@@ -166,10 +109,10 @@ def test_sigkill_of_the_host_leaves_no_process(spawn, config_dir, tmp_path, host
     poll_until(lambda: not marked_processes(no_leaked_processes), 15, what="no process left after SIGKILL")
 
 
-def test_workers_added_changed_and_removed_are_picked_up(config_dir, tmp_path, hosts):
+def test_workers_added_changed_and_removed_are_picked_up(config_dir, tmp_path, sup_procs):
     (a,) = workers(config_dir, 1)
     host = start_host(config_dir, tmp_path)
-    hosts.append(host)
+    sup_procs.append(host)
     pid_a = poll_until(lambda: running_pid(a), 40, what="a answers")
     (b,) = workers(config_dir, 1)  # added while the host runs
     poll_until(lambda: running_pid(b), 40, what="b started by a scan")
@@ -183,23 +126,23 @@ def test_workers_added_changed_and_removed_are_picked_up(config_dir, tmp_path, h
     assert host.poll() is None
     # one host per folder
     second = start_host(config_dir, tmp_path)
-    hosts.append(second)
-    assert second.wait(30) == 3, host_output(second)
+    sup_procs.append(second)
+    assert second.wait(30) == 3, output(second)
     host.send_signal(signal.SIGTERM)
-    assert host.wait(40) == 0, host_output(host)
+    assert host.wait(40) == 0, output(host)
 
 
-def test_new_autostart_is_started_by_a_running_host_and_cli_falls_back_without_one(config_dir, tmp_path, hosts):
+def test_new_autostart_is_started_by_a_running_host_and_cli_falls_back_without_one(config_dir, tmp_path, sup_procs):
     host = start_host(config_dir, tmp_path, "--no-sidecars")
-    hosts.append(host)
+    sup_procs.append(host)
     poll_until(lambda: (config_dir / "fn-supervise-host.sock").exists(), 20, what="host socket")
-    r = cli(config_dir, "new", "--no-venv", "--autostart")
+    r = run_cli(config_dir, "new", "--no-venv", "--autostart")
     assert r.returncode == 0, r.stderr
     paths = WorkerPaths(config_dir, r.stdout.strip().removeprefix("worker_"))
     assert paths.read_config()["autostart"] == "unless-stopped"
     poll_until(lambda: running_pid(paths), 40, what="new worker started by the host")
     host.send_signal(signal.SIGTERM)
-    assert host.wait(40) == 0, host_output(host)
+    assert host.wait(40) == 0, output(host)
     # the host remembers the hand stop only for unless-stopped; without a host the CLI is per-worker
-    r = cli(config_dir, "stop", paths.name)
+    r = run_cli(config_dir, "stop", paths.name)
     assert r.returncode == 0 and "not running" in r.stdout, r.stdout + r.stderr

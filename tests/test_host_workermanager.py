@@ -5,7 +5,6 @@ worker); it lists them, stops them (stop_worker) and starts them again, all thro
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -14,8 +13,7 @@ import psutil
 
 from conftest import free_port, marked_processes, poll_until
 from helpers import run
-from test_host import cli, running_pid
-from test_supervisor import REPO, make_worker
+from harness import child_env, make_worker, run_cli, running_pid
 from test_workermanager import UI, fn_python, listed, manager_pings, write_fn_config  # noqa: F401 (fixture)
 
 
@@ -28,8 +26,7 @@ def test_workermanager_starts_lists_and_stops_workers_through_the_host(fn_python
     a = make_worker(config_dir, free_port())
     a.update_config(autostart="unless-stopped")
     b = make_worker(config_dir, free_port())  # autostart never: only the manager starts it
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
+    env = child_env(inherit_path=False)
     out = tmp_path / "host.out"
     with open(out, "wb") as f:
         host = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(config_dir), "host", "--poll", "0.3",
@@ -77,7 +74,7 @@ def test_workermanager_starts_lists_and_stops_workers_through_the_host(fn_python
                                                  "B running again")
                 assert psutil.Process(pid_b2).ppid() == host.pid
         run(go())
-        r = cli(config_dir, "list", "--json")
+        r = run_cli(config_dir, "list", "--json")
         assert r.returncode == 0 and a.name in r.stdout and b.name in r.stdout, r.stderr
     finally:
         if host.poll() is None:

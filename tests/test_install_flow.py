@@ -7,7 +7,7 @@ import signal
 from conftest import poll_until
 from helpers import Client, run
 from supervisor.cli import create_worker
-from test_supervisor import FAST, running_worker, start_supervisor, state, stop_supervisor, output
+from harness import FAST, child_env, output, running_worker, start_supervisor, state, stop_supervisor
 
 def pyproject(name: str) -> str:
     return f"""
@@ -168,7 +168,6 @@ def test_no_venv_adds_importable_installs_missing_into_its_interpreter_and_repor
     ones are installed (two at once: one after the other) into the interpreter the worker runs
     in; a broken one fails with a reason; the worker keeps its PID throughout."""
     import asyncio
-    import os
     import subprocess
     import time
 
@@ -183,7 +182,7 @@ def test_no_venv_adds_importable_installs_missing_into_its_interpreter_and_repor
     extra = make_project(pkgs, "fn-extra-nodes", "extra")
     more = make_project(pkgs, "fn-more-nodes", "more")
     broken = make_project(pkgs, "fn-broken-nodes", "broken", pyproject="[project\nname = ")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here / "fn-here-nodes"), str(REPO)])}
+    env = child_env(here / "fn-here-nodes", inherit_path=False)
     out = open(tmp_path / "sup.out", "wb")
     sup = subprocess.Popen([str(py), "-m", "supervisor", "--dir", str(config_dir), "run", paths.name, "--no-venv"],
                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))

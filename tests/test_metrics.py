@@ -18,8 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO, free_port, poll_until
 from helpers import WorkerProc, write_config
-from test_host import hosts, running_pid, start_host, workers  # noqa: F401 (fixture)
-from test_supervisor import ws_uuid
+from harness import running_pid, start_host, workers, ws_uuid
 
 EXAMPLES = REPO / "examples"
 
@@ -107,11 +106,11 @@ def test_worker_metrics_behind_its_token_unless_public(config_dir):
         w.stop()
 
 
-def test_host_and_worker_metrics_parse_and_the_examples_use_real_names(config_dir, tmp_path, hosts):  # noqa: F811
+def test_host_and_worker_metrics_parse_and_the_examples_use_real_names(config_dir, tmp_path, sup_procs):  # noqa: F811
     ws = workers(config_dir, 2)
     mport = free_port()
     host = start_host(config_dir, tmp_path, "--metrics-port", str(mport))
-    hosts.append(host)
+    sup_procs.append(host)
     pids = [poll_until(lambda p=p: running_pid(p), 40, what=f"{p.name} answers") for p in ws]
     url = f"http://127.0.0.1:{mport}/metrics"
     m = scrape(url)
@@ -120,7 +119,15 @@ def test_host_and_worker_metrics_parse_and_the_examples_use_real_names(config_di
     assert value(m, "fn_supervise_phase_duration_seconds_count", phase="STARTING") == 2
     os.kill(pids[0], signal.SIGKILL)
     poll_until(lambda: running_pid(ws[0], not_pid=pids[0]), 30, what="worker 0 restarted")
-    m = scrape(url)
+
+    # The lag is what a worker reports in its heartbeats: it is exported from each worker's first
+    # heartbeat on (a worker that just became RUNNING may not have sent one yet), so wait for that.
+    def after_first_heartbeats() -> dict | None:
+        s = scrape(url)
+        lagging = {x.labels.get("worker") for x in s.get("fn_supervise_worker_heartbeat_lag_seconds", [])}
+        return s if lagging >= {p.name for p in ws} else None
+
+    m = poll_until(after_first_heartbeats, 15, interval=0.1, what="a heartbeat from each worker")
     for n in HOST_NAMES:
         assert n in m, n
     assert value(m, "fn_supervise_worker_crashes_total", worker=ws[0].name, reason="crashed") == 1

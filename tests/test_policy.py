@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from harness import FakeClock
 from supervisor.config import SupervisorConfig
 from supervisor.crash import ExitStatus, make_record
 from supervisor.health import HeartbeatMonitor
@@ -16,17 +17,6 @@ from supervisor.policy import RestartPolicy
 from supervisor.process import RotatingLog
 from supervisor.progress import Progress
 from supervisor.states import TRANSITIONS, IllegalTransition, State, StateMachine
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def cfg(**kw) -> SupervisorConfig:

@@ -27,22 +27,8 @@ import pytest
 
 from conftest import free_port, marked_processes, poll_until
 from helpers import Client, RPCError, run
-from test_supervisor import (FIXTURES, REPO, make_worker, output, running_worker, start_supervisor, state,
+from harness import (FIXTURES, REPO, child_env, make_worker, output, running_worker, start_supervisor, state,
                              stop_supervisor, ws_uuid)
-
-
-@pytest.fixture
-def sup_procs():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
 
 
 class Knocker(threading.Thread):
@@ -337,10 +323,7 @@ def test_systemd_socket_activation_fd3_is_served_and_never_refused(config_dir, p
     lsock.listen(128)
     # a client that connects before anything runs waits in the backlog
     early = socket.create_connection(("127.0.0.1", port), timeout=5)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO), env.get("PYTHONPATH", "")])
-    env["LISTEN_FDS"] = "1"
-    env["LISTEN_FDNAMES"] = "worker"
+    env = child_env(FIXTURES, LISTEN_FDS="1", LISTEN_FDNAMES="worker")
     wrapper = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
                "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.executable, [sys.executable] + sys.argv[2:])")
     out = open(tmp_path / "sup.out", "wb")

@@ -1,4 +1,4 @@
-"""SidecarHost: one-for-one restart on its own budget, FATAL beyond it, bounded stop."""
+"""SidecarKeeper: one-for-one restart on its own budget, FATAL beyond it, bounded stop."""
 
 from __future__ import annotations
 
@@ -9,22 +9,15 @@ import time
 import pytest
 
 from conftest import poll_until
+from harness import FakeClock
 from test_sidecars_support import Hosted, alive, crash_at_start, idle, stubborn
 
-from sidecars.host import RestartPolicy
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
+from sidecars.host import CrashBudget
 
 
 def test_restart_policy_backoff_budget_and_window():
     clock = FakeClock()
-    p = RestartPolicy(budget=5, window=60.0, backoff_base=0.2, backoff_cap=1.0, clock=clock)
+    p = CrashBudget(budget=5, window=60.0, backoff_base=0.2, backoff_cap=1.0, clock=clock)
     delays = []
     for _ in range(5):
         delays.append(p.on_crash())
@@ -39,7 +32,7 @@ def test_restart_policy_backoff_budget_and_window():
 
 def test_restart_policy_old_crashes_leave_the_window():
     clock = FakeClock()
-    p = RestartPolicy(budget=2, window=10.0, backoff_base=0.5, backoff_cap=5.0, clock=clock)
+    p = CrashBudget(budget=2, window=10.0, backoff_base=0.5, backoff_cap=5.0, clock=clock)
     assert p.on_crash() == 0.5
     clock.t += 5
     assert p.on_crash() == 1.0
@@ -52,9 +45,9 @@ def test_restart_policy_old_crashes_leave_the_window():
 
 def test_restart_policy_rejects_nonsense():
     with pytest.raises(ValueError):
-        RestartPolicy(budget=-1)
+        CrashBudget(budget=-1)
     with pytest.raises(ValueError):
-        RestartPolicy(window=0)
+        CrashBudget(window=0)
 
 
 @pytest.fixture

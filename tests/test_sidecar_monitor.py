@@ -17,6 +17,7 @@ import multiprocess
 import pytest
 
 from conftest import REPO, poll_until
+from harness import child_env
 from test_sidecars_support import Hosted, alive
 
 from sidecars.host import stop_helper_processes
@@ -49,7 +50,7 @@ def read_pid(path) -> int | None:
 
 @pytest.fixture
 def mon(port):
-    """The monitor sidecar under a SidecarHost, on a fixed port (so a restart keeps it)."""
+    """The monitor sidecar under a SidecarKeeper, on a fixed port (so a restart keeps it)."""
     h = Hosted("monitor", run_monitor, (H, port), kwargs={"kill_timeout": 1.0},
                backoff_base=0.05)
     _, msg = h.rec.wait(lambda m: m["type"] == "monitor", 10, "monitor listening")
@@ -351,7 +352,7 @@ def test_monitor_exit_kills_what_it_spawned(port, tmp_path, how):
 STANDIN = """
 import asyncio, json, os, sys
 sys.path.insert(0, {repo!r})
-from sidecars.host import SidecarHost
+from sidecars.host import SidecarKeeper
 from sidecars.monitor import run_monitor
 
 def on_message(name, msg):
@@ -362,7 +363,7 @@ def on_message(name, msg):
         os.replace(out + ".tmp", out)
 
 async def main():
-    host = SidecarHost("monitor", run_monitor, ("127.0.0.1", int(sys.argv[2])),
+    host = SidecarKeeper("monitor", run_monitor, ("127.0.0.1", int(sys.argv[2])),
                        on_message=on_message)
     host.start()
     await asyncio.Event().wait()
@@ -444,7 +445,7 @@ def test_stop_during_start_ends_cleanly(how):
     """A stop (or the pipe's EOF) that reaches the monitor while it still binds, as when many
     supervised workers stop together: exit 0, no traceback, no address announced."""
     r = subprocess.run([PY, "-c", STOP_DURING_START, how], capture_output=True, text=True, timeout=60,
-                       cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+                       cwd=str(REPO), env=child_env(inherit_path=False))
     assert r.stdout.strip().splitlines()[-1] == "exit 0", r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "IndexError" not in r.stderr, r.stderr
     assert "announced" not in r.stdout, r.stdout

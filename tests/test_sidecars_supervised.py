@@ -15,7 +15,7 @@ import pytest
 
 from conftest import poll_until
 from helpers import Client, run
-from test_supervisor import make_worker, output, running_worker, start_supervisor, state, stop_supervisor
+from harness import child_env, make_worker, output, running_worker, start_supervisor, state, stop_supervisor
 
 SCRIPT = '''
 from worker.external import ExternalWorker
@@ -106,7 +106,7 @@ def test_killed_sidecar_comes_back_and_the_worker_keeps_its_pid(supervised):
     assert new["restarts"] >= 1
     assert running_worker(paths) == wpid
     out = subprocess.run([sys.executable, "-m", "supervisor", "--dir", str(paths.base), "status", paths.name],
-                         capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         capture_output=True, text=True, timeout=30, env=child_env(os.getcwd(), inherit_path=False))
     assert "sidecar:     discovery: running" in out.stdout and "sidecar:     monitor: running" in out.stdout
 
 

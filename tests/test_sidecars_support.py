@@ -17,11 +17,11 @@ from conftest import REPO, poll_until
 if str(REPO) not in sys.path:  # spawned sidecars inherit sys.path: make `sidecars` importable
     sys.path.insert(0, str(REPO))
 
-from sidecars.host import SidecarHost, stop_helper_processes  # noqa: E402
+from sidecars.host import SidecarKeeper, stop_helper_processes  # noqa: E402
 
 
 class LoopThread:
-    """An asyncio loop in a thread: the supervisor's loop, as far as a SidecarHost can tell."""
+    """An asyncio loop in a thread: the supervisor's loop, as far as a SidecarKeeper can tell."""
 
     def __init__(self):
         self.loop = asyncio.new_event_loop()
@@ -84,12 +84,12 @@ class Recorder:
 
 
 class Hosted:
-    """A SidecarHost on a LoopThread, with a Recorder; close() stops it (bounded)."""
+    """A SidecarKeeper on a LoopThread, with a Recorder; close() stops it (bounded)."""
 
     def __init__(self, name, target, args=(), **kw):
         self.lt = LoopThread()
         self.rec = Recorder()
-        self.host = self.lt.call(lambda: SidecarHost(name, target, args, on_message=self.rec,
+        self.host = self.lt.call(lambda: SidecarKeeper(name, target, args, on_message=self.rec,
                                                      loop=self.lt.loop, **kw))
         self.lt.call(self.host.start)
 

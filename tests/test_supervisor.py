@@ -12,102 +12,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 
-from conftest import marked_processes, poll_until
+from conftest import REPO, marked_processes, poll_until
+from harness import (FAST, FIXTURES, HAVE_WORKER, child_env, make_worker, output, popen_logged,  # noqa: F401
+                     run_cli, running_worker, start_supervisor, state, stop_supervisor, ws_uuid)
 from supervisor.cli import create_worker
-from supervisor.files import WorkerPaths
 from supervisor.process import RotatingLog, WorkerProcess
-
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures_supervisor"
-HAVE_WORKER = (REPO / "worker" / "__main__.py").exists()
-
-FAST = {"heartbeat_timeout": 1.5, "stop_grace": 1.0, "term_timeout": 1.0, "kill_timeout": 1.0,
-        "backoff_base": 0.05, "backoff_cap": 0.5, "start_timeout": 20.0, "eof_grace": 0.5}
-
-
-def make_worker(config_dir: Path, port: int, *, fake: bool = False, hb: float = 0.2, **sup) -> WorkerPaths:
-    opts = dict(FAST)
-    opts.update(sup)
-    if fake:
-        opts["worker_module"] = "fakeworker"
-    paths = create_worker(config_dir, name="t", host="127.0.0.1", port=port, no_venv=True, supervisor=opts)
-    cfg = paths.read_config()
-    cfg["heartbeat_interval"] = hb
-    paths.write_config(cfg)
-    return paths
-
-
-def start_supervisor(paths: WorkerPaths, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO), env.get("PYTHONPATH", "")])
-    out = open(tmp_path / f"supervisor-{time.monotonic_ns()}.out", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(paths.base), *extra, paths.name],
-                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    p.outfile = out.name  # type: ignore[attr-defined]
-    return p
-
-
-def output(p: subprocess.Popen) -> str:
-    return Path(p.outfile).read_text(errors="replace")  # type: ignore[attr-defined]
-
-
-def state(paths: WorkerPaths) -> dict:
-    return paths.read_state() or {}
-
-
-def running_worker(paths: WorkerPaths, not_pid: int | None = None):
-    st = state(paths)
-    w = st.get("worker")
-    if st.get("state") == "RUNNING" and w and w["pid"] != not_pid and paths.pidfile.exists():
-        return w["pid"]
-    return None
-
-
-def stop_supervisor(p: subprocess.Popen, timeout: float = 10.0) -> int:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-    try:
-        return p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(5)
-        raise AssertionError("supervisor did not stop on SIGTERM:\n" + output(p))
-
-
-async def _ws_uuid(port: int) -> str:
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(f"ws://127.0.0.1:{port}/", timeout=aiohttp.ClientWSTimeout(ws_close=2)) as ws:
-            await ws.send_str(json.dumps({"type": "cmd", "cmd": "uuid", "kwargs": {}, "id": "u1"}))
-            msg = await asyncio.wait_for(ws.receive(), 3)
-            return json.loads(msg.data)["result"]
-
-
-def ws_uuid(port: int) -> str | None:
-    try:
-        return asyncio.run(_ws_uuid(port))
-    except (OSError, aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError):
-        return None
-
-
-@pytest.fixture
-def sup_procs():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-
 
 # ---------------------------------------------------------------------- real worker
 @pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
@@ -217,6 +131,9 @@ def test_sigstop_is_detected_as_hung_and_replaced(config_dir, port, tmp_path, su
     assert stop_supervisor(sup) == 0
 
 
+STOP_EXIT_SLACK = 3.0  # the supervisor's own exit after the worker is gone (sidecars, files)
+
+
 def test_worker_ignoring_stop_and_sigterm_is_sigkilled_at_deadline(config_dir, port, tmp_path, sup_procs,
                                                                     monkeypatch):
     monkeypatch.setenv("FAKE_IGNORE_SIGTERM", "1")
@@ -228,7 +145,10 @@ def test_worker_ignoring_stop_and_sigterm_is_sigkilled_at_deadline(config_dir, p
     t0 = time.monotonic()
     assert stop_supervisor(sup) == 0
     took = time.monotonic() - t0
-    assert 1.2 <= took < 1.2 + 1.5, took
+    # Never early: SIGKILL only after stop_grace + term_timeout (1.2 s). Never unbounded: the
+    # staged stop's own worst case (stop_deadline, 2.2 s) plus the supervisor's exit, with room
+    # for a loaded machine (a wall-clock bound tighter than the config's was flaky under load).
+    assert 1.2 <= took < 0.5 + 0.7 + 1.0 + STOP_EXIT_SLACK, took
     assert not psutil.pid_exists(pid)
     log = paths.log_file().read_text()
     assert "stopped at stage sigkill" in log
@@ -252,9 +172,10 @@ def test_stop_escalation_stages_with_real_children(tmp_path):
     ignore = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
     obey = "import time; time.sleep(60)"
     stage, took, status = asyncio.run(run(ignore, 0.0, 0.5))
-    assert stage == "sigkill" and status.signal == signal.SIGKILL and 0.5 <= took < 1.5
+    # Bounds from the deadlines given (term 0.5 s, kill 2.0 s), never a guess at the machine's speed.
+    assert stage == "sigkill" and status.signal == signal.SIGKILL and 0.5 <= took < 0.5 + 2.0, took
     stage, took, status = asyncio.run(run(obey, 0.0, 2.0))
-    assert stage == "sigterm" and status.signal == signal.SIGTERM and took < 1.0
+    assert stage == "sigterm" and status.signal == signal.SIGTERM and took < 2.0, took
     assert "up" in (tmp_path / "w.log").read_text()
 
 
@@ -343,8 +264,7 @@ def test_sighup_restarts_with_reread_config_and_cli_controls(config_dir, port, t
     paths.write_config(cfg)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True, text=True,
-                              cwd=str(REPO), timeout=30)
+        return run_cli(None, *args, timeout=30)
 
     assert cli("restart", paths.name).returncode == 0
     pid2 = poll_until(lambda: running_worker(paths, not_pid=pid1), 15, what="restarted worker")
@@ -468,12 +388,8 @@ def test_sd_notify_ready_status_stopping(config_dir, port, tmp_path, sup_procs, 
 
 
 def test_demo_prints_its_url(config_dir, tmp_path, sup_procs, monkeypatch):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO)])
-    out = open(tmp_path / "demo.out", "wb")
-    p = subprocess.Popen([sys.executable, "-m", "supervisor", "demo", "--no-venv"],
-                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
-    p.outfile = out.name  # type: ignore[attr-defined]
+    p = popen_logged([sys.executable, "-m", "supervisor", "demo", "--no-venv"], tmp_path / "demo.out",
+                     env=child_env(FIXTURES, inherit_path=False))
     sup_procs.append(p)
     text = poll_until(lambda: "serving at ws://" in output(p) and output(p), 30, what="demo URL")
     url_port = int(text.split("serving at ws://127.0.0.1:")[1].split("/")[0])

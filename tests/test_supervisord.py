@@ -16,7 +16,7 @@ from conftest import marked_processes, poll_until
 from supervisor import units
 from supervisor.config import SupervisorConfig
 from supervisordenv import Supervisord
-from test_supervisor import HAVE_WORKER, REPO, make_worker, running_worker, state, ws_uuid
+from harness import HAVE_WORKER, REPO, make_worker, running_worker, state, ws_uuid
 
 pytestmark = pytest.mark.skipif(not HAVE_WORKER, reason="worker package not there yet")
 

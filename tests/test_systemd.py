@@ -24,8 +24,8 @@ from conftest import poll_until
 from supervisor import systemd, units
 from supervisor.config import SupervisorConfig
 from supervisor.systemd import Notifier, Probe, WatchdogPolicy
-from test_supervisor import (HAVE_WORKER, REPO, make_worker, output, running_worker, start_supervisor,  # noqa: F401, F811
-                             stop_supervisor, sup_procs, ws_uuid)
+from harness import (HAVE_WORKER, REPO, make_worker, output, running_worker, start_supervisor,  # noqa: F401
+                     stop_supervisor, ws_uuid)
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 

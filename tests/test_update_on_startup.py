@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, poll_until
+from conftest import poll_until
 from helpers import Client, run
 from supervisor import environment
 from supervisor.cli import create_worker
-from test_supervisor import FAST, output, running_worker, start_supervisor, stop_supervisor
+from harness import FAST, child_env, output, running_worker, start_supervisor, stop_supervisor
 
 MODULE = '''
 import funcnodes_core as fn
@@ -76,7 +76,7 @@ def site_version(venv: Path) -> str | None:
 
 def status_text(paths) -> str:
     r = subprocess.run([sys.executable, "-m", "supervisor", "--dir", str(paths.base), "status", paths.name],
-                       capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       capture_output=True, text=True, timeout=30, env=child_env(inherit_path=False))
     return r.stdout
 
 

@@ -32,7 +32,7 @@ from conftest import free_port, marked_processes, poll_until
 from funcnodesenv import funcnodes_python
 from helpers import Client, run
 from supervisor.cli import add_demo_nodes
-from test_supervisor import make_worker, output, running_worker, start_supervisor, state, stop_supervisor
+from harness import FIXTURES, child_env, make_worker, output, running_worker, start_supervisor, state, stop_supervisor
 
 
 @pytest.fixture(scope="session")
@@ -392,14 +392,11 @@ def test_cli_workermanager_starts_stops_and_restarts_workers_under_fn_supervise(
     """`fn-supervise workermanager`: the user-facing form of hook A."""
     from subprocess_monitor import helper
 
-    from test_supervisor import FIXTURES, REPO
-
     marker = no_leaked_processes
     wm_port, mon_port, b_port = free_port(), free_port(), free_port()
     write_fn_config(config_dir, 9)  # --port overrides it
     b = make_worker(config_dir, b_port)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO)])
+    env = child_env(FIXTURES, inherit_path=False)
     out = tmp_path / "workermanager.out"
     with open(out, "wb") as f:
         wm = subprocess.Popen([sys.executable, "-m", "supervisor", "--dir", str(config_dir), "workermanager",
@@ -469,10 +466,7 @@ def test_five_workers_created_at_once_on_one_port_all_start_on_distinct_ports(fn
     wm_port, mon_port = free_port(), free_port()
     start = free_port()
     write_fn_config(config_dir, 9)
-    env = dict(os.environ)
-    from test_supervisor import FIXTURES, REPO
-
-    env["PYTHONPATH"] = os.pathsep.join([str(FIXTURES), str(REPO)])
+    env = child_env(FIXTURES, inherit_path=False)
     env["FUNCNODES_WS_WORKER_STARTPORT"] = str(start)
     env["FUNCNODES_WS_WORKER_ENDPORT"] = str(start + 40)
     out = tmp_path / "workermanager.out"

@@ -26,13 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, parse_worker_name
 
     try:
-        quarantine.QUARANTINED.update(quarantine.parse_arg(args.quarantine))
+        quarantined = quarantine.parse_arg(args.quarantine)
         if args.listen_fd is not None:
             listener.adopt(args.listen_fd)
         uid = parse_worker_name(args.worker)
         from .runtime import WorkerRuntime
 
-        rt = WorkerRuntime(uid, base=args.dir, host=args.host, port=args.port, control_fd=args.control_fd, debug=args.debug)
+        rt = WorkerRuntime(uid, base=args.dir, host=args.host, port=args.port, control_fd=args.control_fd, debug=args.debug,
+                           quarantined=quarantined)
     except (ConfigError, ValueError, OSError) as e:
         print(f"fn-supervise worker: {e}", file=sys.stderr)
         return 3

@@ -68,8 +68,7 @@ class ControlChannel:
             for item in buf.feed(data):
                 if isinstance(item, channel.ChannelError):
                     continue  # a torn frame from a dying peer; nothing to act on
-                handler = HANDLERS.get(item["type"])
-                (handler or self._on_message)(item)
+                self._on_message(item)  # the runtime's one table, on the main loop
         if self._closed_by_us:
             return  # our own shutdown closed the channel: not the supervisor going away
         self.closed = True
@@ -90,5 +89,3 @@ class ControlChannel:
 
 # The channel of this process, for node code that declares itself busy (see worker.busy).
 CURRENT: ControlChannel | None = None
-# Frame types handled by a module of their own (called on the reader thread), e.g. quarantine.
-HANDLERS: dict[str, Callable[[dict], None]] = {}

@@ -7,14 +7,30 @@ supervisor does not take the silence for a hang.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 
 class Health:
     def __init__(self) -> None:
         self.seq = 0
         self.busy_until = 0.0  # monotonic
-        self.in_flight: dict[str, float] = {}  # node uuid -> start (monotonic)
+        self.in_flight: dict[str, float] = {}  # node uuid -> start (monotonic), in start order
         self.lag = 0.0
+        # Told at once when a node starts or ends (the nodes in start order): the supervisor
+        # learns which node is running before the next heartbeat (set by the runtime).
+        self.on_in_flight: Callable[[list[str]], None] | None = None
+
+    def started(self, nid: str) -> None:
+        self.in_flight[nid] = time.monotonic()
+        self._in_flight_changed()
+
+    def ended(self, nid: str) -> None:
+        if self.in_flight.pop(nid, None) is not None:
+            self._in_flight_changed()
+
+    def _in_flight_changed(self) -> None:
+        if self.on_in_flight is not None:
+            self.on_in_flight(list(self.in_flight))
 
     MAX_BUSY = 3600.0  # a declaration cannot switch hang detection off for good
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from . import codec, control, quarantine
+from . import codec, control
 from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
@@ -42,16 +42,25 @@ MUTATING = {
 
 EXIT_OK = 0
 EXIT_CONFIG = 3
+# Binary values in one frame by default, as the stock worker: the React UI's reassembly of
+# chunk=i/n frames (n > 1) keeps each frame's header in the data, so it would corrupt them.
+# 262144 keeps other clients' replies flowing (benchmarks/bench_binary_stream.py) for clients
+# that reassemble correctly.
+BINARY_CHUNK = 0
 
 
 class WorkerRuntime:
     def __init__(self, uuid: str, base: Path | None = None, host: str | None = None,
-                 port: int | None = None, control_fd: int | None = None, debug: bool = False):
+                 port: int | None = None, control_fd: int | None = None, debug: bool = False,
+                 quarantined: dict[str, str] | None = None):
         self.uuid = uuid
+        self.quarantined = dict(quarantined or {})  # --quarantine: safe mode's nodes (quarantine.py)
+        self.safe: Any = None  # quarantine.SafeMode, built with the graph
         self.base = base_dir(base)
         self.config = load_config(self.base, uuid)
         if debug:
             self.config["debug"] = True
+        _set_log_level(self.config)
         self.paths = WorkerPaths.make(self.base, uuid, self.config.get("data_path"))
         self.host = host or self.config.get("host") or "127.0.0.1"
         self.port = port if port is not None else self.config.get("port")
@@ -105,6 +114,7 @@ class WorkerRuntime:
                 on_eof=lambda: self.loop.call_soon_threadsafe(self.request_stop, "supervisor gone"),
             )
             control.CURRENT = self.channel
+            HEALTH.on_in_flight = self._in_flight_changed
             self.channel.start()
         else:
             self._claim_pidfile()
@@ -117,7 +127,8 @@ class WorkerRuntime:
             await self.listen()
             self.set_runstate("starting", "Loading funcnodes-core")
             self._load_core()
-            quarantine.install(self)  # safe mode: quarantined nodes never run (worker/quarantine.py)
+            if self.safe.nodes:
+                self.loop.call_soon(self.safe.announce)  # runs once the start yields to the loop
             self.set_runstate("starting", "Loading packages")
             self.graph.load_dependencies(self.config)
             from .localworkers import scan
@@ -132,6 +143,7 @@ class WorkerRuntime:
         self.saving_enabled = True
         self.store.open(self.loop)
         self.write_config()
+        self._sync_pyproject()
         self.ready = True
         self.server.set_core_ready()
         self._apply_early_control()
@@ -151,13 +163,34 @@ class WorkerRuntime:
         from .commands import Commands
         from .graph import Graph
         from .localworkers import LocalScripts
+        from .quarantine import SafeMode
         from .store import Store
 
-        self.graph = Graph(self._on_ns_event)
+        # safe mode: quarantined nodes are loaded but never run (worker/quarantine.py)
+        self.safe = SafeMode(self.quarantined, broadcast=self.broadcast, to_supervisor=self._to_supervisor,
+                             find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))
+        self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files), admit=self.safe.admit)
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.on_trouble = self._on_journal_trouble
+        self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
         self.commands = Commands(self.graph, self.store, self, self.local)
+        self.safe.register(self.commands)
+
+    def _find_node(self, nid: str) -> Any:
+        try:
+            return self.graph.nodespace.get_node_by_id(nid)
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _to_supervisor(self, msg: dict) -> None:
+        if self.channel is not None:
+            self.channel.send(msg)
+
+    def _in_flight_changed(self, nodes: list[str]) -> None:
+        """Health's callback: the nodes running now, at once (the newest is the one to blame)."""
+        self._to_supervisor({"type": "in_flight", "node": nodes[-1] if nodes else None, "nodes": nodes})
 
     @property
     def nodespace(self) -> Any:
@@ -252,11 +285,29 @@ class WorkerRuntime:
                 self._early_control.append(msg)
                 return
             self.commands.on_local_scripts(msg.get("changes") or [], bool(msg.get("initial")))
+        elif t == "memory":  # the supervisor's memory_max watch (supervisor/memory.py)
+            self.metrics.memory(msg)
+            if msg.get("level") == "warn":
+                self.broadcast(codec.workerevent("memory_warning", rss=msg.get("rss"), limit=msg.get("limit")))
+        elif t == "quarantine":  # `fn-supervise lift` lifted a node (the supervisor's list now)
+            if self.safe is not None:
+                self.safe.apply(msg)
         elif t == "monitor":
             self.config["subprocess_monitor"] = {"host": msg.get("host"), "port": msg.get("port")}
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+            if self.saving_enabled:  # a tool reading worker_<uuid>.json must find this run's monitor
+                self.write_config()
+
+    def _on_journal_trouble(self, why: str | None) -> None:
+        """The journal stopped (or resumed) taking edits: tell the clients and the supervisor."""
+        if self.channel is not None:
+            self.channel.send({"type": "journal", **self.journal_health()})
+        if why is not None:
+            self.set_progress(f"Edits are refused: {why}", "error", 0.0, False)
+        else:
+            self.set_progress("Edits are accepted again", "info", 1.0, False)
 
     def _apply_early_control(self) -> None:
         early, self._early_control = self._early_control, []
@@ -367,8 +418,14 @@ class WorkerRuntime:
                 payload, mime = res.data, res.mime
             else:
                 payload, mime = codec.encode_bytes(res, preview=False)
-            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
+            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.binary_chunk())
         return codec.dumps(codec.result(res, msg_id))
+
+    def binary_chunk(self) -> int:
+        """Frame size of binary values (`binary_chunk_size`; 0, the default: one frame, as stock)."""
+        size = self.config.get("binary_chunk_size", BINARY_CHUNK)
+        size = int(size) if isinstance(size, int) and size >= 0 else BINARY_CHUNK
+        return min(size, self.server.max_data) if size else self.server.max_data
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
         self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
@@ -405,7 +462,7 @@ class WorkerRuntime:
             log.exception("cannot encode value of %s/%s", nid, ioid)
             return
         frames = codec.binary_frames(
-            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.server.max_data
+            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk()
         )
         self.server.post_frames(frames)
 
@@ -418,10 +475,10 @@ class WorkerRuntime:
         task = getattr(node, "_trigger_task", None)
         if task is None or nid in HEALTH.in_flight:
             return
-        HEALTH.in_flight[nid] = time.monotonic()
+        HEALTH.started(nid)
 
         def done(_t, node=node, nid=nid):
-            HEALTH.in_flight.pop(nid, None)
+            HEALTH.ended(nid)
             # Only this node's readiness changed (a node's readiness is its own inputs and its
             # own run); a trigger requested while it ran starts now.
             self.loop.call_soon(self._trigger_if_requested, node)
@@ -461,6 +518,15 @@ class WorkerRuntime:
         self.config["pid"] = os.getpid()
         return self.store.write_config()
 
+    def _sync_pyproject(self) -> None:
+        # In step with the config even after a hand edit or `fn-supervise new --dep`.
+        from .pyproject import sync
+
+        try:
+            sync(self.paths.data, f"worker-{self.uuid}", self.config.get("package_dependencies") or {})
+        except OSError as e:
+            log.error("cannot write %s/pyproject.toml: %s", self.paths.data, e)
+
     def load_nodespace(self) -> None:
         """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
         from .effects import OPS
@@ -479,10 +545,25 @@ class WorkerRuntime:
         io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
         return codec.encode_bytes(io.value, preview=False)
 
+    def journal_health(self) -> dict:
+        store = self.store
+        why = getattr(store, "trouble", None)
+        return {"writable": why is None, "reason": why, "since": getattr(store, "trouble_since", None)}
+
     def files_changed(self) -> None:
-        if self.nodespace is not None:
-            self.nodespace.set_secret_property("files_dir", str(self.paths.files))
+        if self.graph is not None:
+            self.graph.pin_files_dir()  # set from the first load on; kept here for a graph swapped in
     # endregion
+
+
+def _set_log_level(config: dict) -> None:
+    """`supervisor.log_level` of the config: what this worker writes to its log (INFO by default)."""
+    sup = config.get("supervisor")
+    level = str((sup.get("log_level") if isinstance(sup, dict) else None) or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        log.warning("unknown log_level %r (expected DEBUG, INFO, WARNING or ERROR); using INFO", level)
+        level = "INFO"
+    logging.getLogger().setLevel(level)
 
 
 def _is_our_worker(pid: int, uuid: str) -> bool:

@@ -12,7 +12,7 @@ waits for it, as every connection of the stock worker does.
 
 Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
 check, CORS granted only to loopback origins and an allow-list, bounded upload and message
-stores, and error replies that go to the sender only. TLS: set ssl_context before start();
+stores, and error replies that go to the sender only. TLS (worker/tls.py): one ssl_context;
 both loops serve with it.
 """
 
@@ -38,6 +38,8 @@ from aiohttp import WSMsgType, web
 from . import codec, wakeup
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
+from .peers import PeerGate, enabled_by
+from .tls import server_context
 
 
 log = logging.getLogger("fn_supervise.worker.server")
@@ -73,6 +75,8 @@ class Backend(Protocol):
     async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]: ...  # full value, mime
 
     def files_changed(self) -> None: ...  # after an upload
+
+    def journal_health(self) -> dict: ...  # /healthz: can edits be written (a full disk)?
 
 
 class ProtocolError(Exception):
@@ -112,10 +116,11 @@ class Client:
         # keeps the compressor state) or something is queued or being sent before them.
         self.direct = transport is not None and not ws.compress
 
-    def put(self, item: str | bytes | None) -> None:
+    def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
             return
-        if (item is not None and self.direct and not self.sending and self.queue.empty()
+        # A list is the chunks of one binary value: through the queue, so other writes interleave.
+        if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
                 and not self.ws.closed and not self.transport.is_closing()
                 and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
             self.transport.write(ws_frame(item))
@@ -160,6 +165,9 @@ class Client:
                 async with asyncio.timeout(SEND_TIMEOUT):  # no Task per message, unlike wait_for
                     if isinstance(item, bytes):
                         await self.ws.send_bytes(item)
+                    elif isinstance(item, list):  # the chunks of one binary value: other clients'
+                        for frame in item:        # writes run between them (each send awaits drain)
+                            await self.ws.send_bytes(frame)
                     else:
                         await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
@@ -250,12 +258,14 @@ class WorkerServer:
         self.port = 0
         self.max_msg = max_message_size()
         self.max_data = max_data_size()
+        self.scheme = "http"
+        self.peers = PeerGate(enabled_by(backend.config.get("peer_uid_check")))
 
     # region setup
     def make_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_data,
-            middlewares=[self.cors_middleware, self.auth_middleware],
+            middlewares=[self.peer_middleware, self.cors_middleware, self.auth_middleware],
         )
         r = app.router
         r.add_get("/", self.handle_ws)
@@ -278,6 +288,8 @@ class WorkerServer:
             self.io = IOThread()
             self._outbox = wakeup.Mailbox(self.io.loop, self._on_outgoing)
             self._inbox = wakeup.Mailbox(self.backend.loop, self._on_command)
+        self.ssl_context = server_context(self.backend.config)  # TLS (worker/tls.py): wss:// and https://
+        self.scheme = "https" if self.ssl_context is not None else "http"
         sock = self._bind(host, port)
         try:
             self.host, self.port = host, sock.getsockname()[1]  # the real port when 0 was asked for
@@ -482,10 +494,25 @@ class WorkerServer:
         return resp
 
     @web.middleware
-    async def auth_middleware(self, request: web.Request, handler):
-        if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+    async def peer_middleware(self, request: web.Request, handler):
+        """Another local user is refused before anything else (WebSocket handshake included)."""
+        path = request.path
+        if request.method == "OPTIONS" or self.open_route(request):
+            path = "/healthz"  # as open to every local user as to every remote one
+        verdict = self.peers.check(request.transport, path, bool(self.token()) and self.authorized(request))
+        if not verdict.allowed:
+            return web.Response(status=403, text=verdict.reason + "\n")
+        return await handler(request)
+
+    def open_route(self, request: web.Request) -> bool:
+        """Served without the token: probes, public metrics, large-message fetches."""
+        return (request.path in ("/healthz", "/readyz")
                 or (request.path == "/metrics" and self.backend.metrics.public)
-                or (request.method == "GET" and request.path.startswith("/message/"))):
+                or (request.method == "GET" and request.path.startswith("/message/")))
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler):
+        if request.method == "OPTIONS" or self.open_route(request):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
             return await handler(request)
@@ -523,7 +550,11 @@ class WorkerServer:
         # with an error; only beyond that does aiohttp close with 1009.
         read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
         ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError as e:  # the client hung up mid-handshake: its doing, not ours
+            log.debug("client %s hung up during the WebSocket handshake (%s)", request.remote, e)
+            raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
         client = Client(ws, request.transport, main=self._on_main())
         client.writer = asyncio.ensure_future(client.write_loop())
         self.clients[client.id] = client
@@ -622,8 +653,7 @@ class WorkerServer:
     def deliver(self, client: Client | None, out: str | list, msg_id: Any) -> str | dict:
         if isinstance(out, list):  # binary result frames
             if client is not None:
-                for frame in out:
-                    client.put(frame)
+                client.put(out)  # one queue item, however many chunks
             return {"type": "result", "id": msg_id, "binary": True}
         if client is None:
             self.broadcast_text(out)
@@ -640,7 +670,7 @@ class WorkerServer:
             msg_id = str(uuid.uuid4())
             self.store_large(msg_id, text, fetches)
             return json.dumps(
-                {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
+                {"type": "large_message", "url": f"{self.scheme}://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
             )
         return text
 
@@ -677,11 +707,7 @@ class WorkerServer:
         for c in list(self.clients.values()):
             if c.main == main:
                 n += 1
-                if isinstance(item, list):
-                    for f in item:
-                        c.put(f)
-                else:
-                    c.put(item)
+                c.put(item)  # a list is the chunks of one binary value: one queue item
         return n
 
     def set_core_ready(self) -> None:
@@ -834,7 +860,9 @@ class WorkerServer:
 
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
+        journal = self.backend.journal_health()
+        return web.json_response({"status": "ok" if journal["writable"] else "degraded", "uuid": self.backend.uuid,
+                                  "clients": len(self.clients), "journal": journal,
                                   "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
