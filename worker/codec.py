@@ -26,8 +26,16 @@ def _core():
     return _fn
 
 
+_encoder = None
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, cls=_core().JSONEncoder)
+    # One encoder instance, not one per message as json.dumps(cls=...) makes: the same defaults,
+    # and encode() keeps no state between calls (safe from both threads).
+    global _encoder
+    if _encoder is None:
+        _encoder = _core().JSONEncoder()
+    return _encoder.encode(obj)
 
 
 def loads(text: str | bytes) -> Any:

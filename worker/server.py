@@ -1,18 +1,19 @@
 """The worker's aiohttp server: one port for the WebSocket protocol and the HTTP endpoints.
 
-It runs on its own thread and event loop ("fn-io"); the NodeSpace and every command run on the
-main loop. So a node that blocks the main loop cannot starve the network: pings, `uuid` (the
-Workermanager's liveness probe) and `heartbeat` are still answered, and events queue up.
-Everything that touches the NodeSpace is marshalled to the main loop and encoded there.
-
-The hops are Redis-style (one command thread, an I/O thread for sockets): commands go to the
-main loop through one inbox and replies and events come back through one outbox, each side woken
-once per burst, not once per message; a command that needs no wait runs to its reply without a
-Task or a Future; a frame goes straight to the socket when nothing is queued before it.
+An I/O thread ("fn-io", its own loop) accepts every connection and hands it to the main loop,
+which also runs the NodeSpace and every command, and serves it with no thread hop on the edit
+path, as the stock worker does (Redis keeps one command thread too). While the main loop is
+loading the graph or has been held by one turn (a node blocking it) for STALL_AFTER, the I/O
+thread keeps new connections and serves them for their lifetime, so the Workermanager's `uuid`
+probe, pings and `heartbeat` are answered while a node blocks; commands of those connections
+reach the main loop through one inbox, their replies and events come back through one outbox,
+each woken once per burst at most (worker/wakeup.py). A connection the main loop already serves
+waits for it, as every connection of the stock worker does.
 
 Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
 check, CORS granted only to loopback origins and an allow-list, bounded upload and message
-stores, and error replies that go to the sender only.
+stores, and error replies that go to the sender only. TLS (worker/tls.py): one ssl_context;
+both loops serve with it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import struct
 import threading
 import uuid
@@ -63,6 +65,8 @@ class Backend(Protocol):
 
     def fast(self, cmd: str, kwargs: dict) -> Any: ...  # I/O thread: uuid, name, get_runstate, heartbeat
 
+    def nodes_running(self) -> bool: ...  # any thread: node code runs on the main loop now
+
     # The reply (text, or binary frames), or a coroutine that finishes the command.
     def dispatch(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> Any: ...
 
@@ -97,12 +101,14 @@ def is_loopback_origin(origin: str) -> bool:
 class Client:
     """One WebSocket connection with its own outbound queue, so a slow client stalls only itself."""
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None = None):
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None = None,
+                 main: bool = False):
         self.ws = ws
+        self.main = main  # served by the main loop (else by the I/O thread, for its lifetime)
         self.transport = transport
         self.id = uuid.uuid4().hex
         self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
-        self.in_flight = 0  # commands sent to the main loop, not yet answered (I/O thread)
+        self.in_flight = 0  # commands not yet answered (counted on the client's own loop)
         self.closing = False
         self.sending = False  # the write loop holds an item it has not finished sending
         self.writer: asyncio.Task | None = None
@@ -173,6 +179,16 @@ class Client:
                 self.sending = False
 
 
+# The main loop counts as stalled after a turn this long: new connections stay on the I/O thread.
+STALL_AFTER = 0.2
+WATCH_EVERY = 0.05  # how often the I/O thread looks for sockets handed over just before a stall
+
+
+def _log_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("a connection accepted on the I/O thread failed: %s", fut.exception())
+
+
 # Written directly while the transport holds less than this; beyond, the write loop and its
 # SEND_TIMEOUT take over (a slow client is still let go, never buffered without end).
 DIRECT_WRITE_MAX = 64 << 10
@@ -231,7 +247,13 @@ class WorkerServer:
         self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
         self.large_bytes = 0
         self.large_ttl = float(os.environ.get("FN_SUPERVISE_LARGE_MESSAGE_TTL") or LARGE_MESSAGE_TTL)
-        self.runner: web.AppRunner | None = None
+        self.runner: web.AppRunner | None = None  # the I/O thread's
+        self.main_runner: web.AppRunner | None = None
+        self.ssl_context: Any = None  # an ssl.SSLContext to serve TLS on both loops
+        self._accept_sock: socket.socket | None = None  # the listener; the I/O thread accepts
+        self._handoff: wakeup.Mailbox | None = None  # I/O thread -> main loop: accepted sockets
+        self._watch_timer: asyncio.TimerHandle | None = None
+        self._large_lock = threading.RLock()  # both loops stage and fetch large messages
         self.host = ""
         self.port = 0
         self.max_msg = max_message_size()
@@ -260,50 +282,154 @@ class WorkerServer:
         return app
 
     async def start(self, host: str, port: int | None) -> tuple[str, int]:
+        """Bind (or take the supervisor's held socket); the I/O thread answers on it at once, the
+        main loop once the graph is loaded (set_core_ready). Runs on the main loop."""
         if self.io is None:
             self.io = IOThread()
             self._outbox = wakeup.Mailbox(self.io.loop, self._on_outgoing)
             self._inbox = wakeup.Mailbox(self.backend.loop, self._on_command)
-        return await self.io.call(self._start(host, port))
+        self.ssl_context = server_context(self.backend.config)  # TLS (worker/tls.py): wss:// and https://
+        self.scheme = "https" if self.ssl_context is not None else "http"
+        sock = self._bind(host, port)
+        try:
+            self.host, self.port = host, sock.getsockname()[1]  # the real port when 0 was asked for
+            if self.main_runner is None:
+                self.main_runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
+                                                 shutdown_timeout=1.0)
+                await self.main_runner.setup()
+                self._handoff = wakeup.Mailbox(self.backend.loop, self._serve_on_main)
+            await self.io.call(self._start_io(sock))
+        except BaseException:
+            sock.close()
+            raise
+        return self.host, self.port
 
-    async def _start(self, host: str, port: int | None) -> tuple[str, int]:
-        if self.core_ready is None:
-            self.core_ready = asyncio.Event()
-        ctx = server_context(self.backend.config)  # TLS (worker/tls.py): wss:// and https:// on this port
-        self.scheme = "https" if ctx is not None else "http"
-        app = self.make_app()
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self.runner.setup()
+    @staticmethod
+    def _bind(host: str, port: int | None) -> socket.socket:
         from . import listener  # the supervisor's held socket, if it handed us one
 
         held = listener.take()
-        site = (web.SockSite(self.runner, held, ssl_context=ctx) if held is not None
-                else web.TCPSite(self.runner, host, port or 0, reuse_address=True, ssl_context=ctx))
+        if held is not None:
+            held.setblocking(False)
+            return held
+        family, _, _, _, addr = socket.getaddrinfo(host or None, port or 0, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            await site.start()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
         except BaseException:
-            await self.runner.cleanup()
-            self.runner = None
+            sock.close()
             raise
-        sock = site._server.sockets[0]  # the real port when 0 was asked for
-        self.host, self.port = host, sock.getsockname()[1]
-        return self.host, self.port
+        return sock
+
+    async def _start_io(self, sock: socket.socket) -> None:
+        if self.core_ready is None:
+            self.core_ready = asyncio.Event()
+        self.runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self.runner.setup()
+        self._accept_sock = sock
+        self.io.loop.add_reader(sock.fileno(), self._accept_on_io)
+        self._watch()
+
+    # region the watchdog: which loop serves a new connection
+    # The I/O thread accepts every connection and hands it, before a byte is read, to the main
+    # loop, which then serves it with no thread hop (stock's shape and speed). While the graph
+    # loads, node code runs or the loop is held (_main_takes_new), the I/O thread keeps the
+    # connection and serves it for its lifetime:
+    # `uuid`, ping and heartbeat at once, commands through the inbox once the loop is free. A
+    # connection handed over just before the loop stalled (STALL_AFTER) is taken back while the
+    # main loop has not picked it up yet (_watch). A connection the main loop already serves
+    # waits for it, as every connection of the stock worker does.
+    def _main_stalled(self) -> bool:
+        busy = wakeup.busy_for(self.backend.loop)
+        return not self._commands_open or busy is None or busy > STALL_AFTER
+
+    def _watch(self) -> None:
+        if self._handoff is not None and self._handoff.items and self._main_stalled():
+            while True:
+                try:
+                    conn = self._handoff.items.popleft()  # atomic: the main loop gets it or we do
+                except IndexError:
+                    break
+                self._serve_on_io(conn)
+        self._watch_timer = self.io.loop.call_later(WATCH_EVERY, self._watch)
+
+    def _accept_on_io(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = self._accept_sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and the like: retried on the next readiness
+                log.warning("accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            if self._main_takes_new():
+                self._handoff.put(conn)
+            else:
+                self._serve_on_io(conn)
+
+    def _main_takes_new(self) -> bool:
+        """Whether a new connection goes to the main loop: not while it loads the graph or is
+        held (STALL_AFTER), and not while node code runs on it, which may hold it for seconds
+        (a probe right after a triggerstart must still be answered)."""
+        return not self._main_stalled() and not self.backend.nodes_running()
+
+    def _serve_on_io(self, conn: socket.socket) -> None:
+        self._serve(self.io.loop, self.runner, conn)
+
+    def _serve_on_main(self, conn: socket.socket) -> None:
+        if self.backend.nodes_running():  # started since the hand-over: back, nothing was read
+            self.io.loop.call_soon_threadsafe(self._serve_on_io, conn)
+            return
+        self._serve(self.backend.loop, self.main_runner, conn)
+
+    def _serve(self, loop: asyncio.AbstractEventLoop, runner: web.AppRunner | None, conn: socket.socket) -> None:
+        if runner is None:  # closing
+            conn.close()
+            return
+        fut = asyncio.ensure_future(loop.connect_accepted_socket(runner.server, conn, ssl=self.ssl_context),
+                                    loop=loop)
+        fut.add_done_callback(_log_failure)
+    # endregion
 
     async def close(self, timeout: float = 2.0) -> None:
+        """On the main loop: its connections, then the I/O thread's, each closed by its own loop."""
         if self.io is None:
             return
         try:
-            await asyncio.wait_for(self.io.call(self._close(timeout)), timeout + 2.0)
+            await asyncio.wait_for(self.io.call(self._stop_accepting()), 2.0)
+        except (asyncio.TimeoutError, Exception):
+            log.warning("server did not stop accepting cleanly")
+        try:
+            await asyncio.wait_for(self._close(timeout, main=True), timeout + 2.0)
+        except (asyncio.TimeoutError, Exception):
+            log.warning("server did not close cleanly")
+        try:
+            await asyncio.wait_for(self.io.call(self._close(timeout, main=False)), timeout + 2.0)
         except (asyncio.TimeoutError, Exception):
             log.warning("server did not close cleanly")
         self.io.stop()
         self.io = None
-        for box in (self._inbox, self._outbox):
+        for box in (self._inbox, self._outbox, self._handoff):
             if box is not None:
                 box.close()
+        while self._handoff is not None and self._handoff.items:
+            self._handoff.items.popleft().close()
 
-    async def _close(self, timeout: float) -> None:
-        clients = list(self.clients.values())
+    async def _stop_accepting(self) -> None:
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+        if self._accept_sock is not None:
+            self.io.loop.remove_reader(self._accept_sock.fileno())
+            self._accept_sock.close()
+            self._accept_sock = None
+
+    async def _close(self, timeout: float, main: bool) -> None:
+        clients = [c for c in list(self.clients.values()) if c.main == main]
         for c in clients:
             c.put(None)
         async def close_one(c: Client):
@@ -317,6 +443,11 @@ class WorkerServer:
                 await closing
         if clients:
             await asyncio.wait([asyncio.ensure_future(close_one(c)) for c in clients], timeout=timeout)
+        if main:
+            if self.main_runner is not None:
+                await self.main_runner.cleanup()
+                self.main_runner = None
+            return
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -424,7 +555,7 @@ class WorkerServer:
         except ConnectionResetError as e:  # the client hung up mid-handshake: its doing, not ours
             log.debug("client %s hung up during the WebSocket handshake (%s)", request.remote, e)
             raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
-        client = Client(ws, request.transport)
+        client = Client(ws, request.transport, main=self._on_main())
         client.writer = asyncio.ensure_future(client.write_loop())
         self.clients[client.id] = client
         try:
@@ -494,17 +625,30 @@ class WorkerServer:
                 self.reply(client, err)
                 return err
             client.in_flight += 1
-            self._inbox.put((client, cmd, kwargs, msg_id, as_bytes))
+            if client.main:
+                self._on_command((client, cmd, kwargs, msg_id, as_bytes))
+            else:
+                self._inbox.put((client, cmd, kwargs, msg_id, as_bytes))
             return None
         return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
     async def run_cmd(self, client: Client | None, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> dict:
-        await self.core_ready.wait()  # commands wait while the graph loads; pings do not
         # shield: a client that disconnects must not cancel a command half-way on the main loop
-        out = await asyncio.shield(asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(self.backend.execute(cmd, kwargs, msg_id, as_bytes), self.backend.loop)
-        ))
+        out = await asyncio.shield(self._on_main_loop(self.backend.execute(cmd, kwargs, msg_id, as_bytes)))
         return self.deliver(client, out, msg_id)
+
+    def _on_main(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.backend.loop
+        except RuntimeError:
+            return False
+
+    async def _on_main_loop(self, coro):
+        """Await coro on the main loop, from either loop; on the I/O thread, after the graph loaded."""
+        if self._on_main():
+            return await coro
+        await self.core_ready.wait()  # commands wait while the graph loads; pings do not
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.backend.loop))
 
     def deliver(self, client: Client | None, out: str | list, msg_id: Any) -> str | dict:
         if isinstance(out, list):  # binary result frames
@@ -546,15 +690,25 @@ class WorkerServer:
         self.broadcast_text(codec.dumps(msg))
 
     def broadcast_text(self, text: str) -> None:
+        """To every client, from either loop: each loop writes to its own clients only."""
         if not self.clients:
             return
         text = self._stub_if_large(text, fetches=len(self.clients))
-        for c in list(self.clients.values()):
-            c.put(text)
+        main = self._on_main()
+        if self._put_all(text, main) < len(self.clients):
+            if main:
+                self._post(text)
+            else:
+                self.backend.loop.call_soon_threadsafe(self._put_all, text, True)
 
-    def broadcast_frames(self, frames: list[bytes]) -> None:
+    def _put_all(self, item: str | list[bytes], main: bool) -> int:
+        """item (text, or binary frames) to the clients of one loop; returns how many."""
+        n = 0
         for c in list(self.clients.values()):
-            c.put(frames)
+            if c.main == main:
+                n += 1
+                c.put(item)  # a list is the chunks of one binary value: one queue item
+        return n
 
     def set_core_ready(self) -> None:
         """Called on the main loop once the graph is loaded: commands held until now run."""
@@ -566,6 +720,14 @@ class WorkerServer:
             self.io.loop.call_soon_threadsafe(self.core_ready.set)
 
     # region main loop side of the command hop
+    def _answer(self, client: Client, out: str | list, msg_id: Any) -> None:
+        if not client.main:  # the I/O thread writes it, in order with the events before it
+            self._post(("reply", client, out, msg_id))
+            return
+        client.in_flight -= 1
+        if client.id in self.clients:
+            self.deliver(client, out, msg_id)
+
     def _on_command(self, item: tuple) -> None:
         if not self._commands_open:
             self._held.append(item)  # the graph is loading; set_core_ready runs them
@@ -580,7 +742,7 @@ class WorkerServer:
         client, cmd, kwargs, msg_id, as_bytes = item
         out = self.backend.dispatch(cmd, kwargs, msg_id, as_bytes)
         if not inspect.iscoroutine(out):
-            self._post(("reply", client, out, msg_id))
+            self._answer(client, out, msg_id)
             return
         # It waits (an async verb, a group fdatasync): the client's next commands queue behind
         # it, other clients' do not. A client that goes away does not cancel it.
@@ -594,7 +756,7 @@ class WorkerServer:
             out = json.dumps(codec.error("the command was cancelled", [], msg_id))
         else:
             out = task.result()  # dispatch's coroutine turns every error into an error reply
-        self._post(("reply", client, out, msg_id))
+        self._answer(client, out, msg_id)
         waiting = self._busy.pop(client)
         while waiting and client not in self._busy:
             self._run_command(waiting.popleft())
@@ -607,10 +769,12 @@ class WorkerServer:
     def post_broadcast(self, msg: dict) -> None:
         if self.io is None or not self.clients:
             return
-        self._post(codec.dumps(msg))
+        text = self._stub_if_large(codec.dumps(msg), fetches=len(self.clients))
+        if self._put_all(text, True) < len(self.clients):
+            self._post(text)
 
     def post_frames(self, frames: list[bytes]) -> None:
-        if self.io is not None and self.clients:
+        if self.io is not None and self.clients and self._put_all(frames, True) < len(self.clients):
             self._post(frames)
 
     def _post(self, item: str | list[bytes] | tuple) -> None:
@@ -623,10 +787,8 @@ class WorkerServer:
             client.in_flight -= 1
             if client.id in self.clients:
                 self.deliver(client, out, msg_id)
-        elif isinstance(item, list):
-            self.broadcast_frames(item)
-        else:
-            self.broadcast_text(item)
+        else:  # text already staged if large, or binary frames: for the I/O thread's clients
+            self._put_all(item, False)
     # endregion
 
     # region large messages
@@ -635,25 +797,33 @@ class WorkerServer:
     # a staged 20 MB value stayed until some other request swept the store).
     def store_large(self, msg_id: str, text: str, fetches: int = 1) -> None:
         size = len(text)
-        while self.large and self.large_bytes + size > LARGE_STORE_MAX_BYTES:
-            self._drop_large(next(iter(self.large)))
-        loop = self.io.loop if self.io is not None else asyncio.get_running_loop()
-        timer = loop.call_later(self.large_ttl, self._drop_large, msg_id)
-        self.large[msg_id] = [text, max(1, fetches), timer]
-        self.large_bytes += size
+        loop = asyncio.get_running_loop()  # either loop; its timer drops the entry
+        with self._large_lock:
+            while self.large and self.large_bytes + size > LARGE_STORE_MAX_BYTES:
+                self._drop_large(next(iter(self.large)))
+            timer = loop.call_later(self.large_ttl, self._drop_large, msg_id)
+            self.large[msg_id] = [text, max(1, fetches), timer, loop]
+            self.large_bytes += size
 
     def _drop_large(self, msg_id: str) -> None:
-        item = self.large.pop(msg_id, None)
+        with self._large_lock:
+            item = self.large.pop(msg_id, None)
+            if item is not None:
+                self.large_bytes -= len(item[0])
         if item is not None:
-            item[2].cancel()
-            self.large_bytes -= len(item[0])
+            if item[3] is asyncio.get_running_loop():
+                item[2].cancel()
+            else:
+                item[3].call_soon_threadsafe(item[2].cancel)
 
     async def handle_get_message(self, request: web.Request) -> web.Response:
         msg_id = request.match_info["msg_id"]
-        item = self.large.get(msg_id)
+        with self._large_lock:
+            item = self.large.get(msg_id)
+            if item is not None:
+                item[1] -= 1
         if item is None:
             return web.Response(status=404, text="Message not found")
-        item[1] -= 1
         if item[1] <= 0:
             self._drop_large(msg_id)
         return web.Response(text=item[0], content_type="application/json")
@@ -705,10 +875,9 @@ class WorkerServer:
         return web.json_response({"status": "starting", "uuid": self.backend.uuid}, status=503)
 
     async def handle_io_value(self, request: web.Request) -> web.Response:
-        await self.core_ready.wait()
         value = self.backend.io_value(request.match_info["nid"], request.match_info["ioid"])
         try:
-            payload, mime = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(value, self.backend.loop))
+            payload, mime = await self._on_main_loop(value)
         except Exception as e:
             return web.json_response({"error": str(e)}, status=404)
         return web.Response(body=payload, content_type=mime.split(";")[0] if mime else "application/octet-stream")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import selectors
+import time
 import weakref
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
     def __init__(self) -> None:
         super().__init__()
         self.asleep = False
+        self.turn_started = 0.0  # monotonic time the loop last woke: a stall is a long turn
         self.mailboxes: list[Mailbox] = []
 
     def select(self, timeout: float | None = None):
@@ -32,6 +34,7 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
                 timeout = 0
             return super().select(timeout)
         finally:
+            self.turn_started = time.monotonic()
             self.asleep = False
             for m in self.mailboxes:
                 if m.items and not m.scheduled:
@@ -44,6 +47,15 @@ def new_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.SelectorEventLoop(sel)
     _SELECTORS[loop] = sel
     return loop
+
+
+def busy_for(loop: asyncio.AbstractEventLoop) -> float | None:
+    """Seconds the loop has been running its current turn (0 while it sleeps in select), from
+    any thread; None for a loop not made by new_loop (its stalls cannot be seen)."""
+    sel = _SELECTORS.get(loop)
+    if sel is None:
+        return None
+    return 0.0 if sel.asleep else max(0.0, time.monotonic() - sel.turn_started)
 
 
 class Mailbox:
