@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from fnclient import FNClient, wait_for_pong  # noqa: E402
-from stockenv import LAUNCHER, stock_python, write_stock_config  # noqa: E402
+from stockenv import stock_launch  # noqa: E402
 
 UUID = "benchjournal"
 
@@ -46,17 +46,14 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, kind: str, durability: str | None = None):
+    def __init__(self, kind: str, durability: str | None = None, supervised: bool = False):
         self.kind = kind
         self.base = Path(tempfile.mkdtemp(prefix=f"fnbench-journal-{kind}-"))
         self.port = free_port()
         env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(self.base))
         env.pop("VIRTUAL_ENV", None)
         if kind == "stock":
-            write_stock_config(self.base, UUID, self.port)
-            env.update({"FUNCNODES_HOST": "127.0.0.1", "FUNCNODES_WS_WORKER_STARTPORT": str(self.port),
-                        "FUNCNODES_WS_WORKER_ENDPORT": str(self.port), "PYTHONPATH": str(REPO / "examples")})
-            argv, cwd = [stock_python(), "-c", LAUNCHER, UUID, str(self.port)], self.base
+            argv, cwd = stock_launch(self.base, UUID, self.port, env)
         else:
             d = self.base / "workers"
             d.mkdir(parents=True)
@@ -64,7 +61,10 @@ class Proc:
                 "uuid": UUID, "type": "WSWorker", "host": "127.0.0.1", "port": self.port, "durability": durability,
                 "package_dependencies": {"demo_nodes": {"package": "demo_nodes", "path": str(REPO / "examples" / "demo_nodes.py")}}}))
             env["PYTHONPATH"] = str(REPO)
-            argv, cwd = [sys.executable, "-m", "worker", f"worker_{UUID}", "--dir", str(self.base)], REPO
+            # supervised: as `fn-supervise worker_<uuid>` runs it (the worker is the supervisor's child)
+            argv = ([sys.executable, "-m", "supervisor", "--dir", str(self.base), f"worker_{UUID}"] if supervised
+                    else [sys.executable, "-m", "worker", f"worker_{UUID}", "--dir", str(self.base)])
+            cwd = REPO
         self.data = self.base / "workers" / f"worker_{UUID}"
         self.log = open(self.base / "worker.log", "ab")
         self.proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=self.log, stderr=subprocess.STDOUT)

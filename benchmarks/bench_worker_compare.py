@@ -17,6 +17,9 @@ of ../shared/bench/bench_worker.py (imported from there), on the demo nodes:
 - full_state with those 200 nodes
 - a 5 MB message: POST /message/ -> large_message stub -> GET
 - idle RSS (library loaded, no graph) and after the graph
+- a pending trigger: request_trigger on a node whose input is missing, then set_default_value
+  on it (no event makes it ready): time from that RPC to the node's triggerstart event
+  (issue 16, defect 5; stock's NodeSpaceLoop polls for these, ours starts them from the edit)
 
 and prints a table with both figures, the ratio ours/stock and the targets of issue 2.
 """
@@ -55,17 +58,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_our_config(base: Path, port: int) -> None:
+def write_our_config(base: Path, port: int, **extra) -> None:
     d = base / "workers"
     d.mkdir(parents=True, exist_ok=True)
     cfg = {"uuid": UUID, "type": "WSWorker", "name": UUID, "host": "127.0.0.1", "port": port,
            "package_dependencies": {"demo_nodes": {"package": "demo_nodes",
-                                                   "path": str(REPO / "examples" / "demo_nodes.py")}}}
+                                                   "path": str(REPO / "examples" / "demo_nodes.py")}}, **extra}
     (d / f"worker_{UUID}.json").write_text(json.dumps(cfg))
 
 
 class Spawned:
-    def __init__(self, kind: str, base: Path, port: int, python: str):
+    def __init__(self, kind: str, base: Path, port: int, python: str, **cfg):
         self.kind, self.base, self.port = kind, base, port
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)
@@ -78,7 +81,7 @@ class Spawned:
                         "FUNCNODES_WS_WORKER_ENDPORT": str(port), "PYTHONPATH": str(REPO / "examples")})
             argv = [python, "-c", LAUNCHER, UUID, str(port)]
         else:
-            write_our_config(base, port)
+            write_our_config(base, port, **cfg)
             env["PYTHONPATH"] = str(REPO)
             argv = [python, "-m", "worker", f"worker_{UUID}", "--dir", str(base), "--port", str(port)]
         self.t0 = time.perf_counter()
@@ -230,11 +233,36 @@ async def measure(pythons: dict, args) -> dict:
                 res[k]["full_state"] = await bw.bench_full_state(c, args.full_state_reps)
                 res[k]["large_payload"] = await bw.bench_large_payload(c, args.payload_mb, args.payload_reps,
                                                                        node_id="demo.text", io="value")
+                res[k]["pending_trigger"] = await pending_trigger(c, args.pending_reps)
                 await c.call("clear")
     finally:
         for w in ws.values():
             await w.stop()
     return res
+
+
+def _triggerstart(nid: str):
+    return lambda ev: (ev.get("type") == "nsevent" and ev.get("event") in ("triggerstart", "triggerfast")
+                       and (ev.get("data") or {}).get("node") == nid)
+
+
+async def pending_trigger(c: FNClient, reps: int) -> dict:
+    """set_default_value on the missing input of a node with a requested trigger -> triggerstart."""
+    lat = []
+    for i in range(reps):
+        nid = f"pending{i}"
+        await c.call("add_node", id="demo.add", uuid=nid)  # input a has no default: not ready
+        await c.call("request_trigger", nid=nid)
+        waiter = asyncio.ensure_future(c.wait_event(_triggerstart(nid), timeout=5))
+        await asyncio.sleep(0)  # the waiter is registered before anything can arrive
+        t0 = time.perf_counter()
+        await c.call("set_default_value", nid=nid, ioid="a", value=i)
+        try:
+            lat.append((await waiter)["_t"] - t0)
+        except asyncio.TimeoutError:
+            pass
+        await c.call("remove_node", id=nid)
+    return {"requested": reps, **bw.summary_ms(lat)} if lat else {"requested": reps, "n": 0}
 
 
 def pick(r: dict, path: str):
@@ -272,6 +300,8 @@ ROWS = [
     ("full_state (200 nodes) p50", "ms", lambda r: r["full_state"]["p50_ms"], ("<=", 1 / 3)),
     ("full_state size", "bytes", lambda r: r["full_state"]["bytes"], None),
     ("5 MB POST /message/ -> stub -> GET (median)", "s", lambda r: r["large_payload"]["roundtrip_s_median"], None),
+    ("pending trigger: set_default_value -> triggerstart p50", "ms", lambda r: r["pending_trigger"]["p50_ms"], None),
+    ("pending trigger: set_default_value -> triggerstart p99", "ms", lambda r: r["pending_trigger"]["p99_ms"], None),
     ("RSS idle (library loaded)", "MB", lambda r: r["rss_idle"]["tree_rss_mb"], ("<=", 1.0)),
     ("RSS after 200-node graph", "MB", lambda r: r["rss_after_graph"]["tree_rss_mb"], None),
 ]
@@ -337,6 +367,7 @@ def main() -> None:
     ap.add_argument("--full-state-reps", type=int, default=5)
     ap.add_argument("--payload-mb", type=float, default=5.0)
     ap.add_argument("--payload-reps", type=int, default=3)
+    ap.add_argument("--pending-reps", type=int, default=30)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "worker_compare.json"))
     args = ap.parse_args()

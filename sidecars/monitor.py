@@ -69,8 +69,12 @@ import subprocess
 from collections import deque
 from typing import Any
 
+import hmac
+
 import psutil
 from aiohttp import WSMsgType, web
+
+from worker.peers import PeerGate, enabled_by
 
 from ._lifeline import arm_sidecar, set_child_subreaper, set_parent_death_signal
 
@@ -230,7 +234,8 @@ class _LineReader(asyncio.Protocol):
 class Monitor:
     def __init__(self, conn, host: str = "127.0.0.1", port: int = 0, *,
                  kill_timeout: float = 5.0, owner_pid: int | None = None,
-                 worker_spawn_timeout: float = 30.0, delegate_workers: bool = True):
+                 worker_spawn_timeout: float = 30.0, delegate_workers: bool = True,
+                 token: str | None = None, peer_uid_check: bool | None = None):
         self.conn = conn
         self.host = host
         self.port = port
@@ -247,7 +252,10 @@ class Monitor:
         # Set once run() has bound (or failed to): a stop that arrives while we bind waits for it,
         # so the runner is never cleaned up under a site that is still starting.
         self.bound = asyncio.Event()
-        self.app = web.Application()
+        # /spawn runs commands as our user: another local user must not reach it (worker/peers.py)
+        self.token = token or os.environ.get("FN_SUPERVISE_TOKEN") or None
+        self.peers = PeerGate(enabled_by(peer_uid_check), what="subprocess monitor")
+        self.app = web.Application(middlewares=[self.peer_middleware])
         self.app.router.add_get("/", self.index)
         self.app.router.add_post("/spawn", self.spawn)
         self.app.router.add_post("/stop", self.stop)
@@ -288,6 +296,16 @@ class Monitor:
             asyncio.get_running_loop().create_task(self.shutdown())
 
     # -- HTTP API ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def peer_middleware(self, request: web.Request, handler):
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.query.get("token", "")
+        token_ok = bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+        verdict = self.peers.check(request.transport, request.path, token_ok)
+        if not verdict.allowed:
+            return web.Response(status=403, text=verdict.reason + "\n")
+        return await handler(request)
 
     async def index(self, _request: web.Request) -> web.Response:
         return web.json_response(sorted(self.children))
@@ -580,7 +598,8 @@ def _alive(p: psutil.Process) -> bool:
 
 def run_monitor(conn, host: str = "127.0.0.1", port: int = 0, *, kill_timeout: float = 5.0,
                 owner_pid: int | None = None, worker_spawn_timeout: float = 30.0,
-                delegate_workers: bool = True) -> None:
+                delegate_workers: bool = True, token: str | None = None,
+                peer_uid_check: bool | None = None) -> None:
     """Sidecar entry point (runs in the child process)."""
     arm_sidecar()
     set_child_subreaper()
@@ -589,7 +608,7 @@ def run_monitor(conn, host: str = "127.0.0.1", port: int = 0, *, kill_timeout: f
                             format="monitor[%(process)d] %(levelname)s %(message)s")
     monitor = Monitor(conn, host, port, kill_timeout=kill_timeout, owner_pid=owner_pid,
                       worker_spawn_timeout=worker_spawn_timeout,
-                      delegate_workers=delegate_workers)
+                      delegate_workers=delegate_workers, token=token, peer_uid_check=peer_uid_check)
     try:
         asyncio.run(monitor.run())
     except OSError as exc:  # cannot listen: say why, then exit non-zero (the host restarts us)

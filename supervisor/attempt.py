@@ -50,7 +50,14 @@ class SidecarMsg:
     msg: dict[str, Any]
 
 
-Event = Signal | Frame | Eof | Exit | SidecarMsg
+@dataclass(frozen=True)
+class MemoryOver:
+    """The worker's process group passed memory_max (supervisor/memory.py)."""
+    worker: Any
+    detail: str
+
+
+Event = Signal | Frame | Eof | Exit | SidecarMsg | MemoryOver
 
 
 # ---------------------------------------------------------------------- decisions
@@ -86,7 +93,7 @@ class Crash:
 
 
 # Frames the attempt takes in itself; the rest are effects the runner performs (its table).
-EFFECTS = ("heartbeat", "ready", "runstate", "lift_quarantine", "stopping", "install")
+EFFECTS = ("heartbeat", "ready", "runstate", "lift_quarantine", "stopping", "install", "journal")
 
 
 class Attempt:
@@ -156,9 +163,16 @@ class Attempt:
         if t == "stopping":
             self.deliberate = str(msg.get("reason") or "stopping")
             return "stopping"
-        if t in ("lift_quarantine", "install"):
+        if t in ("lift_quarantine", "install", "journal"):
             return t
         return None
+
+    def on_memory(self, detail: str) -> Kill | None:
+        """Over memory_max: kill (once; a kill already under way keeps its reason)."""
+        if self.kill is not None:
+            return None
+        self.kill, self.killed_at = Kill("memory_limit", detail), self.clock()
+        return self.kill
 
     def mark_ready(self, at: float) -> None:
         """Ready at `at` (the policy's clock reading of the same moment); heartbeats count now."""

@@ -9,6 +9,9 @@
   fn-supervise [--dir D] restart worker_<uuid>
   fn-supervise [--dir D] lift worker_<uuid> NODE...   lift a quarantine (safe mode): the nodes run again
   fn-supervise [--dir D] logs worker_<uuid> [-n N] [-f]
+  fn-supervise [--dir D] modules list|install|remove worker_<uuid> [NAME]
+                                                  a worker's package dependencies (install/remove
+                                                  through the running worker, as the UI does)
   fn-supervise [--dir D] demo [--port P] [--seed nodespace.json] [--no-venv]
   fn-supervise [--dir D] systemd-unit (worker_<uuid> [--socket] | --template) [--exec PATH] [--watchdog SEC]
   fn-supervise [--dir D] supervisord-conf worker_<uuid> [--exec PATH]
@@ -42,7 +45,15 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
-from .config import SupervisorConfig
+# Linux only: pidfds, prctl (parent-death signal, child subreaper), /proc. Elsewhere stop here with
+# a sentence, before the imports below fail with a traceback.
+if not sys.platform.startswith("linux"):
+    sys.exit(f"fn-supervise: runs on Linux only (it needs pidfd, prctl and a child subreaper); this is "
+             f"{sys.platform}. Run it in a Linux VM or container (WSL2 works).")
+
+from worker.tls import scheme as tls_scheme  # noqa: E402
+
+from .config import SupervisorConfig  # noqa: E402
 from .files import (AlreadyRunning, WorkerPaths, base_dir, identity_alive, list_workers, lock_held,
                     parse_worker_id)
 from .progress import Progress
@@ -129,6 +140,8 @@ def create_worker(base: Path, *, name: str | None = None, uuid: str | None = Non
         "data_path": None, "env_path": None,
         "worker_dependencies": {}, "package_dependencies": package_deps,
         "autostart": "never",  # the supervisor restarts; a manager autostart would race it
+        # the stock worker's defaults: a new venv worker checks for newer FuncNodes on its first run
+        "update_on_startup": {"funcnodes": True, "funcnodes-core": True, "funcnodes-worker": True},
         "host": host, "port": port, "ssl": False,
         "supervisor": dict(supervisor or {}),
     }
@@ -345,7 +358,8 @@ def _tail(path: Path, n: int) -> list[str]:
             data = f.read()
     except OSError:
         return []
-    return data.decode("utf-8", "replace").splitlines()[-n:] if n > 0 else []
+    # Blank lines (a worker printing an empty line) carry nothing: -n counts lines with text.
+    return [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()][-n:] if n > 0 else []
 
 
 def cmd_logs(a: argparse.Namespace, base: Path) -> int:
@@ -415,6 +429,25 @@ def add_demo_nodes(paths: WorkerPaths) -> bool:
     return True
 
 
+def cmd_modules(a: argparse.Namespace, base: Path) -> int:
+    from . import modules  # noqa: PLC0415
+
+    paths = _known(base, a.worker)
+    if paths is None:
+        return EXIT_USAGE
+    name, dep = None, None
+    if a.action != "list":
+        if not a.name:
+            _err(f"modules {a.action} needs a NAME")
+            return EXIT_USAGE
+        try:
+            name, dep = parse_dep(a.name)
+        except ValueError as e:
+            _err(str(e))
+            return EXIT_USAGE
+    return modules.run(a.action, paths, name, dep, a.json)
+
+
 def cmd_demo(a: argparse.Namespace, base: Path) -> int:
     paths = None
     for p in list_workers(base):
@@ -436,7 +469,8 @@ def cmd_demo(a: argparse.Namespace, base: Path) -> int:
         print(f"seeded {paths.data_dir() / 'nodespace.json'} from {seed}")
 
     def ready(host: str, port: int) -> None:
-        print(f"demo worker {paths.name} serving at ws://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+        scheme = tls_scheme(paths.read_config_or_empty())
+        print(f"demo worker {paths.name} serving at {scheme}://{host}:{port}/  (Ctrl-C to stop)", flush=True)
 
     a.worker = paths.name
     return cmd_run(a, base, on_ready=ready)
@@ -550,14 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uuid")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int)
-    p.add_argument("--no-venv", action="store_true", help="run with this interpreter, no venv")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true",
+                   help="run with this interpreter, no venv (--not-in-venv: the stock CLI's name)")
     p.add_argument("--dep", action="append", metavar="SPEC", help="package dependency (repeatable)")
     p.add_argument("--autostart", nargs="?", const="unless-stopped", choices=("always", "unless-stopped", "never"),
                    help="supervise it under `fn-supervise host` (default unless-stopped)")
 
     p = sub.add_parser("run", parents=[common], help="supervise a worker in the foreground")
     p.add_argument("worker")
-    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true")
 
     p = sub.add_parser("list", parents=[common], help="list workers")
     p.add_argument("--json", action="store_true")
@@ -582,10 +617,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--lines", type=int, default=50)
     p.add_argument("-f", "--follow", action="store_true")
 
+    p = sub.add_parser("modules", parents=[common], help="list, install or remove a worker's package dependencies")
+    p.add_argument("action", choices=("list", "install", "remove"))
+    p.add_argument("worker")
+    p.add_argument("name", nargs="?", metavar="NAME", help="package (pkg, pkg==1.2, pkg>=1) or a path in the data folder")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+
     p = sub.add_parser("demo", parents=[common], help="create (if needed) and run a demo worker on loopback")
     p.add_argument("--port", type=int)
     p.add_argument("--seed", help="nodespace.json to seed the demo worker with")
-    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true")
 
     p = sub.add_parser("systemd-unit", parents=[common], help="print a systemd unit (Type=notify) for a worker")
     p.add_argument("worker", nargs="?")
@@ -612,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("host", parents=[common], help="supervise every autostart worker of the folder in one process")
-    p.add_argument("--no-venv", action="store_true")
+    p.add_argument("--no-venv", "--not-in-venv", dest="no_venv", action="store_true")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on 127.0.0.1:PORT (0: any)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address of /metrics (0.0.0.0 in a container)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between scans of <base>/workers")
@@ -661,7 +702,7 @@ def cmd_workermanager(a: argparse.Namespace, base: Path) -> int:
 
 
 COMMANDS = {"new": cmd_new, "run": cmd_run, "list": cmd_list, "status": cmd_status, "stop": cmd_stop,
-            "restart": cmd_restart, "lift": cmd_lift, "logs": cmd_logs, "demo": cmd_demo,
+            "restart": cmd_restart, "lift": cmd_lift, "logs": cmd_logs, "modules": cmd_modules, "demo": cmd_demo,
             "systemd-unit": cmd_systemd_unit, "supervisord-conf": cmd_supervisord_conf,
             "workermanager": cmd_workermanager, "host": cmd_host}
 

@@ -17,8 +17,10 @@ Defaults (seconds unless stated):
   quarantine_after    3     crashes after ready with the same node in flight -> that node is quarantined
   run_window        600.0   how far back crashes count for quarantine_after
   fork_server      true     keep a warm fork server per worker (false = always a plain spawn)
-  log_max_bytes  100000     rotating <data>/worker.log
-  log_backups         5
+  log_file         null     the log's location (relative: to the data folder); default <data>/worker.log
+  log_level      "INFO"     DEBUG, INFO, WARNING or ERROR: what the worker and the supervisor log
+  log_max_bytes  100000     rotating log
+  log_backups         5     (all log settings take effect at `fn-supervise restart` too)
   log_tail_lines     30     lines of output kept in a crash record
   crash_history      20     crash records kept in the state file
   venv             true     false = run with the supervisor's own interpreter (--no-venv)
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass
@@ -51,11 +55,15 @@ class SupervisorConfig:
     quarantine_after: int = 3
     run_window: float = 600.0
     fork_server: bool = True
+    log_file: str | None = None
+    log_level: str = "INFO"
     log_max_bytes: int = 100_000
     log_backups: int = 5
     log_tail_lines: int = 30
     crash_history: int = 20
     venv: bool = True
+    memory_max: Any = None  # bytes or "512MB" (supervisor/memory.py); None: no limit
+    memory_interval: float = 0.1  # seconds between samples of the worker's memory
     python: str | None = None
     worker_module: str = "worker"
 
@@ -77,8 +85,12 @@ class SupervisorConfig:
                     v = int(v)
                 elif isinstance(default, float):
                     v = float(v)
-                elif f.name in ("python", "worker_module"):
+                elif f.name in ("python", "worker_module", "log_file"):
                     v = str(v)
+                elif f.name == "log_level":
+                    v = str(v).upper()
+                    if v not in LOG_LEVELS:
+                        continue
             except (TypeError, ValueError):
                 continue
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:

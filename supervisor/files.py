@@ -63,7 +63,12 @@ class WorkerPaths:
         return Path(dp) if dp else self.default_data
 
     def log_file(self, cfg: dict[str, Any] | None = None) -> Path:
-        return self.data_dir(cfg) / "worker.log"
+        """`supervisor.log_file` of the config (relative: to the data folder), else <data>/worker.log."""
+        if cfg is None:
+            cfg = self.read_config_or_empty()
+        sup = cfg.get("supervisor")
+        custom = sup.get("log_file") if isinstance(sup, dict) else None
+        return self.data_dir(cfg) / Path(str(custom)).expanduser() if custom else self.data_dir(cfg) / "worker.log"
 
     # config -------------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:

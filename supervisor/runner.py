@@ -34,9 +34,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from . import listener
+from worker.tls import config_error as tls_config_error, scheme as tls_scheme
+
+from . import listener, memory
 from .attempt import (WORKER_START_FAILURE, Abandon, Attempt, Crash, Eof, Event, Exit, Frame, Kill, RestartPhases,
-                      SidecarMsg, Signal, Stopped)
+                      MemoryOver, SidecarMsg, Signal, Stopped)
 from .config import SupervisorConfig
 from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, clear_leftovers, process_identity
@@ -163,6 +165,8 @@ class Supervisor:
         self.launcher.attach(self._note, self.write_state)
         self.quarantine = Quarantine(paths, self._note, lambda: self.worker_cfg)  # safe mode's nodes
         self.phases = RestartPhases()  # seconds per phase of the restart in progress (attempt.py)
+        self.memory_watch: memory.MemoryWatch | None = None  # the current worker's, when memory_max is set
+        self.journal: dict[str, Any] | None = None  # the worker's journal cannot be written (disk full)
         self.launches = {"fork": 0, "spawn": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.files = StateFiles(paths, self.state_record)  # .runstate and the state file
@@ -253,6 +257,7 @@ class Supervisor:
             "listen": {"fd_from": "systemd" if self.listen_systemd else "supervisor",
                        "address": list(listener.address(self.listen_sock))} if self.listen_sock is not None else None,
             "fork_server": self.launcher.status(), "launches": dict(self.launches), "last_restart": self.phases.last,
+            "journal": self.journal,
         }
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -372,6 +377,22 @@ class Supervisor:
             self.logfile.close()
         self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
                                    self.cfg.log_backups, self.cfg.log_tail_lines)
+        logging.getLogger("fn-supervise").setLevel(self.cfg.log_level)
+        self._log_settings = (self.logfile.path, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+
+    def _apply_log_settings(self) -> None:
+        want = (self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
+        if self.logfile is None or want == getattr(self, "_log_settings", None):
+            return
+        old = self.logfile.path
+        try:
+            self._open_log()
+        except OSError as e:  # a bad location: keep the log we have, and say so there
+            self.logfile = RotatingLog(old, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_tail_lines)
+            self.logfile.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
+            return
+        self.logfile.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
+                           + (f" (was {old})" if old != want[0] else ""))
 
     async def _main(self) -> int:
         while True:
@@ -436,6 +457,12 @@ class Supervisor:
             return
         self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
         self.policy.reconfigure(self.cfg)
+        self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
+        problem = tls_config_error(self.worker_cfg) or memory.config_error(self.cfg.memory_max)
+        if problem is not None:  # a bad cert or memory_max can never work: FATAL, not a crash loop
+            self.exit_code = EXIT_USAGE
+            self.sm.fire("prepare_failed", problem)
+            return
         try:
             self._ensure_listener()
         except OSError as e:
@@ -517,6 +544,10 @@ class Supervisor:
                     effect = a.on_frame(msg)
                     if effect is not None:
                         self._frame_effect(effect, w, msg)
+                case MemoryOver(worker, detail) if worker is w:  # over memory_max: _watch_memory
+                    if a.on_memory(detail) is not None:
+                        self.logfile.event(f"killing worker {w.pid}: {detail}")
+                        w.signal(signal.SIGKILL)
                 case Eof(worker) if worker is w:
                     a.on_eof(w.alive)
                 case Exit(worker) if worker is w:
@@ -543,6 +574,7 @@ class Supervisor:
         self.worker = w
         self.pgids.add(w.pgid)
         self.policy.on_spawn()
+        self._watch_memory(w)
         self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
                            f"pid {w.pid}: {' '.join(argv)}")
         self._runstate("starting", f"worker process {w.pid} started")
@@ -586,6 +618,10 @@ class Supervisor:
             self.logfile.event(f"worker is stopping on its own: {self.attempt.deliberate}")
         elif effect == "install":
             self._start_install(w, msg)
+        elif effect == "journal":  # a full disk: edits refused until it has room (worker/store.py)
+            self.journal = None if msg.get("writable") else msg
+            self.logfile.event(f"journal: {msg.get('reason') or 'writable again'}")
+            self.write_state()
 
     def _on_worker_exit(self, w: WorkerProcess, a: Attempt) -> None:
         status: ExitStatus = w.status  # type: ignore[assignment]
@@ -598,6 +634,22 @@ class Supervisor:
             case Crash() as c:
                 self._after_exit(w, c, status, a.oom_before)
 
+    def _watch_memory(self, w: WorkerProcess) -> None:
+        """memory_max (supervisor/memory.py): tell the worker at 80 %, kill its group at 100 %."""
+        limit = memory.parse_size(self.cfg.memory_max)
+        if limit is None:
+            return
+
+        def on_decision(d: memory.MemoryDecision) -> None:
+            if d.action == "kill":
+                self._queue(MemoryOver(w, d.detail))
+            else:
+                self.logfile.event(d.detail or f"memory back to {memory.fmt(d.rss)}")
+                if w.alive:
+                    w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
+        self.memory_watch = memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval,
+                                               on_decision, alive=lambda: w.alive)
+
     def _on_worker_ready(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
         host = msg.get("host")
         port = msg.get("port")
@@ -605,6 +657,7 @@ class Supervisor:
         if isinstance(port, int):
             self.port = port
         self.ready_wall = time.time()
+        self.journal = None  # a new worker reports its own
         self.policy.on_ready()
         if self.attempt is not None:
             self.attempt.mark_ready(self.policy.ready_at or time.monotonic())
@@ -614,7 +667,7 @@ class Supervisor:
                 self.crashes[-1]["restart"] = r
             self._note("restart phases: " + ", ".join(f"{k} {v}" for k, v in r.items()))
         self.paths.write_pid(w.pid)
-        self.sm.fire("ready", f"pid {w.pid} listening on {self.host}:{self.port}")
+        self.sm.fire("ready", f"pid {w.pid} listening on {tls_scheme(self.worker_cfg)}://{self.host}:{self.port}/")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
         self._check_update_after_ready()

@@ -52,7 +52,8 @@ class SidecarSet:
             port = int(self.sidecar_cfg.get("monitor_port") or 0)
             self.hosts["monitor"] = SidecarKeeper(
                 "monitor", run_named, (MONITOR, "127.0.0.1", port),
-                kwargs={"owner_pid": os.getpid()},
+                kwargs={"owner_pid": os.getpid(), "token": self.sup.worker_cfg.get("auth_token"),
+                        "peer_uid_check": self.sup.worker_cfg.get("peer_uid_check")},
                 on_message=self.on_message, loop=loop, budget=budget)
         for h in self.hosts.values():
             h.start()

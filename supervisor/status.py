@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from worker.tls import scheme as tls_scheme
+
 from .crash import CrashRecord
 from .files import WorkerPaths, identity_alive, lock_held
 
@@ -35,6 +37,7 @@ def live_status(paths: WorkerPaths) -> dict[str, Any]:
     out.setdefault("host", cfg.get("host"))
     if out.get("port") is None:
         out["port"] = cfg.get("port")
+    out["url"] = f"{tls_scheme(cfg)}://{out.get('host')}:{out.get('port')}/"  # wss:// with "ssl": true
     out["update"] = update_line(paths, cfg)
     ready_at = out.get("ready_at")
     out["uptime"] = (time.time() - ready_at) if (alive and ready_at) else None
@@ -57,7 +60,7 @@ def format_status(s: dict[str, Any]) -> str:
     wk = s.get("worker") or {}
     lines.append(f"  supervisor:  {sup.get('pid') if s.get('supervisor_alive') else '-'}")
     lines.append(f"  worker:      {wk.get('pid', '-') if wk else '-'}")
-    lines.append(f"  address:     {s.get('host')}:{s.get('port')}")
+    lines.append(f"  address:     {s.get('url') or str(s.get('host')) + ':' + str(s.get('port'))}")
     up = s.get("uptime")
     lines.append(f"  uptime:      {f'{up:.1f}s' if up is not None else '-'}")
     launches = s.get("launches") or {}
@@ -74,6 +77,10 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  fork server: pid {fs.get('pid')} " + ("ready" if fs.get("ready") else
                                                                "alive, preloading" if fs.get("alive") else "dead")
                      + (f", preload {fs['preload']:.2f}s" if isinstance(fs.get("preload"), (int, float)) else ""))
+    j = s.get("journal") if s.get("supervisor_alive") else None
+    if j:
+        lines.append(f"  DISK FULL:   edits refused since {time.strftime('%H:%M:%S', time.localtime(j.get('since') or 0))}: "
+                     f"{j.get('reason')} (reads go on; edits resume by themselves when there is room)")
     q = s.get("quarantine") or {}
     if q:
         lines.append(f"  SAFE MODE:   {len(q)} node(s) quarantined (never run; lift: fn-supervise lift {s['id']} NODE)")

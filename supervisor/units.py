@@ -170,6 +170,7 @@ def systemd_unit(target: Target, cfg: SupervisorConfig, *, worker: str | None, n
         "# 2 usage error, 3 already supervised elsewhere, 4 FATAL (the worker can never start), 5 the",
         "# environment could not be built: restarting fn-supervise does not fix these.",
         "RestartPreventExitStatus=" + " ".join(str(c) for c in NO_RESTART_EXIT_CODES),
+        *memory_max_lines(cfg),
         *_watchdog_lines(cfg, watchdog),
         "", "[Install]", "WantedBy=default.target", "",
     ]
@@ -202,6 +203,25 @@ def _watchdog_lines(cfg: SupervisorConfig, watchdog: float | None) -> list[str]:
                 if watchdog < floor else []) + [f"WatchdogSec={watchdog:g}"]
     return [f"# Watchdog (pings stop while the worker is hung): --watchdog SEC, at least {floor}s.",
             f"#WatchdogSec={2 * floor}"]
+
+
+MEMORY_HEADROOM = 256 * 2**20  # fn-supervise, its fork server and sidecars beside the worker
+
+
+def memory_max_lines(cfg: SupervisorConfig) -> list[str]:
+    """MemoryMax= for the unit's cgroup: the worker's memory_max plus room for the rest, so
+    fn-supervise's own watch (which records why and restarts) acts before the kernel's OOM kill."""
+    from .memory import parse_size  # noqa: PLC0415
+
+    try:
+        limit = parse_size(cfg.memory_max)
+    except ValueError:
+        return []
+    if limit is None:
+        return ["# memory_max in the worker's supervisor settings would add a matching MemoryMax=."]
+    return [f"# memory_max {limit} bytes (fn-supervise kills and records the worker past it) + "
+            f"{MEMORY_HEADROOM >> 20} MiB for fn-supervise, its fork server and sidecars.",
+            f"MemoryMax={limit + MEMORY_HEADROOM}"]
 
 
 # ---------------------------------------------------------------- supervisord

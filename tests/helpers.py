@@ -174,3 +174,54 @@ class Client:
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+class ChannelWorker:
+    """A real `python -m worker` whose supervisor channel is held by the test (frames in and out)."""
+
+    def __init__(self, base: Path, uuid: str, port: int, log_path: Path, before_start=()):
+        import socket
+
+        from worker.channel import FrameBuffer, encode
+
+        self.encode, self.buf, self.frames = encode, FrameBuffer(), []
+        self.log_path = log_path
+        self.ours, theirs = socket.socketpair()
+        for frame in before_start:  # queued before the worker starts: its channel thread reads them at once
+            self.ours.sendall(encode(frame))
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", f"worker_{uuid}", "--dir", str(base),
+                                      "--port", str(port), "--control-fd", str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), cwd=str(REPO),
+                                     env=child_env(inherit_path=False),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        theirs.close()
+        self.ours.settimeout(0.5)
+
+    def send(self, frame: dict) -> None:
+        self.ours.sendall(self.encode(frame))
+
+    def wait_ready(self, timeout: float = 60.0) -> "ChannelWorker":
+        import socket
+
+        def ready():
+            assert self.proc.poll() is None, self.log_path.read_text()
+            try:
+                data = self.ours.recv(65536)
+            except socket.timeout:
+                return False
+            self.frames.extend(f for f in self.buf.feed(data) if isinstance(f, dict))
+            return any(f.get("type") == "ready" for f in self.frames)
+        poll_until(ready, timeout, what="ready frame")
+        return self
+
+    def stop(self) -> int:
+        self.send({"type": "stop", "deadline": 5})
+        return self.proc.wait(20)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.ours.close()
+        self.log.close()

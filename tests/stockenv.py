@@ -28,9 +28,24 @@ REPO = Path(__file__).resolve().parents[1]
 PINS = ["funcnodes-worker[http]==1.6.0", "funcnodes-core==2.4.0", "exposedfunctionality==1.0.3"]
 
 
+FILES_PINS = PINS + ["funcnodes-files==1.0.0", "funcnodes-react-flow==2.4.0"]
+
+
 def stock_python() -> str:
     """Python of a venv with the stock worker; built with uv (current interpreter) if needed."""
     return str(ensure_venv("stock", PINS, "import funcnodes_worker.websocket, aiohttp"))
+
+
+def stock_files_python() -> str:
+    """The stock worker with funcnodes-files (file nodes, a react_plugin) and funcnodes-react-flow,
+    through which the stock worker serves frontend plugins (without it, it installs it from PyPI).
+
+    Our worker runs on it too in the tests that need a real FuncNodes module (tests/
+    test_files_dir.py, test_worker_plugins.py, ...): both sides then see the same installed
+    packages, and the project's own test env stays free of FuncNodes packages (whose presence
+    would change what `get_available_modules` reports as installed)."""
+    return str(ensure_venv("stock-files", FILES_PINS,
+                           "import funcnodes_worker.websocket, aiohttp, funcnodes_files, funcnodes_react_flow"))
 
 
 # The stock worker has no `python -m` entry of its own (the `funcnodes` CLI is not installed and
@@ -64,12 +79,20 @@ def write_stock_config(base: Path, uuid: str, port: int, **extra) -> Path:
     return p
 
 
+def stock_launch(base: Path, uuid: str, port: int, env: dict) -> tuple[list[str], Path]:
+    """argv and cwd of a stock worker in `base` on 127.0.0.1:`port` (benchmarks); sets env."""
+    write_stock_config(base, uuid, port)
+    env.update({"FUNCNODES_HOST": "127.0.0.1", "FUNCNODES_WS_WORKER_STARTPORT": str(port),
+                "FUNCNODES_WS_WORKER_ENDPORT": str(port), "PYTHONPATH": str(REPO / "examples")})
+    return [stock_python(), "-c", LAUNCHER, uuid, str(port)], Path(base)
+
+
 class StockWorker:
     """A stock WSWorker process in `base` (its FUNCNODES_CONFIG_DIR) on 127.0.0.1:`port`."""
 
-    def __init__(self, python: str, base: Path, uuid: str, port: int, env=None):
+    def __init__(self, python: str, base: Path, uuid: str, port: int, env=None, config=None):
         self.base, self.uuid, self.port = Path(base), uuid, port
-        write_stock_config(self.base, uuid, port)
+        write_stock_config(self.base, uuid, port, **(config or {}))
         self.logpath = self.base / f"stock_{uuid}.log"
         self.log = open(self.logpath, "ab")
         e = dict(os.environ)

@@ -73,6 +73,8 @@ DELIBERATE = {
                           "without them",
     "single_fullsync_on_import": "stock's update_from_export and update emit fullsync twice (end of update_from_config, end "
                                  "of load_data); ours once, after everything is applied. One tells a client all",
+    "export_pyproject": "ours keeps a pyproject.toml naming the package dependencies in every worker folder and "
+                        "exports it (the documented optional file); stock writes one only in a venv it manages",
     "package_dependency_name": "stock finds a local module only under its dash name through try_import_module "
                                "('demo-nodes'); both sides are given the name each resolves offline",
 }
@@ -619,6 +621,9 @@ def compare_reply(step: Step, sv: Any, ov: Any, d: Diff) -> None:
         d.deliberate["saved_input_values"] += 1
     elif step.compare == "zip":
         sr, orr = zip_view(sr), zip_view(orr)
+        if "pyproject.toml" in orr["names"] and "pyproject.toml" not in sr["names"]:
+            orr["names"].remove("pyproject.toml")
+            d.deliberate["export_pyproject"] += 1
         for z in (sr, orr):
             z.get("config", {}).pop("package_dependencies", None)
         if "config" in sr and "config" in orr:

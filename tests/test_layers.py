@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "__init__"},
-    {"config", "control", "install", "modules"},
-    {"persistence", "health"},
+    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
+     "plugins", "wakeup", "__init__"},
+    {"config", "control", "install", "modules", "pyproject"},
+    {"tls"},
+    {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},
     {"graph"},
     {"commands"},
@@ -29,11 +31,11 @@ LAYERS = [
 
 
 SUPERVISOR_LAYERS = [
-    {"__init__", "config", "crash", "environment", "files", "forkclient", "health", "listener", "progress",
+    {"__init__", "config", "crash", "environment", "files", "forkclient", "health", "listener", "memory", "progress",
      "states", "systemd"},
     # attempt: one worker start (pure); status: what cli and hostctl both show; the rest are the
     # runner's parts: installs, safe mode's record, the state files
-    {"attempt", "policy", "process", "units", "forkpool", "status", "installs", "safemode", "statefile"},
+    {"attempt", "policy", "process", "units", "forkpool", "status", "installs", "safemode", "statefile", "modules"},  # modules: the modules CLI's client
     {"launcher"},  # fork server or spawn: the launching seam
     {"runner"},  # one Supervisor: knows its parts, not who hosts it
     {"sidecarset", "hostmetrics", "hostctl"},  # plug into a runner / talk to a host through a socket
@@ -49,8 +51,8 @@ PACKAGES = {"worker": LAYERS, "supervisor": SUPERVISOR_LAYERS, "sidecars": SIDEC
 # Across packages: what each package may import of the others (nothing else; never upwards).
 SHARED = {
     "worker": {},
-    "sidecars": {},
-    "supervisor": {"worker": {"__init__", "channel", "config", "fsutil", "metrics"}, "sidecars": {"entry", "host"}},
+    "sidecars": {"worker": {"peers"}},  # the peer-uid rule: a stdlib-only leaf both servers apply
+    "supervisor": {"worker": {"__init__", "channel", "config", "fsutil", "metrics", "tls"}, "sidecars": {"entry", "host"}},
 }
 
 

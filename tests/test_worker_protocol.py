@@ -102,6 +102,54 @@ def test_build_and_run_graph_with_events_and_binary_frames(worker):
     run(go())
 
 
+@pytest.mark.parametrize("chunk", [262144, None])
+def test_a_large_binary_value_goes_out_in_chunks_when_configured(config_dir, port, chunk):
+    """With `binary_chunk_size` binary values are cut into frames of that size in the stock header
+    format (chunk=i/n;msgid=..., one msgid), so they do not hold up other clients' replies (issue
+    16; measured by benchmarks/bench_binary_stream.py). By default one frame, as stock: the React
+    UI's reassembly of several chunks keeps their headers in the data."""
+    import aiohttp
+
+    write_config(config_dir, "chunks", **({"binary_chunk_size": chunk} if chunk else {}))
+    worker = WorkerProc(config_dir, "chunks", port).wait_ready()
+    value = "".join(chr(97 + i % 26) for i in range(1_500_000))
+
+    async def go():
+        async with Client(worker.url) as c:
+            await c.cmd("add_node", id="demo.text", uuid="t")
+            async with aiohttp.ClientSession() as s:  # > 1 MiB: the HTTP route, as the UI does
+                body = {"type": "cmd", "cmd": "set_io_value", "id": "big",
+                        "kwargs": {"nid": "t", "ioid": "value", "value": value}}
+                async with s.post(worker.url + "/message/", json=body) as r:
+                    assert r.status == 200, await r.text()
+            c.frames.clear()
+            await c.send_raw(json.dumps({"type": "cmd", "cmd": "get_io_full_value", "id": "full", "as_bytes": True,
+                                         "kwargs": {"nid": "t", "ioid": "value"}}))
+            import asyncio, time
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                mine = [f for f in c.frames if b"id=full;" in f.partition(b"\r\n\r\n")[0]]
+                heads = [f.partition(b"\r\n\r\n")[0].decode() for f in mine]
+                if heads and all(h.split(";")[0].split("/")[1] == str(len(mine)) for h in heads):
+                    break
+                await asyncio.sleep(0.02)
+            n = len(mine)
+            sizes = [len(f.partition(b"\r\n\r\n")[2]) for f in mine]
+            if chunk is None:
+                assert n == 1 and heads[0].startswith("chunk=1/1;")
+            else:
+                assert n >= -(-len(value) // chunk) and len(set(sizes[:-1])) == 1, sizes
+                assert all(len(f) <= chunk for f in mine)
+            assert [h.split(";")[0] for h in heads] == [f"chunk={i}/{n}" for i in range(1, n + 1)]
+            assert len({h.split(";")[1] for h in heads}) == 1  # one msgid
+            payload = b"".join(f.partition(b"\r\n\r\n")[2] for f in mine)
+            assert "type=result" in heads[0] and payload.decode() == value
+    try:
+        run(go())
+    finally:
+        assert worker.stop() == 0
+
+
 def test_node_errors_become_events_not_crashes(worker):
     async def go():
         async with Client(worker.url) as c:

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as e:
         print(f"fn-supervise worker: {e}", file=sys.stderr)
         return 3
-    return asyncio.run(rt.run())
+    from .wakeup import new_loop
+
+    # A loop whose cross-thread hand-offs wake it only when it sleeps (worker/wakeup.py).
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        return runner.run(rt.run())
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ import inspect
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Protocol
 
 import funcnodes_core as fn
 from funcnodes_core import NoValue
 
-from . import codec, effects, localworkers, persistence
+from . import codec, effects, localworkers, plugins, pyproject, transfer
 from .graph import Graph
 from .packages import DependencyError, is_project, normalize, path_allowed
 from .store import Store
@@ -57,6 +58,22 @@ ADD_NODE_KWARGS = {
 }
 
 
+# Verbs that replace the whole graph (a snapshot, not records): refused like edits while the
+# journal cannot be written (a full disk), since their result could not be kept either.
+WHOLE_GRAPH = frozenset({"load_data", "update", "update_from_export", "remove_package_dependency"})
+
+
+def _shape(func: Callable) -> tuple:
+    """(signature, keyword names it accepts or None when it takes **kwargs, names it requires)."""
+    sig = inspect.signature(func)
+    P = inspect.Parameter
+    params = [p for p in sig.parameters.values() if p.kind in (P.POSITIONAL_OR_KEYWORD, P.KEYWORD_ONLY)]
+    if any(p.kind in (P.VAR_KEYWORD, P.POSITIONAL_ONLY) for p in sig.parameters.values()):
+        return sig, None, frozenset()
+    return (sig, frozenset(p.name for p in params),
+            frozenset(p.name for p in params if p.default is P.empty))
+
+
 def command(name: str | None = None, mutates: bool = False):
     def deco(f):
         f._fn_command = name or f.__name__
@@ -70,8 +87,9 @@ class Commands:
         self.graph, self.store, self.host, self.local = graph, store, host, local
         self._effects: list[dict] = []
         self._modules: Any = None
+        self._importing: asyncio.Lock | None = None  # imports wait on installs: one at a time
         self.registry: dict[str, Callable] = {}
-        self._signatures: dict[str, inspect.Signature] = {}
+        self._signatures: dict[str, tuple] = {}  # name -> _shape(verb)
         for attr in dir(type(self)):
             f = getattr(type(self), attr)
             if callable(f) and hasattr(f, "_fn_command"):
@@ -86,21 +104,33 @@ class Commands:
         self._signatures.pop(name, None)
 
     async def run(self, name: str, kwargs: dict) -> Any:
+        res = self.call(name, kwargs)
+        if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
+            res = await res
+        return res
+
+    def call(self, name: str, kwargs: dict) -> Any:
+        """Run a verb up to its first wait: the result, or the coroutine of an async verb (the
+        caller awaits it). Most verbs are plain functions, so most commands finish here."""
         func = self.registry.get(name)
         if func is None:
             raise ValueError(f"Unknown command {name} , available commands: {', '.join(sorted(self.registry))}")
-        sig = self._signatures.get(name)
-        if sig is None:
-            sig = self._signatures[name] = inspect.signature(func)
-        try:
-            sig.bind(**kwargs)
-        except TypeError as e:
-            raise TypeError(f"bad arguments for '{name}': {e}") from None
-        if not getattr(func, "_fn_mutates", False):  # verbs others register (register()) are plain
-            res = func(**kwargs)
-            if inspect.iscoroutine(res):  # not isawaitable: a Node is awaitable and would run
-                res = await res
-            return res
+        shape = self._signatures.get(name)
+        if shape is None:
+            shape = self._signatures[name] = _shape(func)
+        sig, accepted, required = shape
+        # Keyword names alone decide most calls (Signature.bind costs ~4 us per command);
+        # anything else gets bind's own words for what is wrong.
+        if accepted is None or not (required <= kwargs.keys() <= accepted):
+            try:
+                sig.bind(**kwargs)
+            except TypeError as e:
+                raise TypeError(f"bad arguments for '{name}': {e}") from None
+        mutates = getattr(func, "_fn_mutates", False)
+        if mutates or name in WHOLE_GRAPH:
+            self.store.check_writable()  # a full disk: refused before anything changes
+        if not mutates:  # verbs others register (quarantine) are plain
+            return func(**kwargs)
         # Mutating verbs are plain functions: nothing interleaves between the change and its
         # records, and the graph's own events during the call are covered by them.
         self._effects.clear()
@@ -112,10 +142,25 @@ class Commands:
             raise
         finally:
             self.store.covered -= 1
+        touched = {kwargs["nid"]} if isinstance(kwargs.get("nid"), str) else set()
         for rec in self._effects:
             self.store.feed(rec)  # the one feed site
+            touched.update(effects.nodes_of(rec))
         self._effects.clear()
+        if touched:
+            # An edit can make a node ready without an event (set_default_value on its missing
+            # input): a trigger requested meanwhile starts now, not at the safety sweep.
+            asyncio.get_running_loop().call_soon(self._trigger_requested, touched)
         return res
+
+    def _trigger_requested(self, nids: set[str]) -> None:
+        for nid in nids:
+            try:
+                node = self.ns.get_node_by_id(nid)
+                if node._requests_trigger:  # funcnodes-core's flag: a cheap test per edit
+                    node.trigger_if_requested()
+            except Exception:  # noqa: BLE001 (removed since, or a trigger that failed)
+                log.debug("trigger of %s after an edit", nid, exc_info=True)
 
     def effect(self, rec: dict | None) -> None:
         if rec is not None:
@@ -278,6 +323,7 @@ class Commands:
     @command(mutates=True)
     def clear(self):
         self.ns.clear()
+        self.graph.pin_files_dir()  # as the stock worker does after clear
         self.effect(effects.cleared())
         return None
 
@@ -442,27 +488,37 @@ class Commands:
             raise TypeError("config must be a dict or a json string")
         if state is not None and not isinstance(state, dict):
             raise TypeError("state must be a dict or a json string")
-        for name, dep in ((config or {}).get("package_dependencies") or {}).items():
-            if name not in self.graph.dependencies:
-                await self.add_package_dependency(name, dep=dep if isinstance(dep, dict) else None, sync=False)
-        if state is not None:
-            self.graph.replace_state(state)
+        await self._import(transfer.plan_update(config, state, self.host.paths.data))
+        return None
+
+    async def _import(self, plan: transfer.ImportPlan) -> None:
+        """update, update_from_export and import_worker: all or nothing (worker/transfer.py)."""
+        if self._importing is None:
+            self._importing = asyncio.Lock()
+        async with self._importing:
+            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
+        if saved:
+            self.host.config.setdefault("package_dependencies", {}).update(saved)
+            self._save_dependencies()
+        if plan.state is not None:
             self.store.snapshot()
         self.host.broadcast(codec.workerevent("fullsync"))
-        return None
+
+    def _save_dependencies(self) -> None:
+        """The config names the dependencies; pyproject.toml says the same for Python tools."""
+        self.host.write_config()
+        pyproject.sync(self.host.paths.data, f"worker-{self.host.uuid}",
+                       self.host.config.get("package_dependencies") or {})
 
     @command()
     def export_worker(self, with_files: bool = True):
         state = self.host.save() if self.store.enabled else self.graph.state()
-        return persistence.build_export(self.host.config, state, self.host.paths.files, bool(with_files), self.host.paths.data / "pyproject.toml")
+        return transfer.build_export(self.host.config, state, self.host.paths.data, bool(with_files))
 
     @command()
     async def update_from_export(self, data: str | bytes):
-        zf = persistence.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
-        config = json.loads(zf.read("config"))
-        state = json.loads(zf.read("state"))
-        persistence.extract_files(zf, self.host.paths.data)
-        await self.update(config=config, state=state)
+        zf = transfer.read_export(data, int(self.host.config.get("max_upload_size") or (1 << 30)))
+        await self._import(transfer.plan_export(zf, self.host.paths.data))
         return None
 
     @command()
@@ -496,7 +552,6 @@ class Commands:
             except ValueError:
                 raise ValueError("data must be base64") from None
         write_confined(self.host.paths.data, "files", str(filename), data)
-        self.ns.set_secret_property("files_dir", str(self.host.paths.files))
         return str(filename)
     # endregion
 
@@ -513,14 +568,18 @@ class Commands:
                      "name": getattr(c, "NAME", "") or c.__name__} for c in classes]})
         return out
 
-    @command()
-    def get_plugin_keys(self, type: str = "react"):
-        # Frontend plugins come from installed packages only; nothing is installed on request.
-        return []
+    def _loaded_modules(self) -> list:
+        return [m for m in (sys.modules.get(info["module"]) for info in self.graph.dependencies.values()) if m]
 
     @command()
-    def get_plugin(self, key: str, type: str = "react"):
-        raise ValueError(f"plugin {key!r} not found")
+    async def get_plugin_keys(self, type: str = "react"):
+        # From the installed packages' entry points (worker/plugins.py); nothing is installed here.
+        # In a thread: the first call imports every module that offers a plugin.
+        return await asyncio.to_thread(plugins.keys, type, self._loaded_modules())
+
+    @command()
+    async def get_plugin(self, key: str, type: str = "react"):
+        return await asyncio.to_thread(plugins.content, key, type, self._loaded_modules())
 
     @command()
     def get_available_modules(self):
@@ -561,7 +620,7 @@ class Commands:
             raise
         if save:
             self.host.config.setdefault("package_dependencies", {})[spec["package"]] = spec
-            self.host.write_config()
+            self._save_dependencies()
         self.host.set_progress(f"Add package dependency {name}", "success", 1.0, False)
         if self.graph.dependencies.get(spec["package"], {}).get("shelf") is None:
             self.host.broadcast(codec.workerevent("lib_update"))  # no shelf event to carry it
@@ -576,16 +635,15 @@ class Commands:
 
     @command()
     def remove_package_dependency(self, name: str, dep: dict | None = None, save: bool = True):
-        info = self.graph.dependencies.pop(name, None)
+        info = self.graph.remove_dependency(name)  # a shelf's after_remove_shelf event sends lib_update
         if info and info.get("shelf") is not None:
-            self.ns.remove_shelf(info["shelf"])  # its after_remove_shelf event sends lib_update
             if self.store.enabled:
                 self.store.snapshot()  # the shelf's nodes went with it
         else:
             self.host.broadcast(codec.workerevent("lib_update"))
         if save:
             self.host.config.get("package_dependencies", {}).pop(name, None)
-            self.host.write_config()
+            self._save_dependencies()
         return None
 
     @command()

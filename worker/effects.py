@@ -91,6 +91,15 @@ def value(io: fn.NodeInput, default: bool) -> dict | None:
     return rec if len(rec) > 3 else None
 
 
+def nodes_of(rec: dict) -> list[str]:
+    """The nodes whose inputs a record changed (their readiness may have changed with them)."""
+    if "id" in rec and rec["op"] != "rm_node":
+        return [rec["id"]]
+    if rec["op"] == "edge" or rec["op"] == "rm_edge":
+        return [rec["src"][0], rec["trg"][0]]
+    return []
+
+
 def groups(ns: fn.NodeSpace) -> dict:
     return {"op": "groups", "groups": _plain(ns.groups.serialize())}
 

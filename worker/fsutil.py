@@ -262,12 +262,14 @@ class ConfinedWriter:
             f.flush()
             os.fsync(f.fileno())
 
-    def commit(self) -> None:
+    def commit(self) -> list[PurePosixPath]:
+        """Rename every staged file into place; return the folders this writer made (base-relative)."""
         for dfd, tmp, name in self._staged:
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         self._staged = []
-        self._created = []  # they hold committed files now
+        created, self._created = self._created, []  # they hold committed files now
         self._close()
+        return created
 
     def abort(self) -> None:
         for dfd, tmp, _ in self._staged:

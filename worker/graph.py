@@ -18,8 +18,11 @@ log = logging.getLogger("fn_supervise.worker.graph")
 
 
 class Graph:
-    def __init__(self, on_event: Callable[..., None], admit: Callable[[Any], None] | None = None):
+    def __init__(self, on_event: Callable[..., None], files_dir: str | None = None,
+                 admit: Callable[[Any], None] | None = None):
+        self.files_dir = files_dir
         self.nodespace = fn.NodeSpace()
+        self.pin_files_dir()  # before any node arrives: file nodes read it when they are added
         self.nodespace.on("*", on_event)
         if admit is not None:
             # The one wrapper of add_node_instance: every node of a load or an add_node passes
@@ -34,6 +37,13 @@ class Graph:
         self.view: dict[str, Any] = {"renderoptions": {"typemap": {}, "inputconverter": {}}}
         self.external_workers: dict = {}
         self.dependencies: dict[str, dict] = {}  # package -> {dep, module, shelf, worker_classes}
+
+    def pin_files_dir(self) -> None:
+        """File nodes (funcnodes-files) find uploads through the NodeSpace's `files_dir`, as in the
+        stock worker: a secret property (never saved), and no saved public one may shadow it."""
+        if self.files_dir is not None:
+            self.nodespace.remove_property("files_dir", ignore_secret=True)
+            self.nodespace.set_secret_property("files_dir", self.files_dir)
 
     def meta(self) -> dict:
         return {"id": self.nodespace.id, "version": fn.__version__}
@@ -62,7 +72,16 @@ class Graph:
         self.view = {k: v for k, v in view.items() if k != "nodes"} or self.view
         self.view.setdefault("renderoptions", {"typemap": {}, "inputconverter": {}})
         self.external_workers = state.get("external_workers") or {}
+        prop = backend.get("prop")
+        if isinstance(prop, dict) and "files_dir" in prop:  # another machine's folder: never ours
+            backend = dict(backend, prop={k: v for k, v in prop.items() if k != "files_dir"})
+        for node in self.nodespace.nodes:
+            # A run of a node about to be replaced would write into its removed outputs.
+            task = getattr(node, "_trigger_task", None)
+            if task is not None and not task.done():
+                task.cancel()
         self.nodespace.deserialize(backend)
+        self.pin_files_dir()
         for nid, vs in legacy_nodes.items():
             try:
                 node = self.nodespace.get_node_by_id(nid)
@@ -85,6 +104,8 @@ class Graph:
 
     def apply_record(self, rec: dict) -> None:
         effects.apply(self.nodespace, rec)
+        if rec.get("op") == "clear":
+            self.pin_files_dir()
 
     # region dependencies
     def load_dependencies(self, config: dict) -> None:
@@ -115,4 +136,11 @@ class Graph:
         self.dependencies[dep["package"]] = {"dep": dep, "module": module_name(dep), "shelf": shelf,
                                              "worker_classes": list(classes)}
         return shelf
+
+    def remove_dependency(self, name: str) -> dict | None:
+        """Forget the dependency; its shelf leaves the library (the shelf event sends lib_update)."""
+        info = self.dependencies.pop(name, None)
+        if info and info.get("shelf") is not None:
+            self.nodespace.remove_shelf(info["shelf"])
+        return info
     # endregion

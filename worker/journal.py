@@ -17,6 +17,7 @@ says what is good, what is torn and what is corrupt. It imports nothing of ours.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -29,9 +30,17 @@ VERSION = 1
 
 # Fault injection for the crash tests: "journal:N" kills this process (SIGKILL) halfway through
 # the Nth append; "snapshot:N" halfway through writing the Nth snapshot's temp file; "cut:N"
-# after the Nth snapshot is renamed into place but before the journal is cut. Read once.
+# after the Nth snapshot is renamed into place but before the journal is cut; "diskfull:PATH"
+# makes every journal and snapshot write fail with ENOSPC while the file PATH exists (a full
+# disk on any filesystem, for tests where no small tmpfs can be mounted). Read once.
 _FAULT = os.environ.get("FN_SUPERVISE_FAULT", "")
 _counts: dict[str, int] = {}
+
+
+def disk_fault() -> None:
+    """Raise ENOSPC while the "diskfull:PATH" fault's file exists."""
+    if _FAULT.startswith("diskfull:") and os.path.exists(_FAULT.split(":", 1)[1]):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def fault_point(kind: str) -> bool:
@@ -64,6 +73,7 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600, fault: str | None 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            disk_fault()
             if fault is not None and fault_point(fault):
                 f.write(data[: len(data) // 2])
                 f.flush()
@@ -104,9 +114,19 @@ class JournalFile:
         if fault_point("journal"):
             os.write(self.fd, view[: max(1, len(view) // 2)])
             die()
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        try:
+            disk_fault()
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError:
+            # A full disk can take part of a record: drop it, so the segment still ends with a
+            # whole record and the next append (once there is room) follows it.
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass  # the load drops a torn last record anyway
+            raise
         self.size += len(data)
 
     def sync(self) -> None:

@@ -11,10 +11,15 @@ Names (base units, `_total` counters):
   fn_worker_rpcs_total{command,outcome}                     outcome ok|error; unknown commands are "other"
   fn_worker_rpc_duration_seconds{command}                   histogram, the command plus its journal flush
   fn_worker_clients                                         connected WebSocket clients
+  fn_worker_memory_warnings_total, fn_worker_memory_bytes,   memory_max reports of the supervisor (80 %, back under 70 %)
+    fn_worker_memory_limit_bytes
+  fn_worker_peer_refusals_total                             loopback requests refused (another local user)
   fn_worker_node_runs_total / fn_worker_node_errors_total   node triggers started / node errors
   fn_worker_journal_write_seconds                           histogram of journal appends
   fn_worker_journal_fsync_seconds                           histogram of journal fdatasyncs
   fn_worker_journal_records_total / _snapshots_total        from Store.stats
+  fn_worker_journal_writable                                0 while the journal cannot be written (disk full)
+  fn_worker_edits_refused_total                             edits refused (or undone) for that reason
   process_*, python_info, python_gc_*                       the library's standard collectors
 
 `/metrics` needs the worker's token like every other route, unless the config says
@@ -53,6 +58,7 @@ class WorkerMetrics:
         self.rt = rt
         self.public = bool((getattr(rt, "config", None) or {}).get("metrics_public"))
         self.enabled = CollectorRegistry is not None
+        self._rpc_children: dict[tuple[str, bool], tuple] = {}
         if not self.enabled:
             return
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -71,6 +77,11 @@ class WorkerMetrics:
                                        buckets=IO_BUCKETS, registry=r)
         self.journal_fsync = Histogram("fn_worker_journal_fsync_seconds", "journal fdatasync time",
                                        buckets=IO_BUCKETS, registry=r)
+        self.memory_warnings = Counter("fn_worker_memory_warnings", "times the worker's process group passed "
+                                       "80 % of its memory_max (the supervisor's watch)", registry=r)
+        self.memory_bytes = Gauge("fn_worker_memory_bytes", "the process group's memory at the supervisor's last "
+                                  "memory_max report", registry=r)
+        self.memory_limit = Gauge("fn_worker_memory_limit_bytes", "memory_max (0: no report yet)", registry=r)
         r.register(_Live(rt))
 
     # region counting seams
@@ -81,9 +92,14 @@ class WorkerMetrics:
     def rpc(self, cmd: str, started: float, ok: bool) -> None:
         if not self.enabled:
             return
-        label = self.command_label(cmd)
-        self.rpcs.labels(label, "ok" if ok else "error").inc()
-        self.rpc_seconds.labels(label).observe(time.perf_counter() - started)
+        children = self._rpc_children.get((cmd, ok))
+        if children is None:  # labels() looks up under a lock each time: keep the children
+            label = self.command_label(cmd)
+            children = (self.rpcs.labels(label, "ok" if ok else "error"), self.rpc_seconds.labels(label))
+            if label == cmd:  # known verbs only: a bounded set, and "other" stays a lookup
+                self._rpc_children[(cmd, ok)] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     def ns_event(self, event: str) -> None:
         if not self.enabled:
@@ -92,6 +108,14 @@ class WorkerMetrics:
             self.node_runs.inc()
         elif event in ("node_trigger_error", "node_error"):
             self.node_errors.inc()
+
+    def memory(self, report: dict) -> None:
+        if not self.enabled:
+            return
+        if report.get("level") == "warn":
+            self.memory_warnings.inc()
+        self.memory_bytes.set(float(report.get("rss") or 0))
+        self.memory_limit.set(float(report.get("limit") or 0))
 
     def watch_store(self, store: Any) -> None:
         """Time the Store's journal append and fdatasync (instance wrappers, store.py unchanged)."""
@@ -138,8 +162,16 @@ class _Live:
         server = getattr(rt, "server", None)
         yield GaugeMetricFamily("fn_worker_clients", "connected WebSocket clients",
                                 value=float(len(getattr(server, "clients", None) or {})))
+        gate = getattr(server, "peers", None)
+        yield CounterMetricFamily("fn_worker_peer_refusals", "loopback requests refused: another user, no token",
+                                  value=float(getattr(gate, "refused", 0)))
         stats = getattr(getattr(rt, "store", None), "stats", None) or {}
         yield CounterMetricFamily("fn_worker_journal_records", "edit records fed to the journal",
                                   value=float(stats.get("records", 0)))
         yield CounterMetricFamily("fn_worker_journal_snapshots", "snapshots written (journal cuts)",
                                   value=float(stats.get("snapshots", 0)))
+        yield GaugeMetricFamily("fn_worker_journal_writable", "0 while the journal cannot be written "
+                                "(a full disk): edits are refused", value=0.0 if getattr(
+                                    getattr(rt, "store", None), "trouble", None) else 1.0)
+        yield CounterMetricFamily("fn_worker_edits_refused", "edits refused because the journal could not be written",
+                                  value=float(stats.get("refused", 0)))

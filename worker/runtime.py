@@ -12,6 +12,7 @@ server (transport) -> runtime.execute -> commands (verbs) -> graph / store.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -41,6 +42,11 @@ MUTATING = {
 
 EXIT_OK = 0
 EXIT_CONFIG = 3
+# Binary values in one frame by default, as the stock worker: the React UI's reassembly of
+# chunk=i/n frames (n > 1) keeps each frame's header in the data, so it would corrupt them.
+# 262144 keeps other clients' replies flowing (benchmarks/bench_binary_stream.py) for clients
+# that reassemble correctly.
+BINARY_CHUNK = 0
 
 
 class WorkerRuntime:
@@ -54,6 +60,7 @@ class WorkerRuntime:
         self.config = load_config(self.base, uuid)
         if debug:
             self.config["debug"] = True
+        _set_log_level(self.config)
         self.paths = WorkerPaths.make(self.base, uuid, self.config.get("data_path"))
         self.host = host or self.config.get("host") or "127.0.0.1"
         self.port = port if port is not None else self.config.get("port")
@@ -136,6 +143,7 @@ class WorkerRuntime:
         self.saving_enabled = True
         self.store.open(self.loop)
         self.write_config()
+        self._sync_pyproject()
         self.ready = True
         self.server.set_core_ready()
         self._apply_early_control()
@@ -161,8 +169,10 @@ class WorkerRuntime:
         # safe mode: quarantined nodes are loaded but never run (worker/quarantine.py)
         self.safe = SafeMode(self.quarantined, broadcast=self.broadcast, to_supervisor=self._to_supervisor,
                              find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))
-        self.graph = Graph(self._on_ns_event, admit=self.safe.admit)
+        self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files), admit=self.safe.admit)
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.on_trouble = self._on_journal_trouble
+        self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
         self.local = LocalScripts(self.paths, self.config, lambda: self.graph.nodespace, self.broadcast)
         self.commands = Commands(self.graph, self.store, self, self.local)
@@ -275,6 +285,10 @@ class WorkerRuntime:
                 self._early_control.append(msg)
                 return
             self.commands.on_local_scripts(msg.get("changes") or [], bool(msg.get("initial")))
+        elif t == "memory":  # the supervisor's memory_max watch (supervisor/memory.py)
+            self.metrics.memory(msg)
+            if msg.get("level") == "warn":
+                self.broadcast(codec.workerevent("memory_warning", rss=msg.get("rss"), limit=msg.get("limit")))
         elif t == "quarantine":  # `fn-supervise lift` lifted a node (the supervisor's list now)
             if self.safe is not None:
                 self.safe.apply(msg)
@@ -283,6 +297,17 @@ class WorkerRuntime:
             os.environ["SUBPROCESS_MONITOR_HOST"] = str(msg.get("host"))
             os.environ["SUBPROCESS_MONITOR_PORT"] = str(msg.get("port"))
             os.environ["SUBPROCESS_MONITOR_PID"] = str(msg.get("pid"))
+            if self.saving_enabled:  # a tool reading worker_<uuid>.json must find this run's monitor
+                self.write_config()
+
+    def _on_journal_trouble(self, why: str | None) -> None:
+        """The journal stopped (or resumed) taking edits: tell the clients and the supervisor."""
+        if self.channel is not None:
+            self.channel.send({"type": "journal", **self.journal_health()})
+        if why is not None:
+            self.set_progress(f"Edits are refused: {why}", "error", 0.0, False)
+        else:
+            self.set_progress("Edits are accepted again", "info", 1.0, False)
 
     def _apply_early_control(self) -> None:
         early, self._early_control = self._early_control, []
@@ -346,25 +371,53 @@ class WorkerRuntime:
                 text = text.replace(path, alias)
         return codec.dumps(codec.error(text, clean_traceback(e, debug), msg_id))
 
-    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
-        """Run a command on this (the main) loop; return the encoded reply (text, or binary frames)."""
+    def dispatch(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> Any:
+        """Run a command on this (the main) loop as far as it goes without waiting: return its
+        encoded reply (text, or binary frames), or a coroutine that finishes it (an async verb,
+        a group fdatasync). Most edits end here, with no Task and no Future."""
         started = time.perf_counter()  # metrics: RPCs by command, latency
         try:
-            res = await self.commands.run(cmd, codec.revive(kwargs))
+            res = self.commands.call(cmd, codec.revive(kwargs))
             # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
             # the result below exists only once the edit's record is in the journal.
-            await self.store.flush()
+            if inspect.iscoroutine(res) or not self.store.write_now():
+                return self._finish(cmd, res, started, msg_id, as_bytes)
             self.metrics.rpc(cmd, started, ok=True)
-            if as_bytes:
-                if codec.is_bytes_result(res):
-                    payload, mime = res.data, res.mime
-                else:
-                    payload, mime = codec.encode_bytes(res, preview=False)
-                return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.server.max_data)
-            return codec.dumps(codec.result(res, msg_id))
+            return self._encode_result(res, msg_id, as_bytes)
         except Exception as e:
             self.metrics.rpc(cmd, started, ok=False)
             return self.error_text(e, msg_id)
+
+    async def _finish(self, cmd: str, res: Any, started: float, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        try:
+            if inspect.iscoroutine(res):
+                res = await res
+            await self.store.flush()
+            self.metrics.rpc(cmd, started, ok=True)
+            return self._encode_result(res, msg_id, as_bytes)
+        except Exception as e:
+            self.metrics.rpc(cmd, started, ok=False)
+            return self.error_text(e, msg_id)
+
+    async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        """dispatch, awaited to the end (the HTTP route for commands)."""
+        out = self.dispatch(cmd, kwargs, msg_id, as_bytes)
+        return (await out) if inspect.iscoroutine(out) else out
+
+    def _encode_result(self, res: Any, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+        if as_bytes:
+            if codec.is_bytes_result(res):
+                payload, mime = res.data, res.mime
+            else:
+                payload, mime = codec.encode_bytes(res, preview=False)
+            return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.binary_chunk())
+        return codec.dumps(codec.result(res, msg_id))
+
+    def binary_chunk(self) -> int:
+        """Frame size of binary values (`binary_chunk_size`; 0, the default: one frame, as stock)."""
+        size = self.config.get("binary_chunk_size", BINARY_CHUNK)
+        size = int(size) if isinstance(size, int) and size >= 0 else BINARY_CHUNK
+        return min(size, self.server.max_data) if size else self.server.max_data
 
     def set_progress(self, message: str, status: str, progress: float, blocking: bool) -> None:
         self.progress_state = {"message": message, "status": status, "progress": progress, "blocking": blocking}
@@ -401,7 +454,7 @@ class WorkerRuntime:
             log.exception("cannot encode value of %s/%s", nid, ioid)
             return
         frames = codec.binary_frames(
-            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.server.max_data
+            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk()
         )
         self.server.post_frames(frames)
 
@@ -457,6 +510,15 @@ class WorkerRuntime:
         self.config["pid"] = os.getpid()
         return self.store.write_config()
 
+    def _sync_pyproject(self) -> None:
+        # In step with the config even after a hand edit or `fn-supervise new --dep`.
+        from .pyproject import sync
+
+        try:
+            sync(self.paths.data, f"worker-{self.uuid}", self.config.get("package_dependencies") or {})
+        except OSError as e:
+            log.error("cannot write %s/pyproject.toml: %s", self.paths.data, e)
+
     def load_nodespace(self) -> None:
         """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
         from .effects import OPS
@@ -472,10 +534,25 @@ class WorkerRuntime:
         io = self.nodespace.get_node_by_id(nid).get_input_or_output(ioid)
         return codec.encode_bytes(io.value, preview=False)
 
+    def journal_health(self) -> dict:
+        store = self.store
+        why = getattr(store, "trouble", None)
+        return {"writable": why is None, "reason": why, "since": getattr(store, "trouble_since", None)}
+
     def files_changed(self) -> None:
-        if self.nodespace is not None:
-            self.nodespace.set_secret_property("files_dir", str(self.paths.files))
+        if self.graph is not None:
+            self.graph.pin_files_dir()  # set from the first load on; kept here for a graph swapped in
     # endregion
+
+
+def _set_log_level(config: dict) -> None:
+    """`supervisor.log_level` of the config: what this worker writes to its log (INFO by default)."""
+    sup = config.get("supervisor")
+    level = str((sup.get("log_level") if isinstance(sup, dict) else None) or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        log.warning("unknown log_level %r (expected DEBUG, INFO, WARNING or ERROR); using INFO", level)
+        level = "INFO"
+    logging.getLogger().setLevel(level)
 
 
 def _is_our_worker(pid: int, uuid: str) -> bool:

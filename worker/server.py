@@ -5,6 +5,11 @@ main loop. So a node that blocks the main loop cannot starve the network: pings,
 Workermanager's liveness probe) and `heartbeat` are still answered, and events queue up.
 Everything that touches the NodeSpace is marshalled to the main loop and encoded there.
 
+The hops are Redis-style (one command thread, an I/O thread for sockets): commands go to the
+main loop through one inbox and replies and events come back through one outbox, each side woken
+once per burst, not once per message; a command that needs no wait runs to its reply without a
+Task or a Future; a frame goes straight to the socket when nothing is queued before it.
+
 Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
 check, CORS granted only to loopback origins and an allow-list, bounded upload and message
 stores, and error replies that go to the sender only.
@@ -15,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
 import os
+import struct
 import threading
 import uuid
 from typing import Any, Mapping, Protocol
@@ -26,9 +33,11 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
-from . import codec
+from . import codec, wakeup
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
+from .peers import PeerGate, enabled_by
+from .tls import server_context
 
 
 log = logging.getLogger("fn_supervise.worker.server")
@@ -54,11 +63,16 @@ class Backend(Protocol):
 
     def fast(self, cmd: str, kwargs: dict) -> Any: ...  # I/O thread: uuid, name, get_runstate, heartbeat
 
+    # The reply (text, or binary frames), or a coroutine that finishes the command.
+    def dispatch(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> Any: ...
+
     async def execute(self, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> str | list[bytes]: ...
 
     async def io_value(self, nid: str, ioid: str) -> tuple[bytes, str]: ...  # full value, mime
 
     def files_changed(self) -> None: ...  # after an upload
+
+    def journal_health(self) -> dict: ...  # /healthz: can edits be written (a full disk)?
 
 
 class ProtocolError(Exception):
@@ -88,12 +102,22 @@ class Client:
         self.transport = transport
         self.id = uuid.uuid4().hex
         self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE_MAX)
-        self.cmds: asyncio.Queue = asyncio.Queue(CLIENT_CMDS_MAX)
+        self.in_flight = 0  # commands sent to the main loop, not yet answered (I/O thread)
         self.closing = False
+        self.sending = False  # the write loop holds an item it has not finished sending
         self.writer: asyncio.Task | None = None
+        # Frames go straight to the transport unless the connection deflates (aiohttp's writer
+        # keeps the compressor state) or something is queued or being sent before them.
+        self.direct = transport is not None and not ws.compress
 
-    def put(self, item: str | bytes | None) -> None:
+    def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
+            return
+        # A list is the chunks of one binary value: through the queue, so other writes interleave.
+        if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
+                and not self.ws.closed and not self.transport.is_closing()
+                and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
+            self.transport.write(ws_frame(item))
             return
         try:
             self.queue.put_nowait(item)
@@ -130,10 +154,14 @@ class Client:
             item = await self.queue.get()
             if item is None:
                 return
+            self.sending = True
             try:
                 async with asyncio.timeout(SEND_TIMEOUT):  # no Task per message, unlike wait_for
                     if isinstance(item, bytes):
                         await self.ws.send_bytes(item)
+                    elif isinstance(item, list):  # the chunks of one binary value: other clients'
+                        for frame in item:        # writes run between them (each send awaits drain)
+                            await self.ws.send_bytes(frame)
                     else:
                         await self.ws.send_str(item)
             except (ConnectionError, asyncio.TimeoutError, RuntimeError):
@@ -141,6 +169,27 @@ class Client:
                 if closing is not None:
                     await closing
                 return
+            finally:
+                self.sending = False
+
+
+# Written directly while the transport holds less than this; beyond, the write loop and its
+# SEND_TIMEOUT take over (a slow client is still let go, never buffered without end).
+DIRECT_WRITE_MAX = 64 << 10
+
+
+def ws_frame(item: str | bytes) -> bytes:
+    """One unmasked, final, uncompressed server frame (RFC 6455 5.2): text for str, binary for bytes."""
+    if isinstance(item, str):
+        payload, head = item.encode("utf-8"), 0x81
+    else:
+        payload, head = item, 0x82
+    n = len(payload)
+    if n < 126:
+        return bytes((head, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", head, 126, n) + payload
+    return struct.pack("!BBQ", head, 127, n) + payload
 
 
 # Answered on the I/O thread without touching the NodeSpace, so they work while a node blocks.
@@ -151,7 +200,7 @@ class IOThread:
     """A daemon thread running its own asyncio loop."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = wakeup.new_loop()
         self.thread = threading.Thread(target=self._run, name="fn-io", daemon=True)
         self.thread.start()
 
@@ -173,8 +222,11 @@ class WorkerServer:
         self.backend = backend
         self.io: IOThread | None = None
         self.core_ready: asyncio.Event | None = None  # set once commands can run
-        self._outbox: collections.deque = collections.deque()
-        self._flush_pending = False
+        self._outbox: wakeup.Mailbox | None = None  # main loop -> I/O thread: replies, events
+        self._inbox: wakeup.Mailbox | None = None  # I/O thread -> main loop: commands
+        self._commands_open = False  # main loop: set once the graph is loaded
+        self._held: list[tuple] = []  # main loop: commands that came before that
+        self._busy: dict[Client, collections.deque] = {}  # main loop: a client's commands behind a waiting one
         self.clients: dict[str, Client] = {}
         self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
         self.large_bytes = 0
@@ -184,12 +236,14 @@ class WorkerServer:
         self.port = 0
         self.max_msg = max_message_size()
         self.max_data = max_data_size()
+        self.scheme = "http"
+        self.peers = PeerGate(enabled_by(backend.config.get("peer_uid_check")))
 
     # region setup
     def make_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_data,
-            middlewares=[self.cors_middleware, self.auth_middleware],
+            middlewares=[self.peer_middleware, self.cors_middleware, self.auth_middleware],
         )
         r = app.router
         r.add_get("/", self.handle_ws)
@@ -208,19 +262,23 @@ class WorkerServer:
     async def start(self, host: str, port: int | None) -> tuple[str, int]:
         if self.io is None:
             self.io = IOThread()
+            self._outbox = wakeup.Mailbox(self.io.loop, self._on_outgoing)
+            self._inbox = wakeup.Mailbox(self.backend.loop, self._on_command)
         return await self.io.call(self._start(host, port))
 
     async def _start(self, host: str, port: int | None) -> tuple[str, int]:
         if self.core_ready is None:
             self.core_ready = asyncio.Event()
+        ctx = server_context(self.backend.config)  # TLS (worker/tls.py): wss:// and https:// on this port
+        self.scheme = "https" if ctx is not None else "http"
         app = self.make_app()
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         from . import listener  # the supervisor's held socket, if it handed us one
 
         held = listener.take()
-        site = (web.SockSite(self.runner, held) if held is not None
-                else web.TCPSite(self.runner, host, port or 0, reuse_address=True))
+        site = (web.SockSite(self.runner, held, ssl_context=ctx) if held is not None
+                else web.TCPSite(self.runner, host, port or 0, reuse_address=True, ssl_context=ctx))
         try:
             await site.start()
         except BaseException:
@@ -240,6 +298,9 @@ class WorkerServer:
             log.warning("server did not close cleanly")
         self.io.stop()
         self.io = None
+        for box in (self._inbox, self._outbox):
+            if box is not None:
+                box.close()
 
     async def _close(self, timeout: float) -> None:
         clients = list(self.clients.values())
@@ -302,10 +363,25 @@ class WorkerServer:
         return resp
 
     @web.middleware
-    async def auth_middleware(self, request: web.Request, handler):
-        if (request.method == "OPTIONS" or request.path in ("/healthz", "/readyz")
+    async def peer_middleware(self, request: web.Request, handler):
+        """Another local user is refused before anything else (WebSocket handshake included)."""
+        path = request.path
+        if request.method == "OPTIONS" or self.open_route(request):
+            path = "/healthz"  # as open to every local user as to every remote one
+        verdict = self.peers.check(request.transport, path, bool(self.token()) and self.authorized(request))
+        if not verdict.allowed:
+            return web.Response(status=403, text=verdict.reason + "\n")
+        return await handler(request)
+
+    def open_route(self, request: web.Request) -> bool:
+        """Served without the token: probes, public metrics, large-message fetches."""
+        return (request.path in ("/healthz", "/readyz")
                 or (request.path == "/metrics" and self.backend.metrics.public)
-                or (request.method == "GET" and request.path.startswith("/message/"))):
+                or (request.method == "GET" and request.path.startswith("/message/")))
+
+    @web.middleware
+    async def auth_middleware(self, request: web.Request, handler):
+        if request.method == "OPTIONS" or self.open_route(request):
             # /message/<id>: the id is a random uuid4 that only the recipient of the stub knows,
             # and clients written for the stock worker fetch it without a token.
             return await handler(request)
@@ -343,10 +419,13 @@ class WorkerServer:
         # with an error; only beyond that does aiohttp close with 1009.
         read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
         ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ConnectionResetError as e:  # the client hung up mid-handshake: its doing, not ours
+            log.debug("client %s hung up during the WebSocket handshake (%s)", request.remote, e)
+            raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
         client = Client(ws, request.transport)
         client.writer = asyncio.ensure_future(client.write_loop())
-        runner = asyncio.ensure_future(self.cmd_loop(client))
         self.clients[client.id] = client
         try:
             async for msg in ws:
@@ -358,14 +437,8 @@ class WorkerServer:
                     break
         finally:
             self.clients.pop(client.id, None)
-            runner.cancel()
             client.put(None)
         return ws
-
-    async def cmd_loop(self, client: Client) -> None:
-        while True:
-            cmd, kwargs, msg_id, as_bytes = await client.cmds.get()
-            await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
     async def on_text(self, client: Client | None, text: str, inline: bool = True,
                       limit: int | None = None) -> dict | None:
@@ -416,12 +489,12 @@ class WorkerServer:
             return self.deliver(client, out, msg_id)
         if client is not None and not inline:
             # Commands of one connection run in order, but behind the reader: pings still pass.
-            try:
-                client.cmds.put_nowait((cmd, kwargs, msg_id, as_bytes))
-            except asyncio.QueueFull:
+            if client.in_flight >= CLIENT_CMDS_MAX:
                 err = codec.error(f"too many commands in flight on this connection (>{CLIENT_CMDS_MAX})", [], msg_id)
                 self.reply(client, err)
                 return err
+            client.in_flight += 1
+            self._inbox.put((client, cmd, kwargs, msg_id, as_bytes))
             return None
         return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
@@ -436,8 +509,7 @@ class WorkerServer:
     def deliver(self, client: Client | None, out: str | list, msg_id: Any) -> str | dict:
         if isinstance(out, list):  # binary result frames
             if client is not None:
-                for frame in out:
-                    client.put(frame)
+                client.put(out)  # one queue item, however many chunks
             return {"type": "result", "id": msg_id, "binary": True}
         if client is None:
             self.broadcast_text(out)
@@ -454,7 +526,7 @@ class WorkerServer:
             msg_id = str(uuid.uuid4())
             self.store_large(msg_id, text, fetches)
             return json.dumps(
-                {"type": "large_message", "url": f"http://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
+                {"type": "large_message", "url": f"{self.scheme}://{self.url_host()}:{self.port}/message/{msg_id}", "msg_id": msg_id}
             )
         return text
 
@@ -482,15 +554,56 @@ class WorkerServer:
 
     def broadcast_frames(self, frames: list[bytes]) -> None:
         for c in list(self.clients.values()):
-            for f in frames:
-                c.put(f)
+            c.put(frames)
 
     def set_core_ready(self) -> None:
+        """Called on the main loop once the graph is loaded: commands held until now run."""
+        self._commands_open = True
+        held, self._held = self._held, []
+        for item in held:
+            self._on_command(item)
         if self.io is not None:
             self.io.loop.call_soon_threadsafe(self.core_ready.set)
 
+    # region main loop side of the command hop
+    def _on_command(self, item: tuple) -> None:
+        if not self._commands_open:
+            self._held.append(item)  # the graph is loading; set_core_ready runs them
+            return
+        waiting = self._busy.get(item[0])
+        if waiting is not None:
+            waiting.append(item)  # behind this client's command that waits
+        else:
+            self._run_command(item)
+
+    def _run_command(self, item: tuple) -> None:
+        client, cmd, kwargs, msg_id, as_bytes = item
+        out = self.backend.dispatch(cmd, kwargs, msg_id, as_bytes)
+        if not inspect.iscoroutine(out):
+            self._post(("reply", client, out, msg_id))
+            return
+        # It waits (an async verb, a group fdatasync): the client's next commands queue behind
+        # it, other clients' do not. A client that goes away does not cancel it.
+        self._busy[client] = collections.deque()
+        task = self.backend.loop.create_task(out)
+        task.add_done_callback(lambda t: self._finished(item, t))
+
+    def _finished(self, item: tuple, task: asyncio.Task) -> None:
+        client, _cmd, _kw, msg_id, _b = item
+        if task.cancelled():  # only at shutdown
+            out = json.dumps(codec.error("the command was cancelled", [], msg_id))
+        else:
+            out = task.result()  # dispatch's coroutine turns every error into an error reply
+        self._post(("reply", client, out, msg_id))
+        waiting = self._busy.pop(client)
+        while waiting and client not in self._busy:
+            self._run_command(waiting.popleft())
+        if waiting:
+            self._busy[client].extend(waiting)
+    # endregion
+
     # Called from the main loop: encode there (the NodeSpace is not thread-safe), send here.
-    # A burst of events wakes the I/O thread once, not once per message.
+    # A burst of events wakes the I/O thread once at most (worker/wakeup.py).
     def post_broadcast(self, msg: dict) -> None:
         if self.io is None or not self.clients:
             return
@@ -500,20 +613,20 @@ class WorkerServer:
         if self.io is not None and self.clients:
             self._post(frames)
 
-    def _post(self, item: str | list[bytes]) -> None:
-        self._outbox.append(item)
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.io.loop.call_soon_threadsafe(self._flush)
+    def _post(self, item: str | list[bytes] | tuple) -> None:
+        if self.io is not None:
+            self._outbox.put(item)
 
-    def _flush(self) -> None:
-        self._flush_pending = False  # before draining: a later append schedules another flush
-        while self._outbox:
-            item = self._outbox.popleft()
-            if isinstance(item, list):
-                self.broadcast_frames(item)
-            else:
-                self.broadcast_text(item)
+    def _on_outgoing(self, item: str | list[bytes] | tuple) -> None:  # the I/O thread
+        if isinstance(item, tuple):  # ("reply", client, reply, msg_id): in order with the events
+            _, client, out, msg_id = item
+            client.in_flight -= 1
+            if client.id in self.clients:
+                self.deliver(client, out, msg_id)
+        elif isinstance(item, list):
+            self.broadcast_frames(item)
+        else:
+            self.broadcast_text(item)
     # endregion
 
     # region large messages
@@ -577,7 +690,9 @@ class WorkerServer:
 
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "uuid": self.backend.uuid, "clients": len(self.clients),
+        journal = self.backend.journal_health()
+        return web.json_response({"status": "ok" if journal["writable"] else "degraded", "uuid": self.backend.uuid,
+                                  "clients": len(self.clients), "journal": journal,
                                   "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:

@@ -20,11 +20,18 @@ next load skips (their seq is at or below the snapshot's).
 
 What stays out of the journal: outputs and anything else node code computes; they are
 recomputed by running the graph after a load.
+
+A full disk (ENOSPC, EIO, a quota): an edit whose record cannot be written is undone (the graph
+goes back to what nodespace.json and the journal hold, as after a crash) and refused; while the
+journal cannot be written every edit is refused before it runs (`check_writable`), reads go on,
+and a retry every `disk_retry` seconds (a snapshot and a fresh segment) ends it on its own once
+there is room. `trouble` says why; the runtime shows it in /healthz, status and /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sys
@@ -41,10 +48,14 @@ from .fsutil import read_json
 log = logging.getLogger("fn_supervise.worker.store")
 
 DURABILITY = ("process", "fsync")
+# Under an endless edit stream the journal grows to max(snapshot, this) before a snapshot cuts
+# it: 16 KiB cut every ~40 ms at 4k edits/s (a snapshot, a rename and an fsync each time, ~5 %
+# of the worker's time); 256 KiB replays in well under 0.1 s after a crash.
+JOURNAL_MIN_BYTES = 256 << 10
 
 
 class JournalError(OSError):
-    """An edit was applied but its record could not be written: it is not acknowledged."""
+    """An edit could not be made durable: it is refused (undone), never acknowledged."""
 
 
 @dataclass
@@ -91,7 +102,16 @@ class Store:
         self._first_unjournaled: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.stats = {"records": 0, "writes": 0, "syncs": 0, "snapshots": 0}
+        self.stats = {"records": 0, "writes": 0, "syncs": 0, "snapshots": 0, "refused": 0}
+        # The journal cannot be written (a full disk): why, since when (wall clock), and who hears
+        # of a change (the runtime: log, clients, supervisor). None while all is well.
+        self.trouble: str | None = None
+        self.trouble_since: float | None = None
+        self.on_trouble: Callable[[str | None], None] | None = None
+        self.on_restore: Callable[[], None] | None = None
+        self._loader: tuple | None = None  # load()'s arguments, to undo an edit from the disk
+        self._retry_task: asyncio.Task | None = None
+        self._snap_error: str | None = None  # why the last background snapshot failed (logged once)
 
     # region load
     def load(self, apply_state: Callable[[dict], None], apply_record: Callable[[dict], None],
@@ -100,13 +120,14 @@ class Store:
         cannot be read is kept aside, logged, and the worker starts with everything that was good."""
         from . import persistence
 
+        self._loader = (apply_state, apply_record, known_ops)
         rep = LoadReport()
         self._clean_temp_files()
         state = None
         try:
             state = persistence.read_state(self.paths.nodespace)
-            if state:
-                apply_state(state)
+            if state or self.enabled:  # an undo (restore) clears what no file holds
+                apply_state(state or {})
         except Exception as e:  # noqa: BLE001 (any shape of corruption)
             bad = self._set_aside(self.paths.nodespace, "nodespace.corrupt-{}.json")
             self._complain(f"nodespace.json cannot be loaded ({type(e).__name__}: {e}); moved to {bad}")
@@ -221,15 +242,100 @@ class Store:
         self.stats["records"] += 1
 
     async def flush(self) -> None:
-        """Write what was fed (and fdatasync under "fsync"); return only when it is durable."""
-        if self._snapshot_due:
-            self._snapshot_due = False
-            self.snapshot()  # durable (fsync + rename) before the reply, whatever the level
+        """Write what was fed (and fdatasync under "fsync"); return only when it is durable.
+        If it cannot be, the edit is undone and JournalError says so."""
+        if not self.write_now():
+            try:
+                await self._group_sync(self._written)
+            except JournalError:
+                raise
+            except OSError as e:
+                raise self._fail(e) from None
+
+    def write_now(self) -> bool:
+        """The part of flush that needs no wait: write(2) what was fed. True when that made it
+        durable (always under "process"); False when a group fdatasync must still follow.
+        If the write fails, the edit is undone and JournalError says so."""
+        try:
+            if self._snapshot_due:
+                self._snapshot_due = False
+                self.snapshot()  # durable (fsync + rename) before the reply, whatever the level
+                return True
+            if self._pending:
+                self._write_pending()
+        except JournalError:
+            raise
+        except OSError as e:
+            raise self._fail(e) from None
+        return not (self.durability == "fsync" and self._synced < self._written)
+
+    def check_writable(self) -> None:
+        """Before an edit runs: refuse it while the journal cannot be written."""
+        if self.trouble is not None:
+            self.stats["refused"] += 1
+            raise JournalError(errno.ENOSPC, f"edit refused, nothing was changed: {self.trouble}. The graph "
+                               "can still be read; edits are accepted again as soon as the disk has room")
+
+    def _fail(self, e: OSError) -> JournalError:
+        """An edit's record (or snapshot) could not be written: undo it, refuse it, start retrying."""
+        self._pending.clear()
+        self._snapshot_due = False
+        why = f"the journal cannot be written ({e.strerror or e})"
+        if self.trouble is None:
+            self.trouble, self.trouble_since = why, time.time()
+            log.error("%s: edits are refused until it can be", why)
+            if self.on_trouble is not None:
+                self.on_trouble(why)
+        self.stats["refused"] += 1
+        if self._loader is None:  # stopping: nothing to undo or retry
+            return JournalError(e.errno or errno.EIO, why)
+        self.restore()
+        if self.loop is not None and self._retry_task is None:
+            self._retry_task = self.loop.create_task(self._retry())
+        return JournalError(e.errno or errno.EIO, f"edit refused and undone: {why}. The graph can still be "
+                            "read; edits are accepted again as soon as the disk has room")
+
+    def restore(self) -> None:
+        """Put the graph back to what the disk holds (the state a crash would come back to)."""
+        if self._loader is None:
             return
-        if self._pending:
-            self._write_pending()
-        if self.durability == "fsync" and self._synced < self._written:
-            await self._group_sync(self._written)
+        self._tail = None
+        self.covered += 1  # the reload's own events are no edits
+        try:
+            self.load(*self._loader)
+        except Exception:  # noqa: BLE001 (the graph keeps what it has; the next retry saves it)
+            log.exception("undo from the disk failed")
+        finally:
+            self.covered -= 1
+        if self.on_restore is not None:
+            self.on_restore()
+
+    def _retry_delay(self) -> float:
+        return max(float(self.config.get("disk_retry") or 1.0), float(self.config.get("save_delay") or 0.2))
+
+    async def _retry(self) -> None:
+        """While in trouble: try a snapshot and a fresh segment every `disk_retry` seconds."""
+        delay = float(self.config.get("disk_retry") or 1.0)
+        try:
+            while self.trouble is not None:
+                await asyncio.sleep(delay)
+                if self._snap_task is not None or self.file is None:
+                    continue
+                try:
+                    seq, _state, text = self._take()
+                    await asyncio.to_thread(self._write_snapshot, seq, text)
+                    self.file.rewrite(journal.header(seq))  # a fresh segment (and fd) proves the journal
+                    self._cut_seq, self._synced, self._snap_bytes, self._tail = seq, self._written, len(text), None
+                except OSError as e:
+                    log.debug("disk still failing: %s", e)
+                    continue
+                log.warning("the journal can be written again (after %.1fs): edits are accepted",
+                            time.time() - (self.trouble_since or time.time()))
+                self.trouble = self.trouble_since = None
+                if self.on_trouble is not None:
+                    self.on_trouble(None)
+        finally:
+            self._retry_task = None
 
     def _write_pending(self) -> None:
         data = b"".join(self._pending)
@@ -237,14 +343,13 @@ class Store:
         try:
             self.file.append(data)
         except OSError as e:
-            self.request_snapshot()  # the graph still has the edit: a snapshot may save it yet
-            raise JournalError(e.errno, f"the edit was applied but not written to the journal: {e.strerror or e}") from None
+            raise self._fail(e) from None
         self._written += len(data)
         self.stats["writes"] += 1
         if self._tail is not None:
             self._tail.append(data)
         self._changed()
-        if self.file.size > max(self._snap_bytes, int(self.config.get("journal_min_bytes") or 16384)):
+        if self.file.size > max(self._snap_bytes, int(self.config.get("journal_min_bytes") or JOURNAL_MIN_BYTES)):
             self.request_snapshot()
 
     async def _group_sync(self, upto: int) -> None:
@@ -257,7 +362,7 @@ class Store:
             try:
                 await asyncio.shield(task)
             except OSError as e:
-                raise JournalError(e.errno, f"the journal could not be synced: {e.strerror or e}") from None
+                raise self._fail(e) from None
 
     async def _sync_once(self, target: int) -> None:
         # The task itself records what it made durable before it completes: a waiter that finds
@@ -318,6 +423,18 @@ class Store:
         try:
             await asyncio.to_thread(self._write_snapshot, seq, text)
             self._cut(seq, text)
+            if self._snap_error is not None:
+                log.info("snapshots are written again")
+                self._snap_error = None
+        except OSError as e:  # a full disk: the journal still holds every edit
+            why = str(e.strerror or e)
+            if why != self._snap_error:  # once per cause, not once per try
+                log.warning("snapshot failed (%s); the journal keeps every edit, retrying every %gs", why,
+                            self._retry_delay())
+            self._snap_error = why
+            self._tail = None
+            if self.loop is not None and self._timer is None:
+                self._timer = self.loop.call_later(self._retry_delay(), self._on_timer)
         except Exception:
             log.exception("snapshot failed; the journal keeps every edit, retrying later")
             self._tail = None
@@ -327,13 +444,21 @@ class Store:
             self._snap_task = None
 
     def snapshot(self) -> dict:
-        """Write a snapshot now and cut the journal (save, whole-graph verbs, a clean stop)."""
-        if self._pending:
-            self._write_pending()
-        seq, state, text = self._take()
-        self._write_snapshot(seq, text)
-        self._tail = []  # nothing after seq was written: this snapshot holds all of it
-        self._cut(seq, text)
+        """Write a snapshot now and cut the journal (save, whole-graph verbs, a clean stop).
+        On a full disk the graph goes back to what the disk holds (JournalError)."""
+        try:
+            if self._pending:
+                self._write_pending()
+            seq, state, text = self._take()
+            self._write_snapshot(seq, text)
+            self._tail = []  # nothing after seq was written: this snapshot holds all of it
+            self._cut(seq, text)
+        except JournalError:
+            raise
+        except OSError as e:
+            if not self.enabled:
+                raise
+            raise self._fail(e) from None
         return state
 
     def _take(self) -> tuple[int, dict, bytes]:
@@ -371,6 +496,9 @@ class Store:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+        self._loader = None  # a failing last snapshot is reported, not undone
         if self.enabled:
             self.snapshot()
         self.enabled = False
