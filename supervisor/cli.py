@@ -579,6 +579,14 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    _worker_commands(sub, common)
+    _deploy_commands(sub, common)
+    _fleet_commands(sub, common)
+    return ap
+
+
+def _worker_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """One worker: create, run, inspect, stop, restart, lift, logs, modules."""
     p = sub.add_parser("new", parents=[common], help="create a worker (config, data folder, venv)")
     p.add_argument("--name")
     p.add_argument("--uuid")
@@ -623,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", metavar="NAME", help="package (pkg, pkg==1.2, pkg>=1) or a path in the data folder")
     p.add_argument("--json", action="store_true", help="list as JSON")
 
+
+def _deploy_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The demo, and units for systemd and supervisord."""
     p = sub.add_parser("demo", parents=[common], help="create (if needed) and run a demo worker on loopback")
     p.add_argument("--port", type=int)
     p.add_argument("--seed", help="nodespace.json to seed the demo worker with")
@@ -644,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="with --host: pass --metrics-port to the host")
     p.add_argument("--exec", metavar="PATH", help="absolute path of fn-supervise to run (default: this one)")
 
+
+def _fleet_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Many workers: the FuncNodes Workermanager, and `fn-supervise host`."""
     p = sub.add_parser("workermanager", parents=[common],
                        help="run the FuncNodes Workermanager; the workers it starts run under fn-supervise")
     p.add_argument("--python", metavar="PY", help="interpreter with funcnodes installed (default: `funcnodes` on PATH)")
@@ -665,7 +679,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wm-host", help="with --workermanager: manager host (default: <base>/config.json)")
     p.add_argument("--wm-port", type=int, help="with --workermanager: manager port (default: <base>/config.json)")
     p.add_argument("--monitor-port", type=int, default=0, help="shared subprocess monitor port (default: a free one)")
-    return ap
 
 
 def cmd_host(a: argparse.Namespace, base: Path) -> int:

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -31,6 +34,37 @@ from .forkpool import ForkPool
 log = logging.getLogger("fn-supervise")
 
 FORK_GIVE_UP = 3  # fork servers in a row that die or fail before we stop replacing them
+
+
+def worker_command(python: str, module: str, worker: str, base: Path, *, pin_port: int | None = None,
+                   quarantine: dict[str, str] | None = None) -> list[str]:
+    """`<python> -m <module> worker_<uuid> ...`; the fds (--control-fd, --listen-fd) are added
+    by whoever starts it (WorkerProcess.spawn, or the fork server for its own fd numbers)."""
+    argv = [python, "-m", module, worker, "--dir", str(base)]
+    if pin_port:
+        argv += ["--port", str(pin_port)]
+    if quarantine:
+        argv += ["--quarantine", json.dumps(quarantine)]
+    return argv
+
+
+def project_root() -> str:
+    import worker  # the package our own `worker.channel` came from
+
+    return str(Path(worker.__file__).resolve().parent.parent)
+
+
+def worker_env(python: str, base: Path) -> dict[str, str]:
+    """The worker's environment: ours, unbuffered, its config folder, our PID; this checkout on
+    PYTHONPATH when it runs our own interpreter (no venv: the worker package is ours)."""
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["FUNCNODES_CONFIG_DIR"] = str(base)
+    env["FN_SUPERVISE_PID"] = str(os.getpid())
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        pp = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = project_root() + (os.pathsep + pp if pp else "")
+    return env
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ Exit codes of `fn-supervise run` (also in cli.py):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -45,7 +44,7 @@ from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
 from .files import AlreadyRunning, SupervisorLock, WorkerPaths, clear_leftovers, process_identity
 from .health import HeartbeatMonitor
 from .installs import Installer
-from .launcher import ForkLauncher, Launcher, LaunchSpec
+from .launcher import ForkLauncher, Launcher, LaunchSpec, worker_command, worker_env
 from .policy import RestartPolicy
 from .safemode import Quarantine
 from .statefile import StateFiles
@@ -118,11 +117,6 @@ class Observer(Protocol):
 
     def on_transition(self, sup: "Supervisor", old: State, new: State, name: str, reason: str) -> None: ...
     def on_exit(self, sup: "Supervisor", record: CrashRecord) -> None: ...
-
-
-def project_root() -> str:
-    import worker  # the package our own `worker.channel` came from
-    return str(Path(worker.__file__).resolve().parent.parent)
 
 
 class Supervisor:
@@ -523,23 +517,11 @@ class Supervisor:
         self.notify.extend_timeout(EXTEND_STEP)  # a live venv build: systemd may wait longer
 
     def _worker_argv(self) -> tuple[list[str], dict[str, str]]:
-        """`<python> -m <module> worker_<uuid> ...`; the fds (--control-fd, --listen-fd) are added
-        by whoever starts it (WorkerProcess.spawn, or the fork server for its own fd numbers)."""
-        argv = [self.python, "-m", self.cfg.worker_module, self.paths.name, "--dir", str(self.paths.base)]
-        if self.port and not isinstance(self.worker_cfg.get("port"), int):
-            # no port in the config (the worker chose one): pin it, so a restart comes back on it
-            argv += ["--port", str(self.port)]
-        if self.quarantine.nodes:
-            argv += ["--quarantine", json.dumps(self.quarantine.reasons())]
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["FUNCNODES_CONFIG_DIR"] = str(self.paths.base)
-        env["FN_SUPERVISE_PID"] = str(os.getpid())
-        if os.path.realpath(self.python) == os.path.realpath(sys.executable):
-            pp = env.get("PYTHONPATH")
-            root = project_root()
-            env["PYTHONPATH"] = root + (os.pathsep + pp if pp else "")
-        return argv, env
+        # no port in the config (the worker chose one): pin it, so a restart comes back on it
+        pin = self.port if self.port and not isinstance(self.worker_cfg.get("port"), int) else None
+        argv = worker_command(self.python, self.cfg.worker_module, self.paths.name, self.paths.base, pin_port=pin,
+                              quarantine=self.quarantine.reasons())
+        return argv, worker_env(self.python, self.paths.base)
 
     async def _run_worker(self) -> None:
         """One attempt (attempt.py decides): launch, then events until the worker is gone."""
