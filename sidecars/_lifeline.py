@@ -20,6 +20,12 @@ _libc = None
 FORK_PARENT: int | None = None  # set in a sidecar forked by sidecars/forked.py: the supervisor's pid
 
 
+def set_fork_parent(pid: int) -> None:
+    """In a sidecar just forked from the supervisor: the parent whose death ends it."""
+    global FORK_PARENT
+    FORK_PARENT = pid
+
+
 def _prctl(option: int, arg: int) -> bool:
     global _libc
     if not sys.platform.startswith("linux"):

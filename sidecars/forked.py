@@ -126,7 +126,7 @@ def exit_with(fn: Callable[[], Any]) -> NoReturn:
 def clean_child(keep: set[int], parent: int, death_signal: int | None = None) -> None:
     """In a child just forked from the supervisor: what a fresh interpreter would not have, gone
     (and, with death_signal, that signal when the supervisor dies)."""
-    _lifeline.FORK_PARENT = parent
+    _lifeline.set_fork_parent(parent)
     if death_signal is not None:
         _lifeline.set_parent_death_signal(death_signal, parent)
     _reset_signals()
