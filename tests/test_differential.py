@@ -756,6 +756,12 @@ def pair(stock_py, config_dir, tmp_path):
         async def ready():
             await asyncio.gather(wait_ws(stock.url, stock.proc), wait_ws(ours.url, ours.proc))
         asyncio.run(ready())
+        # Ours answers `uuid` from its I/O thread while the graph still loads (stock loads first,
+        # then listens), so that alone does not mean started: its load events (after_add_shelf,
+        # lib_update, fullsync) would land in the first steps whenever ours loads slower than
+        # stock starts (under load: ours compiles funcnodes-core from source without .pyc).
+        # /readyz is 200 once the graph is loaded.
+        ours.wait_ready(60)
         yield Pair(stock, ours, Norm(sbase, stock.port, stock.proc.pid), Norm(config_dir, ours.port, ours.proc.pid))
     except BaseException:
         print("--- stock output ---\n", stock.output()[-3000:])

@@ -8,8 +8,10 @@ held by a process of another uid; then both sides end to end: a probe run as `no
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
+import struct
 
 import aiohttp
 import pytest
@@ -20,7 +22,7 @@ from peerprobe import NOBODY, as_other_user, hold_as_other_user, require_other_u
 
 import ipaddress
 
-from worker.peers import decide, diag_uid, is_local_peer, parse_uid, peer_uid, proc_uid
+from worker.peers import PeerGate, decide, diag_uid, is_local_peer, parse_uid, peer_hung_up, peer_uid, proc_uid
 
 ME = os.getuid()
 
@@ -127,6 +129,42 @@ def test_peer_uid_of_another_users_connection():
         finally:
             p.stdin.close()
             p.wait(10)
+
+
+class SockTransport:
+    """What PeerGate reads of an asyncio transport, over a real accepted socket (the addresses
+    kept from the accept, as asyncio does: after a reset getpeername() fails)."""
+
+    def __init__(self, sock: socket.socket):
+        self.extra = {"peername": sock.getpeername(), "sockname": sock.getsockname(), "socket": sock}
+
+    def get_extra_info(self, name: str):
+        return self.extra[name]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_peer_that_hung_up_is_refused_without_a_warning_or_a_count(reset, caplog):
+    """A client that resets (or closes) before it is identified leaves no uid to read: it is
+    still not served, but it is the client's doing, not an unknown user at the door."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        c = socket.create_connection(("127.0.0.1", srv.getsockname()[1]))
+        conn, _ = srv.accept()
+        with conn:
+            t = SockTransport(conn)
+            assert not peer_hung_up(t)
+            live = PeerGate(True)
+            assert live.check(t, "/", token_ok=False).allowed  # the owner, while it is there
+            if reset:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+            poll_until(lambda: peer_hung_up(t), 5, what="our end to see the hang-up")
+            gate = PeerGate(True)
+            with caplog.at_level(logging.DEBUG, logger="fn_supervise.peers"):
+                v = gate.check(t, "/", token_ok=False)
+            assert not v.allowed and v.gone and "hung up" in v.reason
+            assert gate.refused == 0 and not caplog.records
 # endregion
 
 

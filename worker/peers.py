@@ -37,6 +37,7 @@ TIME_WAIT = "06"  # a socket without an owner any more: its uid column reads 0
 class Verdict:
     allowed: bool
     reason: str = ""  # one line, for the 403 body and the log
+    gone: bool = False  # refused because the peer hung up before it could be identified
 
 
 def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -163,6 +164,22 @@ def proc_uid(pip: ipaddress.IPv4Address | ipaddress.IPv6Address, pport: int,
     return None
 
 
+# tcpi_state of our end: ESTABLISHED while the peer may still be there; CLOSE after its reset,
+# CLOSE_WAIT / LAST_ACK after its FIN.
+TCP_ESTABLISHED = 1
+
+
+def peer_hung_up(transport: Any) -> bool:
+    """Our end of the connection says the peer reset or closed it (TCP_INFO, no side effect):
+    then its socket is gone, which is why its uid could not be read."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+    except (OSError, AttributeError, ValueError):
+        return False
+    return bool(info) and info[0] != TCP_ESTABLISHED
+
+
 def available() -> bool:
     return os.path.exists(PROC_TABLES[0])  # Linux (netlink sock_diag, or /proc as the fallback)
 
@@ -205,6 +222,10 @@ class PeerGate:
                 pass
         v = decide(enabled=True, path=path, peer_ip=peer[0], local_ip=ours[0], token_ok=token_ok,
                    peer_uid=None if uid == -1 else uid, owner_uid=self.owner_uid)
+        if not v.allowed and uid is None and peer_hung_up(transport):
+            # A client that gave up (a reset mid-handshake): nobody is there to refuse, so no
+            # warning about an unknown user and no count; still not served.
+            return Verdict(False, "the peer hung up before it could be identified", gone=True)
         if not v.allowed:
             self.refused += 1
             if uid not in self._logged and len(self._logged) < 1024:

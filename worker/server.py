@@ -500,6 +500,10 @@ class WorkerServer:
         if request.method == "OPTIONS" or self.open_route(request):
             path = "/healthz"  # as open to every local user as to every remote one
         verdict = self.peers.check(request.transport, path, bool(self.token()) and self.authorized(request))
+        if verdict.gone:  # the client's doing, as in handle_ws: one debug line
+            upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+            log.debug("client %s hung up during the %s (%s)", request.remote,
+                      "WebSocket handshake" if upgrade else "request", verdict.reason)
         if not verdict.allowed:
             return web.Response(status=403, text=verdict.reason + "\n")
         return await handler(request)
