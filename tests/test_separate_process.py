@@ -139,3 +139,42 @@ def test_child_memory_counts_and_no_child_outlives_a_cancel_or_the_worker(config
     finally:
         assert w.stop() == 0
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_worker_killed_takes_its_child_and_replayed_nodes_still_fork(config_dir, port):
+    w = _start(config_dir, "sep3", port)
+    wpid = w.proc.pid
+
+    async def build():
+        async with Client(w.url) as c:
+            await c.cmd("add_node", id="sep.pid", uuid="p")
+            await c.cmd("add_node", id="sep.hold", uuid="h")
+            await c.cmd("set_io_value", nid="h", ioid="mb", value=1)
+            return poll_until(lambda: [p for p in _children_of(wpid) if p.pid != wpid], 30, what="child")
+
+    try:
+        kids = run(build())
+        w.kill9()  # no stop, no kill_all: the parent-death signal ends the child
+        poll_until(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in kids), 10,
+                   what="the child of the killed worker gone")
+    finally:
+        w.stop()
+
+    # the graph comes back from the journal; its separate_process node still runs in a child
+    w = WorkerProc(config_dir, "sep3", port).wait_ready()
+
+    async def again():
+        async with Client(w.url) as c:
+            await c.cmd("remove_node", id="h")
+            await c.cmd("set_io_value", nid="p", ioid="x", value=2)
+            for _ in range(500):
+                v = await c.cmd("get_io_value", nid="p", ioid="out")
+                if isinstance(v, int):
+                    return v
+                await asyncio.sleep(0.02)
+
+    try:
+        child = run(again())
+        assert isinstance(child, int) and child != w.proc.pid
+    finally:
+        assert w.stop() == 0
