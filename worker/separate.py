@@ -148,13 +148,6 @@ def _reap(pid: int, pidfd: int) -> int | None:
     return status
 
 
-def _reap_later(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int) -> None:
-    def done() -> None:
-        loop.remove_reader(pidfd)
-        _reap(pid, pidfd)
-    loop.add_reader(pidfd, done)
-
-
 async def run(func: Callable, args: tuple, kwargs: dict) -> Any:
     """func(*args, **kwargs) in a child forked now; its value, or its exception, comes back."""
     loop = asyncio.get_running_loop()
@@ -176,7 +169,8 @@ async def run(func: Callable, args: tuple, kwargs: dict) -> Any:
     _live[pid] = pidfd
     os.set_blocking(r, False)
     buf = bytearray()
-    exited = loop.create_future()
+    done = loop.create_future()  # the whole reply is in, or the child ended
+    ended: list[int | None] = []  # its wait status, once reaped
 
     def on_data() -> None:
         try:
@@ -185,36 +179,38 @@ async def run(func: Callable, args: tuple, kwargs: dict) -> Any:
             loop.remove_reader(r)  # EOF
         except BlockingIOError:
             pass
+        n = _HEADER.size
+        if len(buf) >= n and len(buf) - n >= _HEADER.unpack_from(buf)[0] and not done.done():
+            done.set_result(None)  # no need to wait for its exit (half the cost): reaped below, later
+
+    def on_exit() -> None:
+        loop.remove_reader(pidfd)
+        ended.append(_reap(pid, pidfd))
+        if not done.done():
+            done.set_result(None)
 
     loop.add_reader(r, on_data)
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-    reaped = False
+    loop.add_reader(pidfd, on_exit)
     try:
-        await exited
-        loop.remove_reader(pidfd)
-        on_data()  # the child is gone: what it wrote is all in the pipe
-        status = _reap(pid, pidfd)
-        reaped = True
+        await done
+        if ended:
+            on_data()  # the child is gone: what it wrote is all in the pipe
     except BaseException:  # cancelled (the run, or the worker stopping): the child goes too
-        loop.remove_reader(pidfd)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        _reap_later(loop, pid, pidfd)
-        reaped = True
+        if not ended:
+            try:
+                os.kill(pid, signal.SIGKILL)  # on_exit reaps it
+            except ProcessLookupError:
+                pass
         raise
     finally:
-        if not reaped:
-            _reap_later(loop, pid, pidfd)
         loop.remove_reader(r)
         os.close(r)
-    return _result(bytes(buf), status, pid)
+    return _result(bytes(buf), ended[0] if ended else None, pid)
 
 
 def _result(data: bytes, status: int | None, pid: int) -> Any:
     n = _HEADER.size
-    if len(data) < n or len(data) - n != _HEADER.unpack_from(data)[0]:
+    if len(data) < n or len(data) - n < _HEADER.unpack_from(data)[0]:
         raise SeparateProcessError(f"the node's separate process (pid {pid}) {_describe(status)}")
     reply = pickle.loads(data[n:])
     if reply[0] == "ok":
