@@ -31,6 +31,17 @@ async def _error_of(c: Client, nid: str) -> str:
     return e["data"]["error"]
 
 
+async def _pid_of_run(c: Client, nid: str, x: int) -> int:
+    """Trigger the sep.pid node nid; the PID its function ran in."""
+    await c.cmd("set_io_value", nid=nid, ioid="x", value=x)
+    for _ in range(500):
+        v = await c.cmd("get_io_value", nid=nid, ioid="out")
+        if isinstance(v, int):
+            return v
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{nid} returned no pid")
+
+
 def test_results_come_back_and_crashes_fail_only_the_run(config_dir, port):
     w = _start(config_dir, "sep1", port)
     wpid = w.proc.pid
@@ -38,14 +49,8 @@ def test_results_come_back_and_crashes_fail_only_the_run(config_dir, port):
     async def go():
         async with Client(w.url) as c:
             await c.cmd("add_node", id="sep.pid", uuid="p")
-            await c.cmd("set_io_value", nid="p", ioid="x", value=1)
-            child = None
-            for _ in range(500):
-                child = await c.cmd("get_io_value", nid="p", ioid="out")
-                if isinstance(child, int):
-                    break
-                await asyncio.sleep(0.02)
-            assert isinstance(child, int) and child != wpid, (child, wpid)
+            child = await _pid_of_run(c, "p", 1)
+            assert child != wpid, (child, wpid)
             poll_until(lambda: not psutil.pid_exists(child), 10, what="the child reaped")
 
             # a separate_thread node stays in the worker (the flag we changed is only separate_process)
@@ -147,9 +152,9 @@ def test_worker_killed_takes_its_child_and_replayed_nodes_still_fork(config_dir,
 
     async def build():
         async with Client(w.url) as c:
-            await c.cmd("add_node", id="sep.pid", uuid="p")
             await c.cmd("add_node", id="sep.hold", uuid="h")
             await c.cmd("set_io_value", nid="h", ioid="mb", value=1)
+            await c.cmd("add_node", id="sep.pid", uuid="p")  # runs after the restart below
             return poll_until(lambda: [p for p in _children_of(wpid) if p.pid != wpid], 30, what="child")
 
     try:
@@ -166,12 +171,7 @@ def test_worker_killed_takes_its_child_and_replayed_nodes_still_fork(config_dir,
     async def again():
         async with Client(w.url) as c:
             await c.cmd("remove_node", id="h")
-            await c.cmd("set_io_value", nid="p", ioid="x", value=2)
-            for _ in range(500):
-                v = await c.cmd("get_io_value", nid="p", ioid="out")
-                if isinstance(v, int):
-                    return v
-                await asyncio.sleep(0.02)
+            return await _pid_of_run(c, "p", 2)
 
     try:
         child = run(again())
