@@ -148,9 +148,8 @@ def test_child_memory_counts_and_no_child_outlives_a_cancel_or_the_worker(config
 
 def test_worker_killed_takes_its_child_and_replayed_nodes_still_fork(config_dir, port):
     w = _start(config_dir, "sep3", port)
-    wpid = w.proc.pid
 
-    async def build():
+    async def build(wpid: int):
         async with Client(w.url) as c:
             await c.cmd("add_node", id="sep.hold", uuid="h")
             await c.cmd("set_io_value", nid="h", ioid="mb", value=1)
@@ -158,7 +157,7 @@ def test_worker_killed_takes_its_child_and_replayed_nodes_still_fork(config_dir,
             return poll_until(lambda: [p for p in _children_of(wpid) if p.pid != wpid], 30, what="child")
 
     try:
-        kids = run(build())
+        kids = run(build(w.proc.pid))
         w.kill9()  # no stop, no kill_all: the parent-death signal ends the child
         poll_until(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in kids), 10,
                    what="the child of the killed worker gone")
