@@ -177,3 +177,33 @@ def test_worker_killed_takes_its_child_and_replayed_nodes_still_fork(config_dir,
         assert isinstance(child, int) and child != w.proc.pid
     finally:
         assert w.stop() == 0
+
+
+def test_supervised_a_crash_in_the_child_is_no_worker_crash_and_memory_max_counts_it(
+        config_dir, port, tmp_path, sup_procs):
+    """Under the supervisor, worker forked by the fork server: a child that SIGKILLs itself costs
+    no restart; a child past memory_max gets the worker's group killed and recorded like any node."""
+    from harness import make_worker, running_worker, start_supervisor, state
+
+    paths = make_worker(config_dir, port, memory_max="300MB", memory_interval=0.1, heartbeat_timeout=10.0)
+    paths.update_config(package_dependencies=DEPS)
+    sup_procs.append(start_supervisor(paths, tmp_path))
+    pid = poll_until(lambda: running_worker(paths), 60, what="worker ready")
+    url = f"http://127.0.0.1:{port}"
+
+    async def crash_then_grow():
+        async with Client(url) as c:
+            await c.cmd("add_node", id="sep.sigkill", uuid="k")
+            await c.cmd("set_io_value", nid="k", ioid="x", value=1)
+            assert "was killed by SIGKILL" in await _error_of(c, "k")
+            await c.cmd("add_node", id="sep.pid", uuid="p")
+            child = await _pid_of_run(c, "p", 1)
+            assert child != pid and await c.cmd("uuid") == paths.name.removeprefix("worker_")
+            st = state(paths)
+            assert running_worker(paths) == pid and not st.get("crashes") and st.get("restarts", 0) == 0, st
+            await c.cmd("add_node", id="sep.hold", uuid="h")
+            await c.cmd("set_io_value", nid="h", ioid="mb", value=400)
+
+    run(crash_then_grow())
+    crash = poll_until(lambda: (state(paths).get("crashes") or [None])[0], 30, what="the memory kill")
+    assert crash["reason"] == "memory_limit" and crash["node"] == "h", crash
