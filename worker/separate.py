@@ -18,6 +18,7 @@ killed when the run is cancelled, when the worker stops (kill_all) or dies (pare
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import select
@@ -58,6 +59,7 @@ def _child(func: Callable, args: tuple, kwargs: dict, w: int, parent: int) -> No
     """
     code = 0
     try:
+        gc.freeze()  # the worker's objects: never scanned (their pages stay shared), never finalized here
         for fd in _pipes - {w}:
             try:
                 os.close(fd)
