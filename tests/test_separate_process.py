@@ -189,10 +189,9 @@ def test_supervised_a_crash_in_the_child_is_no_worker_crash_and_memory_max_count
     paths.update_config(package_dependencies=DEPS)
     sup_procs.append(start_supervisor(paths, tmp_path))
     pid = poll_until(lambda: running_worker(paths), 60, what="worker ready")
-    url = f"http://127.0.0.1:{port}"
 
     async def crash_then_grow():
-        async with Client(url) as c:
+        async with Client(f"http://127.0.0.1:{port}") as c:
             await c.cmd("add_node", id="sep.sigkill", uuid="k")
             await c.cmd("set_io_value", nid="k", ioid="x", value=1)
             assert "was killed by SIGKILL" in await _error_of(c, "k")
