@@ -19,7 +19,7 @@ LAYERS = [
     {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
      "plugins", "wakeup", "__init__"},
     {"config", "control", "install", "modules", "pyproject"},
-    {"tls"},
+    {"tls", "separate"},  # separate: separate_process=True nodes run in a forked child
     {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},
     {"graph"},

@@ -21,13 +21,16 @@ _PR_SET_PDEATHSIG = 1
 LIFELINE_GRACE = 3.0  # seconds a stuck worker gets to exit by itself after the supervisor is gone
 
 
+try:  # resolved once: a child forked from a threaded worker (worker/separate.py) must not dlopen
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to kill us when the supervisor dies (Linux only; set by the child itself)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    """Ask the kernel to kill us when our parent dies (Linux only; set by the child itself)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 class ControlChannel:

@@ -67,6 +67,9 @@ def preload(deps: dict) -> list[str]:
         importlib.import_module(m)
         done.append(m)
     from worker.packages import is_project, module_name  # noqa: PLC0415
+    from worker.separate import install  # noqa: PLC0415
+
+    install()  # before the dependencies: their separate_process=True nodes must fork, not thread
 
     for name, dep in (deps if isinstance(deps, dict) else {}).items():
         if not isinstance(dep, dict):

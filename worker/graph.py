@@ -12,9 +12,10 @@ from typing import Any, Callable
 
 import funcnodes_core as fn
 
-from . import effects, persistence
+from . import effects, persistence, separate
 
 log = logging.getLogger("fn_supervise.worker.graph")
+separate.install()  # before any node module loads: separate_process=True nodes then run in a child
 
 
 class Graph:

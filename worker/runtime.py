@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from . import codec, control
+from . import codec, control, separate
 from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
@@ -223,6 +223,8 @@ class WorkerRuntime:
         self.broadcast(codec.workerevent("stopping"))
         for t in self._tasks:
             t.cancel()
+        if killed := separate.kill_all():  # separate_process children in flight: none outlives the worker
+            log.info("stopped the separate processes %s of running nodes", killed)
         if self.saving_enabled:
             try:
                 self.store.close()  # nodespace.json then holds everything; the journal is cut
