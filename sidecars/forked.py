@@ -55,6 +55,7 @@ class ForkedSidecar:
         sys.stdout.flush()
         sys.stderr.flush()
         parent = os.getpid()
+        gc.collect()  # what is garbage now would stay frozen, uncollected, on both sides
         gc.freeze()  # see the module's docstring: stays frozen on both sides
         try:
             pid = os.fork()

@@ -490,9 +490,3 @@ class SidecarKeeper:
     def _kill(self) -> None:
         self._eof_kill_handle = None
         self._signal(signal.SIGKILL)
-
-
-# Old names, kept only while branches written against them are merged (issue 15 renamed them:
-# "host" is the address a worker binds, "policy" the supervisor's restart policy). Remove after.
-SidecarHost = SidecarKeeper
-RestartPolicy = CrashBudget

@@ -104,6 +104,7 @@ def prepare() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     parent = os.getpid()
+    gc.collect()  # what is garbage now would stay frozen, uncollected, on both sides
     gc.freeze()  # neither side's collector scans what they share: the pages stay shared (forked.py)
     try:
         pid = os.fork()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -101,46 +102,88 @@ class MemoryPolicy:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+_HAS_PROC = os.path.isdir("/proc/self")  # else psutil (imported only then: ~4 MB the supervisor spares)
+
+
 def _children(pid: int) -> list[int]:
+    if not _HAS_PROC:
+        import psutil  # noqa: PLC0415
+
+        try:
+            return [c.pid for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
     out: list[int] = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 out.extend(int(c) for c in f.read().split())
     except (OSError, ValueError):
-        import psutil  # noqa: PLC0415 (no /proc: the fallback; ~4 MB the supervisor spares otherwise)
-
-        try:
-            return [c.pid for c in psutil.Process(pid).children()]
-        except psutil.Error:
-            return []
+        pass  # gone meanwhile (a separate_process child ends all the time): nothing more to count
     return out
 
 
 def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+    if not _HAS_PROC:
         import psutil  # noqa: PLC0415
 
         try:
             return psutil.Process(pid).memory_info().rss
         except psutil.Error:
             return 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
-def tree_rss(pid: int) -> int:
-    """RSS of pid and every descendant (reads a few small /proc files, no full /proc scan)."""
-    total, todo, seen = 0, [pid], set()
+def _pss(pid: int) -> int:
+    """Proportional set size: a page shared by n processes counts 1/n in each."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _rss(pid) if not _HAS_PROC else 0
+
+
+def tree_pids(pid: int) -> list[int]:
+    """pid and every descendant (a few small /proc files, no full /proc scan)."""
+    out, todo, seen = [], [pid], set()
     while todo:
         p = todo.pop()
         if p in seen:
             continue
         seen.add(p)
-        total += _rss(p)
+        out.append(p)
         todo.extend(_children(p))
-    return total
+    return out
+
+
+def tree_memory(pids: list[int]) -> int:
+    """The tree's memory: RSS for a lone process (cheap: statm); PSS summed once it has children,
+    since a forked child (separate_process) shares the worker's pages and RSS would count them twice."""
+    if len(pids) == 1:
+        return _rss(pids[0])
+    return sum(_pss(p) for p in pids)
+
+
+def tree_rss(pid: int) -> int:
+    """The memory of pid's whole tree (see tree_memory)."""
+    return tree_memory(tree_pids(pid))
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL what the last sample counted: descendants that left the worker's process group
+    (a new session) would otherwise outlive the kill and keep their memory."""
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class MemoryWatch:
@@ -148,15 +191,17 @@ class MemoryWatch:
 
     def __init__(self, pid: int, policy: MemoryPolicy, interval: float,
                  on_decision: Callable[[MemoryDecision], None], alive: Callable[[], bool],
-                 sample: Callable[[int], int] = tree_rss):
+                 sample: Callable[[list[int]], int] = tree_memory):
         self.pid, self.policy, self.interval = pid, policy, interval
         self.on_decision, self.alive, self.sample = on_decision, alive, sample
         self.last: MemoryDecision | None = None
+        self.pids: list[int] = []  # what the last sample walked (kill_all's list)
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while self.alive():
-            d = self.last = self.policy.observe(self.sample(self.pid))
+            self.pids = tree_pids(self.pid)
+            d = self.last = self.policy.observe(self.sample(self.pids))
             if d.action != "ok":
                 self.on_decision(d)
             if self.policy.killed:

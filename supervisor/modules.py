@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any, Callable
 
+from worker.tls import scheme as tls_scheme
+
 from .files import WorkerPaths
 
 INSTALL_TIMEOUT = 960.0  # the worker's own install bound (900 s), plus a margin
@@ -43,7 +45,7 @@ def _url(cfg: dict[str, Any]) -> str:
         host = "127.0.0.1"  # a worker listening everywhere answers on loopback too
     if ":" in host:
         host = f"[{host}]"
-    return f"{'wss' if cfg.get('ssl') else 'ws'}://{host}:{cfg.get('port')}/"
+    return f"{tls_scheme(cfg)}://{host}:{cfg.get('port')}/"
 
 
 async def call(paths: WorkerPaths, cmd: str, kwargs: dict, timeout: float,
@@ -60,7 +62,7 @@ async def call(paths: WorkerPaths, cmd: str, kwargs: dict, timeout: float,
     async with aiohttp.ClientSession() as s:
         try:
             # ssl=False: our own worker on loopback, with the certificate it made for itself
-            ws = await s.ws_connect(_url(cfg), headers=headers, max_msg_size=0, ssl=False if cfg.get("ssl") else None,
+            ws = await s.ws_connect(_url(cfg), headers=headers, max_msg_size=0, ssl=False if tls_scheme(cfg) == "wss" else None,
                                     timeout=aiohttp.ClientWSTimeout(ws_close=5))
         except (aiohttp.ClientError, OSError) as e:
             raise NotRunning(f"{paths.name} is not running ({e}); start it: fn-supervise run {paths.name}") from None

@@ -548,6 +548,8 @@ class Supervisor:
                     if a.on_memory(detail) is not None:
                         self.logfile.event(f"killing worker {w.pid}: {detail}")
                         w.signal(signal.SIGKILL)
+                        if self.memory_watch is not None:  # counted, so killed: also outside the group
+                            memory.kill_all(self.memory_watch.pids)
                 case Eof(worker) if worker is w:
                     a.on_eof(w.alive)
                 case Exit(worker) if worker is w:

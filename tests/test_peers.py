@@ -199,6 +199,14 @@ def metric(url, name):
     raise AssertionError(f"{name} not in /metrics")
 
 
+async def _get(url: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url) as r:
+            return await r.text()
+
+
 def test_another_user_is_refused_the_owner_served(worker, config_dir, port):
     files = config_dir / "workers" / "worker_p1" / "files"
     r = as_other_user({"op": "ws", "host": "127.0.0.1", "port": port, "path": "/", "send": UUID_CMD})
@@ -213,6 +221,9 @@ def test_another_user_is_refused_the_owner_served(worker, config_dir, port):
     for probe in ("/healthz", "/readyz"):
         r = as_other_user({"op": "http", "host": "127.0.0.1", "port": port, "method": "GET", "path": probe})
         assert r["status"] == 200, (probe, r)
+        assert set(json.loads(r["body"])) <= {"status", "uuid"}, r  # health, nothing beyond
+    health = json.loads(run(_get(worker.url + "/healthz")))
+    assert {"clients", "journal"} <= set(health), health  # the owner sees the details
 
     async def owner():
         async with Client(worker.url) as c:

@@ -722,8 +722,3 @@ class Commands:
         self.host.loop.call_later(0.05, self.host.request_stop, "stop_worker")
         return True
     # endregion
-
-
-# Old name, kept only while branches written against it are merged (issue 15: "host" is the
-# address a worker binds). Remove after.
-Host = WorkerSide

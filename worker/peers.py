@@ -208,8 +208,22 @@ class PeerGate:
         self._uids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def check(self, transport: Any, path: str, token_ok: bool) -> Verdict:
-        if not self.enabled or transport is None:
+        """The verdict for a request; a refusal is counted and logged (once per uid)."""
+        v = self.verdict(transport, path, token_ok)
+        if not v.allowed and not v.gone:
+            self.refused += 1
+            uid = self._uids.get(transport) if transport is not None else None
+            if uid not in self._logged and len(self._logged) < 1024:
+                self._logged.add(uid)
+                log.warning("%s: %s", self.what, v.reason)
+        return v
+
+    def verdict(self, transport: Any, path: str, token_ok: bool) -> Verdict:
+        """The verdict alone, nothing counted or logged (what /healthz asks to decide how much to say)."""
+        if not self.enabled:
             return Verdict(True)
+        if transport is None:  # aiohttp drops it at connection_lost: nobody left to serve
+            return Verdict(path in OPEN_PATHS or token_ok, "the peer hung up before it could be identified", gone=True)
         peer, ours = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         if not (isinstance(peer, tuple) and isinstance(ours, tuple)):
             return Verdict(True)  # a Unix socket: only its mode bits let anyone in
@@ -226,9 +240,4 @@ class PeerGate:
             # A client that gave up (a reset mid-handshake): nobody is there to refuse, so no
             # warning about an unknown user and no count; still not served.
             return Verdict(False, "the peer hung up before it could be identified", gone=True)
-        if not v.allowed:
-            self.refused += 1
-            if uid not in self._logged and len(self._logged) < 1024:
-                self._logged.add(uid)
-                log.warning("%s: %s", self.what, v.reason)
         return v

@@ -167,7 +167,13 @@ async def run(func: Callable, args: tuple, kwargs: dict) -> Any:
         _child(func, args, kwargs, w, me)
     _pipes.difference_update((r, w))
     os.close(w)
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # out of fds: the child must not outlive a run nobody waits for
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(r)
+        raise
     _live[pid] = pidfd
     os.set_blocking(r, False)
     buf = bytearray()

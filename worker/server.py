@@ -865,9 +865,14 @@ class WorkerServer:
     # region other HTTP
     async def handle_healthz(self, request: web.Request) -> web.Response:
         journal = self.backend.journal_health()
-        return web.json_response({"status": "ok" if journal["writable"] else "degraded", "uuid": self.backend.uuid,
-                                  "clients": len(self.clients), "journal": journal,
-                                  "staged_messages": len(self.large), "staged_bytes": self.large_bytes})
+        body = {"status": "ok" if journal["writable"] else "degraded", "uuid": self.backend.uuid}
+        # Open to every prober (other local users, remote ones without the token): health only.
+        # The details are for those the worker would serve anyway.
+        token_ok = bool(self.token()) and self.authorized(request)
+        if (token_ok or not self.token()) and self.peers.verdict(request.transport, "/", token_ok).allowed:
+            body.update(clients=len(self.clients), journal=journal,
+                        staged_messages=len(self.large), staged_bytes=self.large_bytes)
+        return web.json_response(body)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         body, ctype = self.backend.metrics.render()  # worker/metrics.py (thread-safe: the library locks)
