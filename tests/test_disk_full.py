@@ -8,6 +8,7 @@ the "diskfull:PATH" fault point (ENOSPC while PATH exists), which runs everywher
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -91,6 +92,19 @@ async def _disk_full_round(url: str, fill, free, on_full=None) -> set[str]:
         return await _nodes(c)
 
 
+def _round_then_kill9(config_dir, uid: str, port: int, w: WorkerProc, round_):
+    """Run the round against w, kill -9 it, start it again: (the round's result, what it holds)."""
+    try:
+        out = run(round_)
+    finally:
+        w.kill9()
+    w.log.close()
+    w2 = WorkerProc(config_dir, uid, port).wait_ready()
+    held = run(_held(w2.url))
+    assert w2.stop() == 0
+    return out, held
+
+
 async def _held(url: str) -> tuple[set[str], object]:
     async with Client(url) as c:
         return await _nodes(c), await c.cmd("get_io_value", nid="a", ioid="value")
@@ -132,14 +146,8 @@ def test_full_tmpfs_refuses_edits_serves_reads_and_recovers(config_dir, port, tm
     write_config(config_dir, uid, data_path=str(tmpfs / "data"), disk_retry=0.1, save_delay=0.05,
                  durability=durability)
     w = WorkerProc(config_dir, uid, port).wait_ready()
-    try:
-        acked = run(_disk_full_round(w.url, lambda: _fill(tmpfs), lambda: (tmpfs / "filler").unlink()))
-    finally:
-        w.kill9()
-    w.log.close()
-    w2 = WorkerProc(config_dir, uid, port).wait_ready()
-    nodes, value = run(_held(w2.url))
-    assert w2.stop() == 0
+    acked, (nodes, value) = _round_then_kill9(config_dir, uid, port, w, _disk_full_round(
+        w.url, lambda: _fill(tmpfs), lambda: (tmpfs / "filler").unlink()))
     assert nodes == acked and "after" in nodes
     assert value == 8
     out = (config_dir / f"worker_{uid}.test.log").read_text()
@@ -179,3 +187,198 @@ def test_disk_full_fault_point_under_the_supervisor_shows_in_status(config_dir, 
         assert nodes == acked and value == 8
     finally:
         stop_supervisor(sup, 20)
+
+
+# region the undo is exact (review items 1, 2, 3, 9, 10, 16)
+def test_failed_fdatasync_undoes_the_edit_for_good(config_dir, port, tmp_path):
+    """durability=fsync: write(2) took the record, fdatasync failed. The edit is refused and must
+    stay undone: not in the graph now, not after the retry's snapshot, not after a kill -9."""
+    flag = tmp_path / "sync-fails"
+    uid = "syncfail"
+    write_config(config_dir, uid, disk_retry=0.1, save_delay=0.05, durability="fsync")
+    w = WorkerProc(config_dir, uid, port, env={"FN_SUPERVISE_FAULT": f"syncfail:{flag}"}).wait_ready()
+
+    async def go():
+        async with Client(w.url) as c:
+            await c.cmd("add_node", id="demo.number", uuid="a")
+            flag.touch()
+            with pytest.raises(RPCError, match="refused and undone.*Input/output error"):
+                await c.cmd("add_node", id="demo.number", uuid="b")
+            assert await _nodes(c) == {"a"}
+            flag.unlink()
+            await _until(lambda: _journal_writable(w.url), 20, "the journal writable again")
+            assert await _nodes(c) == {"a"}
+
+    _, (nodes, _) = _round_then_kill9(config_dir, uid, port, w, go())
+    assert nodes == {"a"}
+
+
+def _store_world(tmp_path, loop, config):
+    from test_journal_replay import _demo, _world
+
+    return _world(tmp_path, loop, _demo(), config)
+
+
+def test_failed_group_sync_refuses_every_waiter_and_undoes_once(tmp_path, monkeypatch):
+    from worker import journal
+    from worker.effects import OPS
+    from worker.store import JournalError
+
+    flag = tmp_path / "sync-fails"
+    monkeypatch.setattr(journal, "_FAULT", f"syncfail:{flag}")
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        g, store, cmds = _store_world(tmp_path, loop, {"save_delay": 3600, "disk_retry": 3600, "durability": "fsync"})
+        store.load(g.apply_state, g.apply_record, OPS)
+        store.open(loop)
+        restores = []
+        store.on_restore = lambda: restores.append(1)
+        cmds.call("add_node", {"id": "demo.number", "uuid": "a"})
+        await store.flush()
+        size = store.file.size
+        flag.touch()
+        mine = []
+        for i in range(5):  # as dispatch does: call, write(2), then wait for the shared fdatasync
+            cmds.call("add_node", {"id": "demo.number", "uuid": f"n{i}"})
+            assert not store.write_now()
+            mine.append(store.mine)
+        results = await asyncio.gather(*(store.flush(m) for m in mine), return_exceptions=True)
+        assert all(isinstance(r, JournalError) for r in results), results
+        assert len(restores) == 1
+        assert [n.uuid for n in g.nodespace.nodes] == ["a"]
+        assert store.file.size == size == store.journal_path.stat().st_size
+        assert store.stats["refused"] == 5
+        # a read's wait for the same sync is no refusal
+        await store.flush()
+        store._retry_task.cancel()
+        store.file.close()
+        g2, store2, _ = _store_world(tmp_path, loop, {})
+        store2.load(g2.apply_state, g2.apply_record, OPS)
+        assert [n.uuid for n in g2.nodespace.nodes] == ["a"]
+
+    asyncio.run(go())
+
+
+def test_restore_keeps_a_snapshot_threads_temp_file(tmp_path):
+    from worker.effects import OPS
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        g, store, cmds = _store_world(tmp_path, loop, {"save_delay": 3600})
+        store.load(g.apply_state, g.apply_record, OPS)
+        store.open(loop)
+        tmp = store.paths.data / ".nodespace.json.inflight.tmp"  # what write_durably writes meanwhile
+        tmp.write_bytes(b"{")
+        store.restore()
+        assert tmp.exists()
+        store.file.close()
+
+    asyncio.run(go())
+
+
+def test_a_verb_failing_half_way_is_saved_by_a_snapshot(tmp_path):
+    from worker.commands import Commands, command
+    from worker.effects import OPS
+
+    class HalfWay(Commands):
+        @command(mutates=True)
+        def add_then_fail(self):
+            self.ns.add_node_instance(self.ns.lib.get_node_by_id("demo.number")(uuid="half"))
+            raise RuntimeError("failed half-way")
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        g, store, cmds = _store_world(tmp_path, loop, {"save_delay": 0.05})
+        cmds = HalfWay(g, store, cmds.host, cmds.local)
+        store.load(g.apply_state, g.apply_record, OPS)
+        store.open(loop)
+        before = store.stats["snapshots"]
+        with pytest.raises(RuntimeError, match="half-way"):
+            cmds.call("add_then_fail", {})
+        await _until(lambda: _true(store.stats["snapshots"] > before and store._snap_task is None), 10,
+                     "a snapshot of the half-done change")
+        store.file.close()
+        g2, store2, _ = _store_world(tmp_path, loop, {})
+        store2.load(g2.apply_state, g2.apply_record, OPS)
+        assert "half" in [n.uuid for n in g2.nodespace.nodes]
+
+    asyncio.run(go())
+
+
+async def _true(v):
+    return v
+
+
+def test_disk_retry_waits_at_least_save_delay(tmp_path, monkeypatch):
+    """One retry delay, max(disk_retry, save_delay), for the retry and the background snapshot."""
+    import time
+
+    from worker import journal
+    from worker.effects import OPS
+    from worker.store import JournalError
+
+    flag = tmp_path / "full"
+    monkeypatch.setattr(journal, "_FAULT", f"diskfull:{flag}")
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        g, store, cmds = _store_world(tmp_path, loop, {"save_delay": 0.6, "disk_retry": 0.05})
+        store.load(g.apply_state, g.apply_record, OPS)
+        store.open(loop)
+        flag.touch()
+        cmds.call("add_node", {"id": "demo.number", "uuid": "a"})
+        with pytest.raises(JournalError):
+            store.write_now()
+        started = time.monotonic()
+        flag.unlink()
+        await _until(lambda: _true(store.trouble is None), 10, "the retry to succeed")
+        assert time.monotonic() - started >= 0.6
+        store.file.close()
+
+    asyncio.run(go())
+
+
+def test_import_on_a_full_disk_is_refused_whole(config_dir, port, tmp_path):
+    """The disk fills before the import: its snapshot fails, and nothing of it stays (no files/,
+    no graph, no config). While the journal is known to be unwritable, import_worker is refused
+    before it starts, like update_from_export."""
+    import base64
+    import io
+    import zipfile
+
+    flag = tmp_path / "disk-is-full"
+    uid = "imp_full"
+    write_config(config_dir, uid, disk_retry=3600)
+    w = WorkerProc(config_dir, uid, port, env={"FN_SUPERVISE_FAULT": f"diskfull:{flag}"}).wait_ready()
+    data = config_dir / "workers" / f"worker_{uid}"
+    cfgfile = config_dir / "workers" / f"worker_{uid}.json"
+    state = {"backend": {"nodes": [{"id": "n", "node_id": "demo.number", "io": {}}], "edges": [], "prop": {}},
+             "view": {}, "meta": {}, "external_workers": {}}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("config", "{}")
+        z.writestr("state", json.dumps(state))
+        z.writestr("files/new.txt", "new")
+    export = base64.b64encode(buf.getvalue()).decode()
+
+    async def go():
+        async with Client(w.url) as c:
+            await c.cmd("add_node", id="demo.number", uuid="keep")
+            cfg_before = cfgfile.read_text()
+            flag.touch()
+            with pytest.raises(RPCError, match="refused and undone"):
+                await c.cmd("import_worker", data=export, timeout=60)
+            assert await _nodes(c) == {"keep"}
+            assert not (data / "files" / "new.txt").exists()
+            assert cfgfile.read_text() == cfg_before
+            with pytest.raises(RPCError, match="nothing was changed"):
+                await c.cmd("import_worker", data=export, timeout=60)
+            assert not (data / "files" / "new.txt").exists()
+
+    try:
+        run(go())
+    finally:
+        flag.unlink(missing_ok=True)
+        assert w.stop() == 0
+# endregion

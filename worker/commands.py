@@ -60,7 +60,7 @@ ADD_NODE_KWARGS = {
 
 # Verbs that replace the whole graph (a snapshot, not records): refused like edits while the
 # journal cannot be written (a full disk), since their result could not be kept either.
-WHOLE_GRAPH = frozenset({"load_data", "update", "update_from_export", "remove_package_dependency"})
+WHOLE_GRAPH = frozenset({"load_data", "update", "update_from_export", "import_worker", "remove_package_dependency"})
 
 
 def _shape(func: Callable) -> tuple:
@@ -138,10 +138,10 @@ class Commands:
         try:
             res = func(**kwargs)
         except BaseException:
+            self.store.covered -= 1  # first: touch() does nothing while covered
             self.store.touch()  # a verb that failed half-way: not acknowledged, saved soon anyway
             raise
-        finally:
-            self.store.covered -= 1
+        self.store.covered -= 1
         touched = {kwargs["nid"]} if isinstance(kwargs.get("nid"), str) else set()
         for rec in self._effects:
             self.store.feed(rec)  # the one feed site
@@ -496,12 +496,13 @@ class Commands:
         if self._importing is None:
             self._importing = asyncio.Lock()
         async with self._importing:
-            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install)
+            # The snapshot is taken before files/ are committed, inside apply's rollback: a full
+            # disk refuses the whole import. Config and pyproject follow (they name what is loaded).
+            saved = await transfer.apply(plan, self.host.paths.data, self.graph, self._install,
+                                         durable=self.store.snapshot if plan.state is not None else None)
         if saved:
             self.host.config.setdefault("package_dependencies", {}).update(saved)
             self._save_dependencies()
-        if plan.state is not None:
-            self.store.snapshot()
         self.host.broadcast(codec.workerevent("fullsync"))
 
     def _save_dependencies(self) -> None:

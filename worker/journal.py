@@ -32,7 +32,9 @@ VERSION = 1
 # the Nth append; "snapshot:N" halfway through writing the Nth snapshot's temp file; "cut:N"
 # after the Nth snapshot is renamed into place but before the journal is cut; "diskfull:PATH"
 # makes every journal and snapshot write fail with ENOSPC while the file PATH exists (a full
-# disk on any filesystem, for tests where no small tmpfs can be mounted). Read once.
+# disk on any filesystem, for tests where no small tmpfs can be mounted); "syncfail:PATH" makes
+# every fsync/fdatasync of a journal or snapshot fail with EIO while PATH exists (the disk took
+# the write(2) but cannot make it durable). Read once.
 _FAULT = os.environ.get("FN_SUPERVISE_FAULT", "")
 _counts: dict[str, int] = {}
 
@@ -41,6 +43,17 @@ def disk_fault() -> None:
     """Raise ENOSPC while the "diskfull:PATH" fault's file exists."""
     if _FAULT.startswith("diskfull:") and os.path.exists(_FAULT.split(":", 1)[1]):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def sync_fault() -> None:
+    """Raise EIO while the "syncfail:PATH" fault's file exists."""
+    if _FAULT.startswith("syncfail:") and os.path.exists(_FAULT.split(":", 1)[1]):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def fdatasync(fd: int) -> None:
+    sync_fault()
+    os.fdatasync(fd)
 
 
 def fault_point(kind: str) -> bool:
@@ -80,6 +93,7 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600, fault: str | None 
                 die()
             f.write(data)
             f.flush()
+            sync_fault()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -130,7 +144,12 @@ class JournalFile:
         self.size += len(data)
 
     def sync(self) -> None:
-        os.fdatasync(self.fd)
+        fdatasync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        """Drop what follows `size` (records whose fdatasync failed): appends go on from there."""
+        os.ftruncate(self.fd, size)
+        self.size = size
 
     def rewrite(self, content: bytes) -> None:
         """Replace the segment atomically (the cut after a snapshot), durably: a reader finds the

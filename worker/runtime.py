@@ -390,19 +390,22 @@ class WorkerRuntime:
             res = self.commands.call(cmd, codec.revive(kwargs))
             # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
             # the result below exists only once the edit's record is in the journal.
-            if inspect.iscoroutine(res) or not self.store.write_now():
+            if inspect.iscoroutine(res):
                 return self._finish(cmd, res, started, msg_id, as_bytes)
+            if not self.store.write_now():  # a group fdatasync follows; store.mine: this edit's records
+                return self._finish(cmd, res, started, msg_id, as_bytes, self.store.mine)
             self.metrics.rpc(cmd, started, ok=True)
             return self._encode_result(res, msg_id, as_bytes)
         except Exception as e:
             self.metrics.rpc(cmd, started, ok=False)
             return self.error_text(e, msg_id)
 
-    async def _finish(self, cmd: str, res: Any, started: float, msg_id: Any, as_bytes: bool) -> str | list[bytes]:
+    async def _finish(self, cmd: str, res: Any, started: float, msg_id: Any, as_bytes: bool,
+                      mine: int | None = None) -> str | list[bytes]:
         try:
             if inspect.iscoroutine(res):
                 res = await res
-            await self.store.flush()
+            await self.store.flush(mine)
             self.metrics.rpc(cmd, started, ok=True)
             return self._encode_result(res, msg_id, as_bytes)
         except Exception as e:

@@ -91,6 +91,11 @@ class Store:
         self._snapshot_due = False  # a record could not be encoded: snapshot before the reply
         self._written = 0  # bytes written since open, across segments
         self._synced = 0
+        # Ranges (start, end] of _written whose fdatasync failed: their bytes were cut from the
+        # segment, so an edit whose records end inside one is refused. The last few suffice.
+        self._lost: list[tuple[int, int]] = []
+        self.mine = 0  # end (in _written) of the records the last write_now wrote, 0 if none
+        self._epoch = 0  # bumped by restore(): a background snapshot taken before it is stale
         self._sync_task: asyncio.Future | None = None
         self._snap_bytes = 0
         self._snap_task: asyncio.Task | None = None
@@ -115,14 +120,17 @@ class Store:
 
     # region load
     def load(self, apply_state: Callable[[dict], None], apply_record: Callable[[dict], None],
-             known_ops: frozenset[str]) -> LoadReport:
+             known_ops: frozenset[str], clean: bool = True) -> LoadReport:
         """Snapshot, then the journal records after it. Nothing here raises for a bad file: what
-        cannot be read is kept aside, logged, and the worker starts with everything that was good."""
+        cannot be read is kept aside, logged, and the worker starts with everything that was good.
+        `clean` removes temp files a crash left; an undo (restore) keeps them, since a snapshot
+        thread may be writing one right now."""
         from . import persistence
 
         self._loader = (apply_state, apply_record, known_ops)
         rep = LoadReport()
-        self._clean_temp_files()
+        if clean:
+            self._clean_temp_files()
         state = None
         try:
             state = persistence.read_state(self.paths.nodespace)
@@ -241,21 +249,25 @@ class Store:
         self._pending.append(line)
         self.stats["records"] += 1
 
-    async def flush(self) -> None:
+    async def flush(self, mine: int | None = None) -> None:
         """Write what was fed (and fdatasync under "fsync"); return only when it is durable.
-        If it cannot be, the edit is undone and JournalError says so."""
-        if not self.write_now():
-            try:
-                await self._group_sync(self._written)
-            except JournalError:
-                raise
-            except OSError as e:
-                raise self._fail(e) from None
+        If it cannot be, the edit is undone and JournalError says so. `mine`: the end of the
+        caller's records when an earlier write_now wrote them (self.mine just after it)."""
+        durable = self.write_now()
+        if mine is None:
+            mine = self.mine
+        if not durable:
+            await self._group_sync(self._written)
+        if mine and any(start < mine <= end for start, end in self._lost):
+            self.stats["refused"] += 1
+            raise JournalError(errno.EIO, f"edit refused and undone: {self.trouble or 'the journal cannot be synced'}. "
+                               "The graph can still be read; edits are accepted again as soon as the disk has room")
 
     def write_now(self) -> bool:
         """The part of flush that needs no wait: write(2) what was fed. True when that made it
         durable (always under "process"); False when a group fdatasync must still follow.
         If the write fails, the edit is undone and JournalError says so."""
+        self.mine = 0
         try:
             if self._snapshot_due:
                 self._snapshot_due = False
@@ -263,6 +275,7 @@ class Store:
                 return True
             if self._pending:
                 self._write_pending()
+                self.mine = self._written
         except JournalError:
             raise
         except OSError as e:
@@ -276,7 +289,7 @@ class Store:
             raise JournalError(errno.ENOSPC, f"edit refused, nothing was changed: {self.trouble}. The graph "
                                "can still be read; edits are accepted again as soon as the disk has room")
 
-    def _fail(self, e: OSError) -> JournalError:
+    def _fail(self, e: OSError, count: bool = True) -> JournalError:
         """An edit's record (or snapshot) could not be written: undo it, refuse it, start retrying."""
         self._pending.clear()
         self._snapshot_due = False
@@ -286,7 +299,8 @@ class Store:
             log.error("%s: edits are refused until it can be", why)
             if self.on_trouble is not None:
                 self.on_trouble(why)
-        self.stats["refused"] += 1
+        if count:
+            self.stats["refused"] += 1
         if self._loader is None:  # stopping: nothing to undo or retry
             return JournalError(e.errno or errno.EIO, why)
         self.restore()
@@ -300,9 +314,11 @@ class Store:
         if self._loader is None:
             return
         self._tail = None
+        with self._snap_lock:  # a snapshot thread mid-write finishes first; one not yet begun is stale
+            self._epoch += 1
         self.covered += 1  # the reload's own events are no edits
         try:
-            self.load(*self._loader)
+            self.load(*self._loader, clean=False)
         except Exception:  # noqa: BLE001 (the graph keeps what it has; the next retry saves it)
             log.exception("undo from the disk failed")
         finally:
@@ -314,8 +330,8 @@ class Store:
         return max(float(self.config.get("disk_retry") or 1.0), float(self.config.get("save_delay") or 0.2))
 
     async def _retry(self) -> None:
-        """While in trouble: try a snapshot and a fresh segment every `disk_retry` seconds."""
-        delay = float(self.config.get("disk_retry") or 1.0)
+        """While in trouble: try a snapshot and a fresh segment every max(disk_retry, save_delay) seconds."""
+        delay = self._retry_delay()
         try:
             while self.trouble is not None:
                 await asyncio.sleep(delay)
@@ -326,6 +342,7 @@ class Store:
                     await asyncio.to_thread(self._write_snapshot, seq, text)
                     self.file.rewrite(journal.header(seq))  # a fresh segment (and fd) proves the journal
                     self._cut_seq, self._synced, self._snap_bytes, self._tail = seq, self._written, len(text), None
+                    self._lost.clear()
                 except OSError as e:
                     log.debug("disk still failing: %s", e)
                     continue
@@ -354,33 +371,47 @@ class Store:
 
     async def _group_sync(self, upto: int) -> None:
         # Group commit: one fdatasync covers every record written before it started; whoever
-        # arrives while it runs waits for the next one.
+        # arrives while it runs waits for the next one. A failed one has moved _synced past
+        # the bytes it dropped (see _lose_unsynced); flush tells their owners.
         while self._synced < upto:
             task = self._sync_task
             if task is None:
                 task = self._sync_task = asyncio.ensure_future(self._sync_once(self._written))
-            try:
-                await asyncio.shield(task)
-            except OSError as e:
-                raise self._fail(e) from None
+            await asyncio.shield(task)
 
     async def _sync_once(self, target: int) -> None:
         # The task itself records what it made durable before it completes: a waiter that finds
         # it done must see the new _synced at once (awaiting a done future does not yield).
-        fd = os.dup(self.file.fd)  # a cut may close the segment's fd meanwhile
-
-        def sync() -> None:
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
-
         try:
+            fd = os.dup(self.file.fd)  # a cut may close the segment's fd meanwhile
+
+            def sync() -> None:
+                try:
+                    journal.fdatasync(fd)
+                finally:
+                    os.close(fd)
+
             await asyncio.to_thread(sync)
             self._synced = max(self._synced, target)
             self.stats["syncs"] += 1
+        except OSError as e:
+            if self._synced < target:  # else a cut made it all durable meanwhile
+                self._lose_unsynced(e)
         finally:
             self._sync_task = None
+
+    def _lose_unsynced(self, e: OSError) -> None:
+        """fdatasync failed: what write(2) took since the last good sync may or may not reach the
+        disk. Cut it from the segment, so the undo (which reloads the segment) and a later crash
+        both leave those edits out; then undo once, for every waiter of this sync."""
+        start, end = self._synced, self._written
+        try:  # a cut syncs the whole segment, so every unsynced byte is in this one
+            self.file.truncate(self.file.size - (end - start))
+        except OSError as te:
+            log.error("cannot cut unsynced records from the journal (%s): a crash may bring them back", te)
+        self._synced = end
+        self._lost = [*self._lost[-15:], (start, end)]
+        self._fail(e, count=False)  # flush counts each refused edit
     # endregion
 
     # region snapshots
@@ -417,12 +448,14 @@ class Store:
             return
         seq, _state, text = self._take()
         self._tail = []
-        self._snap_task = self.loop.create_task(self._background(seq, text))
+        self._snap_task = self.loop.create_task(self._background(seq, text, self._epoch))
 
-    async def _background(self, seq: int, text: bytes) -> None:
+    async def _background(self, seq: int, text: bytes, epoch: int) -> None:
         try:
-            await asyncio.to_thread(self._write_snapshot, seq, text)
-            self._cut(seq, text)
+            if await asyncio.to_thread(self._write_snapshot, seq, text, epoch):
+                self._cut(seq, text)
+            else:
+                self._tail = None
             if self._snap_error is not None:
                 log.info("snapshots are written again")
                 self._snap_error = None
@@ -451,14 +484,19 @@ class Store:
                 self._write_pending()
             seq, state, text = self._take()
             self._write_snapshot(seq, text)
-            self._tail = []  # nothing after seq was written: this snapshot holds all of it
-            self._cut(seq, text)
         except JournalError:
             raise
         except OSError as e:
             if not self.enabled:
                 raise
             raise self._fail(e) from None
+        self._tail = []  # nothing after seq was written: this snapshot holds all of it
+        try:
+            self._cut(seq, text)
+        except OSError as e:
+            # The snapshot is on disk, so the change is kept: undoing it would reload this very
+            # snapshot. The old segment stays; the load skips its records (seq <= the snapshot's).
+            log.warning("journal not cut after a snapshot (%s); the next snapshot cuts it", e.strerror or e)
         return state
 
     def _take(self) -> tuple[int, dict, bytes]:
@@ -472,15 +510,19 @@ class Store:
         self._first_unjournaled = None
         return self.seq, state, persistence.dumps_state(on_disk).encode("utf-8")
 
-    def _write_snapshot(self, seq: int, text: bytes) -> None:
+    def _write_snapshot(self, seq: int, text: bytes, epoch: int | None = None) -> bool:
+        """True when `text` is now on disk."""
         with self._snap_lock:
             if seq < self._disk_seq:
-                return  # a newer snapshot is already on disk
+                return False  # a newer snapshot is already on disk
+            if epoch is not None and epoch != self._epoch:
+                return False  # taken before an undo: it may hold the refused edit
             journal.write_durably(self.paths.nodespace, text)
             self._disk_seq = seq
             self.stats["snapshots"] += 1
         if journal.fault_point("cut"):
             journal.die()
+        return True
 
     def _cut(self, seq: int, text: bytes) -> None:
         tail, self._tail = self._tail, None

@@ -294,9 +294,11 @@ class _ModuleUndo:
                 pass
 
 
-async def apply(plan: ImportPlan, data_dir: Path, graph: Any,
-                install: Callable[[dict], Awaitable[None]]) -> dict[str, dict]:
-    """Carry out the plan, all or nothing; return the dependencies to save (added or replaced)."""
+async def apply(plan: ImportPlan, data_dir: Path, graph: Any, install: Callable[[dict], Awaitable[None]],
+                durable: Callable[[], Any] | None = None) -> dict[str, dict]:
+    """Carry out the plan, all or nothing; return the dependencies to save (added or replaced).
+    `durable` (the snapshot) runs after the new graph is in place and before files/ are
+    committed: if it fails, the rollback undoes everything."""
     data_dir = Path(data_dir)
     for name in sorted(plan.outside - set(graph.dependencies)):
         raise DependencyError(f"path dependency {name} ({plan.deps[name]['path']}) lies outside this worker's "
@@ -330,6 +332,8 @@ async def apply(plan: ImportPlan, data_dir: Path, graph: Any,
                     replaced[name] = old
             if plan.state is not None:
                 graph.replace_state(plan.state)
+            if durable is not None:
+                durable()
             fw.commit()
         except BaseException:
             for name in reversed(added):
