@@ -815,7 +815,9 @@ class Supervisor:
             self.python, self.fingerprint = python, fingerprint or ""
             self.worker_cfg["package_dependencies"] = deps
             self.launcher.prepare(self._launch_spec(), "environment changed by an install")  # stale imports
-        self.write_state()
+        # Now, not soon: the worker hears "installed" right after this, and whoever it tells
+        # must not read the fork server the install just replaced from the state file.
+        self.files.flush()
 
     def _check_update_after_ready(self) -> None:
         if self.env.no_venv or not self.cfg.venv or self.cfg.python:
