@@ -817,7 +817,7 @@ class Supervisor:
             self.launcher.prepare(self._launch_spec(), "environment changed by an install")  # stale imports
         # Now, not soon: the worker hears "installed" right after this, and whoever it tells
         # must not read the fork server the install just replaced from the state file.
-        self.files.flush()
+        self.files.write_now()
 
     def _check_update_after_ready(self) -> None:
         if self.env.no_venv or not self.cfg.venv or self.cfg.python:
