@@ -5,6 +5,9 @@ Events reach one queue: signals (loop.add_signal_handler), control frames from t
 channel EOF, and the worker's exit (pidfd readable, no polling). The main loop walks the
 state machine (states.py), asks the restart policy (policy.py) and the hang detector
 (health.py) for decisions, and keeps .p, .runstate and the state file (files.py) in step.
+Its parts, each in its own module: the PREPARING phase and the launch argv (preparer.py), the
+queue and the signal handler (inbox.py), one start (attempt.py), how it is launched
+(launcher.py), the state files and their record (statefile.py), observers (observers.py).
 
 Restarts are a blink: the supervisor holds the worker's listening socket (listener.py) and
 hands it to every worker, so clients wait in the backlog while a worker is replaced; new

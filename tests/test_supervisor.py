@@ -312,7 +312,9 @@ def test_sigterm_during_backoff_stops_at_once(config_dir, port, tmp_path, sup_pr
     poll_until(lambda: state(paths).get("state") == "BACKOFF", 15, what="backoff")
     t0 = time.monotonic()
     assert stop_supervisor(sup) == 0
-    assert time.monotonic() - t0 < 2.0
+    # At once, not after the 30 s backoff: no worker to stop, so only the supervisor's own exit
+    # (the bound the stop tests above give it), far below the backoff it must not wait out.
+    assert time.monotonic() - t0 < STOP_EXIT_SLACK < 30.0
 
 
 def test_cli_new_and_unknown_worker(config_dir, tmp_path):
