@@ -138,3 +138,16 @@ def make_record(*, status: ExitStatus, reason: str, phase: str, we_signalled: se
             rec.suspected_oom = True
             rec.oom_evidence = "SIGKILL not sent by the supervisor (cgroup OOM counter unreadable)"
     return rec
+
+
+def exit_record(w: Any, crash: Any, status: ExitStatus, oom_before: int | None, last_lines: list[str]) -> CrashRecord:
+    """The record of one worker exit: `w` a WorkerProcess (None: it never started), `crash` an
+    attempt.Crash (reason, detail, was_ready, node, suspects)."""
+    uptime = None
+    if w is not None and w.spawned_at is not None:
+        uptime = time.monotonic() - w.spawned_at
+    return make_record(status=status, reason=crash.reason, phase="run" if crash.was_ready else "start",
+                       we_signalled=w.signalled if w is not None else set(), oom_before=oom_before,
+                       oom_after=oom_kill_count(), uptime=uptime, node=crash.node,
+                       pid=w.pid if w is not None else None, last_lines=last_lines, detail=crash.detail,
+                       in_flight=crash.suspects)

@@ -43,6 +43,35 @@ class Installer:
         self.tasks.add(t)
         t.add_done_callback(self.tasks.discard)
 
+    # ------------------------------------------------------------------ for a runner.Supervisor
+    # (through its public attributes: env, cfg, python, fingerprint, paths, worker_cfg, launcher,
+    # preparer, files)
+    def start_for(self, sup: Any, w: Any, msg: dict[str, Any]) -> None:
+        """An `install` frame of sup's worker: into its venv, or in place when it has none."""
+        in_place = sup.env.no_venv or not sup.cfg.venv or bool(sup.cfg.python)
+        self.start(w, msg, in_place=in_place, python=sup.python, data_dir=sup.paths.data_dir(sup.worker_cfg),
+                   deps=lambda: dict(sup.worker_cfg.get("package_dependencies") or {}),
+                   installed=lambda python, fingerprint, deps: self._installed(sup, python, fingerprint, deps))
+
+    @staticmethod
+    def _installed(sup: Any, python: str | None, fingerprint: str | None, deps: dict[str, Any]) -> None:
+        if python is None:  # into the running interpreter: the environment is the same one
+            sup.worker_cfg.setdefault("package_dependencies", {}).update(deps)
+        else:
+            sup.python, sup.fingerprint = python, fingerprint or ""
+            sup.worker_cfg["package_dependencies"] = deps
+            sup.launcher.prepare(sup.preparer.launch_spec(), "environment changed by an install")  # stale imports
+        # Now, not soon: the worker hears "installed" right after this, and whoever it tells
+        # must not read the fork server the install just replaced from the state file.
+        sup.files.write_now()
+
+    def check_update_for(self, sup: Any) -> None:
+        """update_on_startup, after sup's worker is ready (only a venv of the supervisor's own)."""
+        if sup.env.no_venv or not sup.cfg.venv or sup.cfg.python:
+            return
+        self.check_update(sup.worker_cfg.get("update_on_startup"), sup.paths.data_dir(sup.worker_cfg),
+                          dict(sup.worker_cfg.get("package_dependencies") or {}))
+
     def stop(self) -> None:
         self.cancel.set()
         for t in list(self.tasks):

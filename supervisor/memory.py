@@ -210,4 +210,22 @@ class MemoryWatch:
 
     def stop(self) -> None:
         self.task.cancel()
+
+
+def watch_worker(w: Any, memory_max: Any, interval: float, on_over: Callable[[str], None],
+                 note: Callable[[str], None]) -> MemoryWatch | None:
+    """memory_max for one WorkerProcess: tell the worker at 80 %, on_over(detail) at 100 % (the
+    runner kills it); None when there is no limit."""
+    limit = parse_size(memory_max)
+    if limit is None:
+        return None
+
+    def on_decision(d: MemoryDecision) -> None:
+        if d.action == "kill":
+            on_over(d.detail)
+        else:
+            note(d.detail or f"memory back to {fmt(d.rss)}")
+            if w.alive:
+                w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
+    return MemoryWatch(w.pid, MemoryPolicy(limit), interval, on_decision, alive=lambda: w.alive)
 # endregion

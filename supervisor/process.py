@@ -196,6 +196,39 @@ class RotatingLog:
             pass
 
 
+class WorkerLog:
+    """The worker's log (RotatingLog) under the config's log settings (path, size, backups, level):
+    opened at start, reopened when a restart brings other settings, kept when the new place fails."""
+
+    def __init__(self) -> None:
+        self.file: RotatingLog | None = None
+        self.settings: tuple | None = None
+
+    def open(self, path: Path, cfg: Any) -> RotatingLog:
+        if self.file is not None:
+            self.file.close()
+        self.file = RotatingLog(path, cfg.log_max_bytes, cfg.log_backups, cfg.log_tail_lines)
+        logging.getLogger("fn-supervise").setLevel(cfg.log_level)
+        self.settings = (self.file.path, cfg.log_max_bytes, cfg.log_backups, cfg.log_level)
+        return self.file
+
+    def apply(self, path: Path, cfg: Any) -> RotatingLog | None:
+        """Reopen under changed settings, and say so in the log; -> the log now in use."""
+        want = (path, cfg.log_max_bytes, cfg.log_backups, cfg.log_level)
+        if self.file is None or want == self.settings:
+            return self.file
+        old = self.file.path
+        try:
+            self.open(path, cfg)
+        except OSError as e:  # a bad location: keep the log we have, and say so there
+            self.file = RotatingLog(old, cfg.log_max_bytes, cfg.log_backups, cfg.log_tail_lines)
+            self.file.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
+            return self.file
+        self.file.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
+                        + (f" (was {old})" if old != want[0] else ""))
+        return self.file
+
+
 class WorkerProcess:
     """One spawned worker: its channel, output pipe and pidfd, all on the asyncio loop."""
 

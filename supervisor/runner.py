@@ -5,6 +5,9 @@ Events reach one queue: signals (loop.add_signal_handler), control frames from t
 channel EOF, and the worker's exit (pidfd readable, no polling). The main loop walks the
 state machine (states.py), asks the restart policy (policy.py) and the hang detector
 (health.py) for decisions, and keeps .p, .runstate and the state file (files.py) in step.
+Its parts, each in its own module: the PREPARING phase and the launch argv (preparer.py), the
+queue and the signal handler (inbox.py), one start (attempt.py), how it is launched
+(launcher.py), the state files and their record (statefile.py), observers (observers.py).
 
 Restarts are a blink: the supervisor holds the worker's listening socket (listener.py) and
 hands it to every worker, so clients wait in the backlog while a worker is replaced; new
@@ -26,36 +29,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from worker.tls import config_error as tls_config_error, scheme as tls_scheme
+from worker.tls import scheme as tls_scheme
 
 from . import listener, memory
 from .attempt import (WORKER_START_FAILURE, Abandon, Attempt, Crash, Eof, Event, Exit, Frame, Kill, RestartPhases,
                       MemoryOver, SidecarMsg, Signal, Stopped)
 from .config import SupervisorConfig
-from .crash import CrashRecord, ExitStatus, make_record, oom_kill_count
-from .files import AlreadyRunning, SupervisorLock, WorkerPaths, clear_leftovers, process_identity
+from .crash import CrashRecord, ExitStatus, exit_record, oom_kill_count
+from .files import AlreadyRunning, SupervisorLock, WorkerPaths, clear_leftovers
 from .health import HeartbeatMonitor
+from .inbox import Inbox
 from .installs import Installer
-from .launcher import ForkLauncher, Launcher, LaunchSpec, worker_command, worker_env
+from .launcher import ForkLauncher, Launcher
+from .observers import Observer, Observers
 from .policy import RestartPolicy
+from .preparer import Preparer, PrepareError
 from .safemode import Quarantine
-from .statefile import StateFiles
-from .process import GroupReaper, RotatingLog, WorkerProcess, reap_orphans, set_child_subreaper
+from .statefile import StateFiles, supervisor_record
+from .process import GroupReaper, RotatingLog, WorkerLog, WorkerProcess, reap_orphans, set_child_subreaper
 from .states import RUNSTATE, IllegalTransition, State, StateMachine
-from .systemd import EXTEND_STEP, Notifier, Probe, keepalive
+from .systemd import Notifier, keepalive, supervisor_probe
 
 log = logging.getLogger("fn-supervise")
-
-# The signals a per-worker supervisor handles, all through _signal_received.
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -64,10 +66,6 @@ EXIT_RUNNING = 3
 EXIT_FATAL = 4
 EXIT_ENV = 5
 
-
-
-class PrepareError(Exception):
-    """The environment could not be prepared (its own error class: never a crash)."""
 
 
 class Environment:
@@ -110,15 +108,6 @@ class Environment:
         return str(info.python), str(info.fingerprint)
 
 
-class Observer(Protocol):
-    """What a Supervisor tells those who registered (observers=): every state change, and every
-    worker exit the policy counts (with its crash record). A failing observer is logged, never
-    fatal (jupyter_client's restarter callbacks)."""
-
-    def on_transition(self, sup: "Supervisor", old: State, new: State, name: str, reason: str) -> None: ...
-    def on_exit(self, sup: "Supervisor", record: CrashRecord) -> None: ...
-
-
 class Supervisor:
     def __init__(self, paths: WorkerPaths, *, no_venv: bool = False, environment: Environment | None = None,
                  on_ready: Callable[[str, int], None] | None = None, install_signals: bool = True,
@@ -132,15 +121,15 @@ class Supervisor:
         self.sidecar_factory = sidecar_factory
         self.sidecars: Any = None
         self.sm = StateMachine(on_change=self._on_transition)
-        self.observers = list(observers)
-        for o in self.observers:
-            self.sm.add_listener(self._observer_listener(o))
+        self.observers = Observers(self, observers)  # observers.py
+        self.observers.attach(self.sm)
         self.cfg = SupervisorConfig()
         self.policy = RestartPolicy(self.cfg)
         self.lock = SupervisorLock(paths.lock)
-        self.q: asyncio.Queue = asyncio.Queue()
+        self.inbox = Inbox(on_sigchld=self.reap)  # the one event queue; signals queue into it
         self.worker: WorkerProcess | None = None
-        self.logfile: RotatingLog | None = None
+        self.logs = WorkerLog()  # the worker's log under the config's settings (process.py)
+        self.logfile: RotatingLog | None = None  # self.logs.file
         self.python = sys.executable
         self.fingerprint = ""
         self.worker_cfg: dict[str, Any] = {}
@@ -170,6 +159,7 @@ class Supervisor:
         self.launches = {"fork": 0, "spawn": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.files = StateFiles(paths, self.state_record)  # .runstate and the state file
+        self.preparer = Preparer(self, self._on_signal, self._apply_log_settings)  # PREPARING; argv and env
 
     # ------------------------------------------------------------------ public verbs
     def request_stop(self) -> None:
@@ -194,22 +184,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ plumbing
     def _queue(self, ev: Event) -> None:
-        self.q.put_nowait(ev)
-
-    def _observer_listener(self, o: Observer) -> Callable[[State, State, str, str], None]:
-        def on_change(old: State, new: State, name: str, reason: str) -> None:
-            try:
-                o.on_transition(self, old, new, name, reason)
-            except Exception:  # noqa: BLE001
-                log.exception("observer %r failed on a transition", o)
-        return on_change
-
-    def _tell_exit(self, rec: CrashRecord) -> None:
-        for o in self.observers:
-            try:
-                o.on_exit(self, rec)
-            except Exception:  # noqa: BLE001
-                log.exception("observer %r failed on an exit", o)
+        self.inbox.put(ev)
 
     def _on_transition(self, old: State, new: State, name: str, reason: str) -> None:
         msg = f"{old.value} -> {new.value} ({name})" + (f": {reason}" if reason else "")
@@ -217,80 +192,19 @@ class Supervisor:
         if self.logfile is not None:
             self.logfile.event(msg)
         detail = reason if new in (State.PREPARING, State.STARTING, State.BACKOFF, State.FATAL) else ""
-        self._runstate(RUNSTATE[new], detail)
+        self.files.runstate(RUNSTATE[new], detail)
         self.write_state()
-        status = f"{new.value}: {reason}" if reason else new.value
-        if new == State.STOPPING and not self.restarting:
-            self.notify.stopping(status)
-        else:
-            self.notify.status(status)
-        if new == State.PREPARING:
-            self.notify.extend_timeout(EXTEND_STEP)
-
-    def _runstate(self, state: str, detail: str = "") -> None:
-        self.files.runstate(state, detail)
+        self.notify.transition(new.value, reason, stopping=new == State.STOPPING and not self.restarting,
+                               preparing=new == State.PREPARING)
 
     def write_state(self) -> None:
         """Soon, not now (statefile.py): one write per turn of the loop."""
         self.files.soon()
 
     def state_record(self) -> dict[str, Any]:
-        """The state file's content: everything `fn-supervise status` shows."""
-        w = self.worker
-        alive = w is not None and w.alive
-        return {
-            "uuid": self.paths.uuid, "state": self.sm.state.value, "reason": self.sm.reason,
-            "since": time.time() - (time.monotonic() - self.sm.since),
-            "supervisor": process_identity(os.getpid()), "supervisor_started": self.started_wall,
-            "worker": process_identity(w.pid) if alive else None,
-            "ready_at": self.ready_wall if (alive and self.sm.state == State.RUNNING) else None,
-            "host": self.host, "port": self.port,
-            "restarts": self.policy.total_restarts, "consecutive_crashes": self.policy.consecutive,
-            "start_failures": self.policy.start_failures, "crashes": self.crashes[-self.cfg.crash_history:],
-            "env": {"python": self.python, "fingerprint": self.fingerprint},
-            "backoff_until": (time.time() + max(0.0, self.backoff_until - time.monotonic()))
-            if self.backoff_until else None,
-            "stop_deadline": self.cfg.stop_deadline(), "exit_code": self.exit_code,
-            "log": str(self.paths.log_file(self.worker_cfg)),
-            "sidecars": self.sidecars.status() if self.sidecars is not None else [],
-            "safe_mode": bool(self.quarantine.nodes), "quarantine": self.quarantine.nodes,
-            "listen": {"fd_from": "systemd" if self.listen_systemd else "supervisor",
-                       "address": list(listener.address(self.listen_sock))} if self.listen_sock is not None else None,
-            "fork_server": self.launcher.status(), "launches": dict(self.launches), "last_restart": self.phases.last,
-            "journal": self.journal,
-        }
+        """The state file's content: everything `fn-supervise status` shows (statefile.py)."""
+        return supervisor_record(self)
 
-    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in SIGNALS:
-            loop.add_signal_handler(sig, self._signal_received, sig)
-
-    def _signal_received(self, sig: int) -> None:
-        """The one handler: no decision here (gunicorn's "just queue the signal"). SIGCHLD is
-        bookkeeping, not a decision, and must not wait for a loop that reads the queue."""
-        if sig == signal.SIGCHLD:
-            self.reap()
-        else:
-            self._queue(Signal(sig))
-
-    def _remove_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig in SIGNALS:
-            try:
-                loop.remove_signal_handler(sig)
-            except (ValueError, RuntimeError):
-                pass
-
-    async def _next(self, timeout: float | None) -> Event | None:
-        if timeout is not None and timeout <= 0:
-            try:
-                return self.q.get_nowait()
-            except asyncio.QueueEmpty:
-                return None
-        try:
-            return await asyncio.wait_for(self.q.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
-
-    # ------------------------------------------------------------------ startup checks
     # ------------------------------------------------------------------ main
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -312,7 +226,7 @@ class Supervisor:
         set_child_subreaper()
         self.reaper.start()
         if self.install_signals:
-            self._install_signal_handlers(loop)
+            self.inbox.install_signal_handlers(loop)
         try:
             try:
                 self.worker_cfg = self.paths.read_config()
@@ -322,7 +236,7 @@ class Supervisor:
             self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
             self.policy.reconfigure(self.cfg)
             self.quarantine.load()
-            self._open_log()
+            self.logfile = self.logs.open(self.paths.log_file(self.worker_cfg), self.cfg)
             await clear_leftovers(self.paths)
             if self.sidecar_factory is not None:
                 # Sidecars (sidecars/host.py SidecarKeeper): started here, messages are routed
@@ -330,7 +244,7 @@ class Supervisor:
                 self.sidecars = self.sidecar_factory(self)
                 await _maybe_await(self.sidecars.start())
             self.sm.fire("start")
-            sd_task = asyncio.ensure_future(keepalive(self.notify, self._sd_probe))
+            sd_task = asyncio.ensure_future(keepalive(self.notify, lambda: supervisor_probe(self)))
             try:
                 return await self._main()
             finally:
@@ -347,7 +261,7 @@ class Supervisor:
                 log.warning("sidecar stop failed: %s", e)
         self.installs.stop()
         if self.install_signals:
-            self._remove_signal_handlers(loop)
+            self.inbox.remove_signal_handlers(loop)
         if self.worker is not None and self.worker.alive:  # never leave it behind
             await self.worker.kill(self.cfg.kill_timeout)
         if self.worker is not None:
@@ -365,40 +279,14 @@ class Supervisor:
         if self.logfile is not None:
             self.logfile.close()
 
-    def _sd_probe(self) -> Probe:
-        h = self.health
-        hb = self.worker_cfg.get("heartbeat_interval")
-        return Probe(state=self.sm.state.value, heartbeat_last=h.last if h is not None else None,
-                     busy_for=h.busy_for if h is not None else 0.0, heartbeat_timeout=self.cfg.heartbeat_timeout,
-                     heartbeat_interval=float(hb) if isinstance(hb, (int, float)) and hb > 0 else 1.0)
-
-    def _open_log(self) -> None:
-        if self.logfile is not None:
-            self.logfile.close()
-        self.logfile = RotatingLog(self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes,
-                                   self.cfg.log_backups, self.cfg.log_tail_lines)
-        logging.getLogger("fn-supervise").setLevel(self.cfg.log_level)
-        self._log_settings = (self.logfile.path, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
-
     def _apply_log_settings(self) -> None:
-        want = (self.paths.log_file(self.worker_cfg), self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_level)
-        if self.logfile is None or want == getattr(self, "_log_settings", None):
-            return
-        old = self.logfile.path
-        try:
-            self._open_log()
-        except OSError as e:  # a bad location: keep the log we have, and say so there
-            self.logfile = RotatingLog(old, self.cfg.log_max_bytes, self.cfg.log_backups, self.cfg.log_tail_lines)
-            self.logfile.event(f"cannot open the log at {want[0]}: {e.strerror or e}; still logging here")
-            return
-        self.logfile.event(f"log settings applied: {want[0]}, level {want[3]}, {want[1]} bytes x {want[2]} backups"
-                           + (f" (was {old})" if old != want[0] else ""))
+        self.logfile = self.logs.apply(self.paths.log_file(self.worker_cfg), self.cfg)
 
     async def _main(self) -> int:
         while True:
             st = self.sm.state
             if st == State.PREPARING:
-                await self._prepare()
+                await self.preparer.prepare()
             elif st == State.STARTING:
                 await self._run_worker()
             elif st == State.BACKOFF:
@@ -424,7 +312,7 @@ class Supervisor:
         name = signal.Signals(sig).name
         st = self.sm.state
         if sig == signal.SIGUSR1:
-            self._lift_requested()
+            self.quarantine.lift_requested_for(self)
             return False
         if sig == signal.SIGHUP:
             self.policy.reset()
@@ -448,81 +336,6 @@ class Supervisor:
         finally:
             self.restarting = False
 
-    async def _prepare(self) -> None:
-        try:
-            self.worker_cfg = self.paths.read_config()
-        except (OSError, ValueError) as e:
-            self.exit_code = EXIT_USAGE
-            self.sm.fire("prepare_failed", f"cannot read config: {e}")
-            return
-        self.cfg = SupervisorConfig.from_worker_config(self.worker_cfg)
-        self.policy.reconfigure(self.cfg)
-        self._apply_log_settings()  # a SIGHUP restart takes changed log settings too
-        problem = tls_config_error(self.worker_cfg) or memory.config_error(self.cfg.memory_max)
-        if problem is not None:  # a bad cert or memory_max can never work: FATAL, not a crash loop
-            self.exit_code = EXIT_USAGE
-            self.sm.fire("prepare_failed", problem)
-            return
-        try:
-            self._ensure_listener()
-        except OSError as e:
-            self.exit_code = EXIT_ENV
-            self.sm.fire("prepare_failed", f"cannot listen: {e}")
-            return
-        data_dir = self.paths.data_dir(self.worker_cfg)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-
-        def progress(message: str, fraction: float | None = None) -> None:
-            loop.call_soon_threadsafe(self._prepare_progress, message, fraction)
-
-        cancel = threading.Event()
-        task = asyncio.ensure_future(asyncio.to_thread(self.env.prepare, data_dir, self.worker_cfg, self.cfg,
-                                                       progress, cancel))
-        while not task.done():
-            getter = asyncio.ensure_future(self.q.get())
-            done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                ev = getter.result()
-                if isinstance(ev, Signal) and ev.sig in (signal.SIGTERM, signal.SIGINT):
-                    # environment.py kills its uv on cancel and builds beside the live venv,
-                    # so nothing half-built is ever used. Bounded wait for it to unwind.
-                    cancel.set()
-                    await asyncio.wait({task}, timeout=self.cfg.stop_grace + self.cfg.term_timeout)
-                if isinstance(ev, Signal) and await self._on_signal(ev.sig):
-                    return
-            else:
-                getter.cancel()
-        try:
-            self.python, self.fingerprint = task.result()
-        except PrepareError as e:
-            self.exit_code = EXIT_ENV
-            self.sm.fire("prepare_failed", str(e))
-            return
-        except Exception as e:  # noqa: BLE001
-            self.exit_code = EXIT_ENV
-            self.sm.fire("prepare_failed", f"environment error: {type(e).__name__}: {e}")
-            return
-        self.launcher.prepare(self._launch_spec())
-        self.sm.fire("prepared", f"python {self.python}")
-
-    def _prepare_progress(self, message: str, fraction: float | None) -> None:
-        detail = message if fraction is None else f"{message} ({fraction * 100:.0f}%)"
-        try:
-            self._runstate("starting", detail)
-        except OSError:
-            pass
-        if self.logfile is not None:
-            self.logfile.event(detail)
-        self.notify.extend_timeout(EXTEND_STEP)  # a live venv build: systemd may wait longer
-
-    def _worker_argv(self) -> tuple[list[str], dict[str, str]]:
-        # no port in the config (the worker chose one): pin it, so a restart comes back on it
-        pin = self.port if self.port and not isinstance(self.worker_cfg.get("port"), int) else None
-        argv = worker_command(self.python, self.cfg.worker_module, self.paths.name, self.paths.base, pin_port=pin,
-                              quarantine=self.quarantine.reasons())
-        return argv, worker_env(self.python, self.paths.base)
-
     async def _run_worker(self) -> None:
         """One attempt (attempt.py decides): launch, then events until the worker is gone."""
         w = await self._start_worker()
@@ -530,7 +343,7 @@ class Supervisor:
             return
         a = self.attempt
         while True:
-            ev = await self._next(a.deadline() - time.monotonic())
+            ev = await self.inbox.next(a.deadline() - time.monotonic())
             match ev:
                 case None:
                     if self._on_attempt_timeout(w, a):
@@ -544,7 +357,7 @@ class Supervisor:
                     effect = a.on_frame(msg)
                     if effect is not None:
                         self._frame_effect(effect, w, msg)
-                case MemoryOver(worker, detail) if worker is w:  # over memory_max: _watch_memory
+                case MemoryOver(worker, detail) if worker is w:  # over memory_max (memory.watch_worker)
                     if a.on_memory(detail) is not None:
                         self.logfile.event(f"killing worker {w.pid}: {detail}")
                         w.signal(signal.SIGKILL)
@@ -558,7 +371,7 @@ class Supervisor:
                 # anything else is an event of an earlier worker: stale
 
     async def _start_worker(self) -> WorkerProcess | None:
-        argv, env = self._worker_argv()
+        argv, env = self.preparer.worker_argv()
         w = WorkerProcess(argv, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)), logfile=self.logfile,
                           on_frame=lambda m: None, on_exit=lambda wp: self._queue(Exit(wp)),
                           on_eof=lambda wp: self._queue(Eof(wp)), reaper=self.reaper,
@@ -576,10 +389,12 @@ class Supervisor:
         self.worker = w
         self.pgids.add(w.pgid)
         self.policy.on_spawn()
-        self._watch_memory(w)
+        watch = memory.watch_worker(w, self.cfg.memory_max, self.cfg.memory_interval,  # memory_max: memory.py
+                                    lambda detail: self._queue(MemoryOver(w, detail)), self.logfile.event)
+        self.memory_watch = watch or self.memory_watch
         self.logfile.event(f"worker {'forked' if w.launch == 'fork' else 'spawned'} in {w.launch_time:.3f}s: "
                            f"pid {w.pid}: {' '.join(argv)}")
-        self._runstate("starting", f"worker process {w.pid} started")
+        self.files.runstate("starting", f"worker process {w.pid} started")
         self.write_state()
         self.attempt = Attempt(self.cfg)
         self.attempt.oom_before = oom_before
@@ -613,13 +428,13 @@ class Supervisor:
             detail = str(msg.get("detail") or "")
             if detail == "Loading nodespace":
                 self.phases.mark("graph")
-            self._runstate("starting", detail)
+            self.files.runstate("starting", detail)
         elif effect == "lift_quarantine":
-            self._lift(str(msg.get("node")), "a client")
+            self.quarantine.lift_for(self, str(msg.get("node")), "a client")
         elif effect == "stopping":
             self.logfile.event(f"worker is stopping on its own: {self.attempt.deliberate}")
         elif effect == "install":
-            self._start_install(w, msg)
+            self.installs.start_for(self, w, msg)
         elif effect == "journal":  # a full disk: edits refused until it has room (worker/store.py)
             self.journal = None if msg.get("writable") else msg
             self.logfile.event(f"journal: {msg.get('reason') or 'writable again'}")
@@ -636,28 +451,9 @@ class Supervisor:
             case Crash() as c:
                 self._after_exit(w, c, status, a.oom_before)
 
-    def _watch_memory(self, w: WorkerProcess) -> None:
-        """memory_max (supervisor/memory.py): tell the worker at 80 %, kill its group at 100 %."""
-        limit = memory.parse_size(self.cfg.memory_max)
-        if limit is None:
-            return
-
-        def on_decision(d: memory.MemoryDecision) -> None:
-            if d.action == "kill":
-                self._queue(MemoryOver(w, d.detail))
-            else:
-                self.logfile.event(d.detail or f"memory back to {memory.fmt(d.rss)}")
-                if w.alive:
-                    w.send({"type": "memory", "level": d.action, "rss": d.rss, "limit": d.limit})
-        self.memory_watch = memory.MemoryWatch(w.pid, memory.MemoryPolicy(limit), self.cfg.memory_interval,
-                                               on_decision, alive=lambda: w.alive)
-
     def _on_worker_ready(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
-        host = msg.get("host")
-        port = msg.get("port")
-        self.host = str(host) if host else self.host
-        if isinstance(port, int):
-            self.port = port
+        host, port = msg.get("host"), msg.get("port")
+        self.host, self.port = str(host) if host else self.host, port if isinstance(port, int) else self.port
         self.ready_wall = time.time()
         self.journal = None  # a new worker reports its own
         self.policy.on_ready()
@@ -672,7 +468,7 @@ class Supervisor:
         self.sm.fire("ready", f"pid {w.pid} listening on {tls_scheme(self.worker_cfg)}://{self.host}:{self.port}/")
         if self.sidecars is not None and hasattr(self.sidecars, "on_worker_ready"):
             self.sidecars.on_worker_ready()
-        self._check_update_after_ready()
+        self.installs.check_update_for(self)
         if not self.ready_once:
             self.notify.ready()
         self.ready_once = True
@@ -682,60 +478,20 @@ class Supervisor:
             except Exception as e:  # noqa: BLE001
                 log.warning("on_ready callback failed: %s", e)
 
-    # ------------------------------------------------------------------ listening socket
-    def _ensure_listener(self) -> None:
-        """Bind (or keep) the worker's port (listener.hold); the port taken is written to the
-        worker config before the worker (or a Workermanager) reads it."""
-        cfg = self.worker_cfg
-        if self.listen_systemd:
-            addr_host, self.port = listener.address(self.listen_sock)
-            self.host = str(cfg.get("host") or addr_host)
-        else:
-            host = str(cfg.get("host") or "127.0.0.1")
-            want = listener.wanted_port(cfg.get("port"))
-            self.listen_sock = listener.hold(self.listen_sock, host, want, same_host=self.host == host)
-            self.host, self.port = host, listener.address(self.listen_sock)[1]
-            if want != self.port:
-                log.warning("%s: port %s is busy, listening on %s instead", self.paths.name, want, self.port)
-        if cfg.get("port") != self.port:  # clients (a Workermanager) look it up there
-            if self.listen_systemd:
-                log.info("%s: serving on port %s from systemd socket activation", self.paths.name, self.port)
-            self.worker_cfg = self.paths.update_config(port=self.port)
-
     # ------------------------------------------------------------------ launching
-    def _launch_spec(self) -> LaunchSpec:
-        _, env = self._worker_argv()
-        return LaunchSpec(python=self.python, env=env, cwd=str(self.paths.data_dir(self.worker_cfg)),
-                          deps=dict(self.worker_cfg.get("package_dependencies") or {}), fingerprint=self.fingerprint,
-                          worker=self.paths.name, log_path=str(self.paths.log_file(self.worker_cfg)),
-                          forkable=self.cfg.fork_server and self.cfg.worker_module == "worker")
-
     def _note(self, line: str) -> None:
         """A line for the worker's log (the launcher's, the installs')."""
         if self.logfile is not None:
             self.logfile.event(line)
 
     # ------------------------------------------------------------------ safe mode
-    def _lift(self, node: str, who: str) -> None:
-        if not self.quarantine.lift(node, who):
-            return
-        self.policy.lift(node)
-        if who != "a client" and self.worker is not None and self.worker.alive:
-            self.worker.send({"type": "quarantine", "nodes": self.quarantine.reasons()})
-        self.write_state()
-
-    def _lift_requested(self) -> None:
-        """SIGUSR1 from `fn-supervise lift`: the node ids are in <workers>/worker_<uuid>.lift."""
-        for node in self.quarantine.take_lift_requests():
-            self._lift(node, "fn-supervise lift")
-
     def _after_exit(self, w: WorkerProcess | None, crash: Crash, status: ExitStatus, oom_before: int | None) -> None:
         """A worker exit the policy counts: record it, tell the observers, act on the decision."""
         self.phases.exited(crash.first_sign)
         self.paths.remove_pid()
         rec = self._record_exit(w, crash, status, oom_before)
         self.worker = None
-        self._tell_exit(rec)
+        self.observers.tell_exit(rec)
         decision = self.policy.on_exit(was_ready=crash.was_ready, reason=f"{crash.reason}: {crash.detail}",
                                        node=crash.node, suspects=crash.suspects,
                                        quarantined=frozenset(self.quarantine.nodes))
@@ -760,16 +516,7 @@ class Supervisor:
 
     def _record_exit(self, w: WorkerProcess | None, crash: Crash, status: ExitStatus,
                      oom_before: int | None) -> CrashRecord:
-        uptime = None
-        if w is not None and w.spawned_at is not None:
-            uptime = time.monotonic() - w.spawned_at
-        rec: CrashRecord = make_record(
-            status=status, reason=crash.reason, phase="run" if crash.was_ready else "start",
-            we_signalled=w.signalled if w is not None else set(),
-            oom_before=oom_before, oom_after=oom_kill_count(), uptime=uptime, node=crash.node,
-            pid=w.pid if w is not None else None,
-            last_lines=list(self.logfile.tail) if self.logfile else [], detail=crash.detail,
-            in_flight=crash.suspects)
+        rec = exit_record(w, crash, status, oom_before, list(self.logfile.tail) if self.logfile else [])
         self.crashes.append(rec.to_json())
         del self.crashes[:-max(1, self.cfg.crash_history)]
         self.logfile.event(f"worker {rec.pid} {rec.summary()}")
@@ -778,7 +525,7 @@ class Supervisor:
     async def _backoff(self) -> None:
         while True:
             remaining = (self.backoff_until or 0) - time.monotonic()
-            ev = await self._next(remaining)
+            ev = await self.inbox.next(remaining)
             if ev is None:
                 self.backoff_until = None
                 self.sm.fire("retry", f"restart #{self.policy.total_restarts}")
@@ -801,29 +548,6 @@ class Supervisor:
         self.paths.remove_pid()
         self.worker = None
         return stage
-
-    # ------------------------------------------------------------------ installs (installs.py)
-    def _start_install(self, w: WorkerProcess, msg: dict[str, Any]) -> None:
-        in_place = self.env.no_venv or not self.cfg.venv or bool(self.cfg.python)
-        self.installs.start(w, msg, in_place=in_place, python=self.python,
-                            data_dir=self.paths.data_dir(self.worker_cfg),
-                            deps=lambda: dict(self.worker_cfg.get("package_dependencies") or {}),
-                            installed=self._installed)
-
-    def _installed(self, python: str | None, fingerprint: str | None, deps: dict[str, Any]) -> None:
-        if python is None:  # into the running interpreter: the environment is the same one
-            self.worker_cfg.setdefault("package_dependencies", {}).update(deps)
-        else:
-            self.python, self.fingerprint = python, fingerprint or ""
-            self.worker_cfg["package_dependencies"] = deps
-            self.launcher.prepare(self._launch_spec(), "environment changed by an install")  # stale imports
-        self.write_state()
-
-    def _check_update_after_ready(self) -> None:
-        if self.env.no_venv or not self.cfg.venv or self.cfg.python:
-            return
-        self.installs.check_update(self.worker_cfg.get("update_on_startup"), self.paths.data_dir(self.worker_cfg),
-                                   dict(self.worker_cfg.get("package_dependencies") or {}))
 
     # ------------------------------------------------------------------ sidecars
     def on_sidecar_message(self, msg: dict[str, Any]) -> None:

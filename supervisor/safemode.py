@@ -53,6 +53,21 @@ class Quarantine:
         log.info("%s: quarantine of node %s lifted by %s", self.paths.name, node, who)
         return True
 
+    def lift_for(self, sup: Any, node: str, who: str) -> None:
+        """Lift for a runner.Supervisor: its policy forgets the node; a worker that did not ask
+        itself (a client's request comes through it) hears the new list."""
+        if not self.lift(node, who):
+            return
+        sup.policy.lift(node)
+        if who != "a client" and sup.worker is not None and sup.worker.alive:
+            sup.worker.send({"type": "quarantine", "nodes": self.reasons()})
+        sup.write_state()
+
+    def lift_requested_for(self, sup: Any) -> None:
+        """SIGUSR1 from `fn-supervise lift`: the node ids are in <workers>/worker_<uuid>.lift."""
+        for node in self.take_lift_requests():
+            self.lift_for(sup, node, "fn-supervise lift")
+
     def take_lift_requests(self) -> list[str]:
         """The node ids `fn-supervise lift` left for us (taken: the file is gone afterwards)."""
         taken = self.paths.lift_requests.with_name(self.paths.lift_requests.name + ".taken")

@@ -1,5 +1,6 @@
 """The files a Supervisor keeps in step with its state: .runstate (the FuncNodes vocabulary) and
 the state file (everything `fn-supervise status` shows), written soon rather than now.
+`supervisor_record` builds the state file's content from a Supervisor's public attributes.
 
 The transitions of one turn of the loop (RUNNING -> BACKOFF -> STARTING on a crash) cost one
 write each of .runstate and the state file, done while the next worker is being forked instead
@@ -10,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from typing import Any, Callable
 
-from .files import WorkerPaths
+from . import listener
+from .files import WorkerPaths, process_identity
+from .states import State
 
 log = logging.getLogger("fn-supervise")
 
@@ -53,3 +58,31 @@ class StateFiles:
             self.paths.write_state(self.record())
         except OSError as e:
             log.warning("cannot write state file: %s", e)
+
+
+def supervisor_record(sup: Any) -> dict[str, Any]:
+    """The state file's content for a runner.Supervisor: everything `fn-supervise status` shows."""
+    w = sup.worker
+    alive = w is not None and w.alive
+    lsock = sup.listen_sock
+    return {
+        "uuid": sup.paths.uuid, "state": sup.sm.state.value, "reason": sup.sm.reason,
+        "since": time.time() - (time.monotonic() - sup.sm.since),
+        "supervisor": process_identity(os.getpid()), "supervisor_started": sup.started_wall,
+        "worker": process_identity(w.pid) if alive else None,
+        "ready_at": sup.ready_wall if (alive and sup.sm.state == State.RUNNING) else None,
+        "host": sup.host, "port": sup.port,
+        "restarts": sup.policy.total_restarts, "consecutive_crashes": sup.policy.consecutive,
+        "start_failures": sup.policy.start_failures, "crashes": sup.crashes[-sup.cfg.crash_history:],
+        "env": {"python": sup.python, "fingerprint": sup.fingerprint},
+        "backoff_until": (time.time() + max(0.0, sup.backoff_until - time.monotonic()))
+        if sup.backoff_until else None,
+        "stop_deadline": sup.cfg.stop_deadline(), "exit_code": sup.exit_code,
+        "log": str(sup.paths.log_file(sup.worker_cfg)),
+        "sidecars": sup.sidecars.status() if sup.sidecars is not None else [],
+        "safe_mode": bool(sup.quarantine.nodes), "quarantine": sup.quarantine.nodes,
+        "listen": {"fd_from": "systemd" if sup.listen_systemd else "supervisor",
+                   "address": list(listener.address(lsock))} if lsock is not None else None,
+        "fork_server": sup.launcher.status(), "launches": dict(sup.launches), "last_restart": sup.phases.last,
+        "journal": sup.journal,
+    }

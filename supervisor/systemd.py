@@ -45,7 +45,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable, MutableMapping
+from typing import Any, Callable, MutableMapping
 
 log = logging.getLogger("fn-supervise")
 
@@ -150,6 +150,16 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> bool:
         return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
+    def transition(self, state: str, reason: str, *, stopping: bool, preparing: bool) -> None:
+        """A Supervisor's state change: STOPPING=1 for a stop (not a restart), more time to prepare."""
+        status = f"{state}: {reason}" if reason else state
+        if stopping:
+            self.stopping(status)
+        else:
+            self.status(status)
+        if preparing:
+            self.extend_timeout(EXTEND_STEP)
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -164,6 +174,15 @@ class Probe:
     busy_for: float               # seconds the worker declared busy in its last heartbeat
     heartbeat_timeout: float
     heartbeat_interval: float
+
+
+def supervisor_probe(sup: Any) -> Probe:
+    """The Probe of a runner.Supervisor (its state, its current worker's heartbeats)."""
+    h = sup.health
+    hb = sup.worker_cfg.get("heartbeat_interval")
+    return Probe(state=sup.sm.state.value, heartbeat_last=h.last if h is not None else None,
+                 busy_for=h.busy_for if h is not None else 0.0, heartbeat_timeout=sup.cfg.heartbeat_timeout,
+                 heartbeat_interval=float(hb) if isinstance(hb, (int, float)) and hb > 0 else 1.0)
 
 
 class WatchdogPolicy:

@@ -36,8 +36,10 @@ SUPERVISOR_LAYERS = [
     {"forkclient"},  # a fork server: spawned, or the standby forked from the supervisor becomes it
     # attempt: one worker start (pure); status: what cli and hostctl both show; the rest are the
     # runner's parts: installs, safe mode's record, the state files
-    {"attempt", "policy", "process", "units", "forkpool", "status", "installs", "safemode", "statefile", "modules"},  # modules: the modules CLI's client
-    {"launcher"},  # fork server or spawn: the launching seam
+    {"attempt", "policy", "process", "units", "forkpool", "status", "installs", "safemode", "statefile", "modules",
+     "observers"},  # modules: the modules CLI's client
+    {"launcher", "inbox"},  # fork server or spawn: the launching seam; the runner's event queue
+    {"preparer"},  # the runner's PREPARING phase: environment, port, how a worker is launched
     {"runner"},  # one Supervisor: knows its parts, not who hosts it
     {"sidecarset", "hostmetrics", "hostctl"},  # plug into a runner / talk to a host through a socket
     {"host", "managerhost"},  # build runners

@@ -238,13 +238,18 @@ def test_flooding_child_does_not_stall_the_server(mon, port):
             await until(lambda: len(got) > 1000, 10, "lines arrive")
             worst = 0.0
             for _ in range(10):
-                t0 = time.monotonic()
-                async with s.get(f"http://{H}:{port}/") as r:
-                    assert await r.json() == [pid]
+                t0, seen = time.monotonic(), len(got)
+                # A stalled server never answers while the flood goes on: the bound is the one every
+                # wait here has, not a guess at this machine's speed (the latency is printed below).
+                async with asyncio.timeout(10):
+                    async with s.get(f"http://{H}:{port}/") as r:
+                        assert await r.json() == [pid]
                 worst = max(worst, time.monotonic() - t0)
+                # ...and the answer did not come from the relay stopping: lines still flow after it
+                await until(lambda: len(got) > seen + 100, 10, "lines still relayed after the answer")
+                assert alive(pid)
             print(f"\nGET / while a child floods stdout: worst {worst * 1000:.0f} ms "
                   f"({len(got)} lines relayed meanwhile)")
-            assert worst < 0.5
             assert got[-1]["data"] == "x" * 200
             assert (await helper.send_stop_request(pid, host=H, port=port))["status"] == "success"
             await asyncio.wait_for(reader, 10)

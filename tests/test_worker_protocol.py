@@ -249,16 +249,23 @@ def test_uuid_and_ping_answer_while_a_node_blocks_the_loop(worker):
     """The Workermanager probes with `uuid` on a fresh connection and gives it 1 s."""
     async def go():
         async with Client(worker.url) as c:
-            await c.cmd("add_node", id="demo.block", uuid="blk")
-            await c.request({"type": "cmd", "cmd": "set_io_value", "kwargs": {"nid": "blk", "ioid": "seconds", "value": 3.0}})
             done = lambda e: e.get("event") == "triggerdone" and e["data"]["node"] == "blk"
+            await c.cmd("add_node", id="demo.block", uuid="blk")
+            # A new node runs once with its defaults (1 s here), and whether that run reads the
+            # 3.0 set below depends on which the worker reaches first. Let it end first: the
+            # triggerstart awaited below is then the 3 s run's, never a 1 s block the probe races.
+            await c.wait_for(done)
+            c.events.clear()
+            await c.request({"type": "cmd", "cmd": "set_io_value", "kwargs": {"nid": "blk", "ioid": "seconds", "value": 3.0}})
             await c.wait_for(lambda e: e.get("event") == "triggerstart" and e["data"]["node"] == "blk")
             async with Client(worker.url) as fresh:
                 assert await fresh.cmd("uuid", timeout=5) == "w1"
                 await fresh.send_raw('{"type": "ping"}')
                 await fresh.wait_for(lambda e: e == {"type": "pong"}, timeout=5)
-            assert not any(done(e) for e in c.events)  # answered while the node still held the loop
+                # answered while the node still held the loop (checked at the answer)
+                assert not any(done(e) for e in c.events)
             await c.wait_for(done, timeout=10)
+            assert await c.cmd("get_io_value", nid="blk", ioid="out") == 3.0  # it was the 3 s run
     run(go())
 
 
