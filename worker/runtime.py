@@ -160,12 +160,14 @@ class WorkerRuntime:
 
     def _load_core(self) -> None:
         # The one lazy import: funcnodes-core takes most of a start, so it loads after listen().
+        from . import nodeio
         from .commands import Commands
         from .graph import Graph
         from .localworkers import LocalScripts
         from .quarantine import SafeMode
         from .store import Store
 
+        nodeio.install()  # node construction: the class's IO found once per class, not per node
         # safe mode: quarantined nodes are loaded but never run (worker/quarantine.py)
         self.safe = SafeMode(self.quarantined, broadcast=self.broadcast, to_supervisor=self._to_supervisor,
                              find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))
