@@ -1,6 +1,7 @@
 """worker/nodeio.py: a node's IO found once per class gives every node the same inputs and
-outputs, in the same order, with the same options, as funcnodes-core's per-node lookup. Run in a
-fresh interpreter, so the patch is compared against the unpatched core."""
+outputs, in the same order, with the same options, as funcnodes-core's per-node lookup; under
+quiet_load a graph is built the same, without node_added events. Run in a fresh interpreter, so
+the patch is compared against the unpatched core."""
 
 import subprocess
 import sys
@@ -29,6 +30,30 @@ nodeio.install()  # twice: one patch
 for c in classes:
     for _ in range(3):  # the cached answer is a fresh dict each time
         assert io(c) == before[c.node_id], c.node_id
+
+# quiet_load: the same graph, connected the same, and no node_added event
+def graph(quiet):
+    ns = fn.NodeSpace()
+    ns.lib.add_nodes(classes, "demo")
+    events = []
+    ns.on("*", lambda event, **kw: events.append(event))
+    add = [c for c in classes if c.node_id == "demo.add"][0]
+    nodes = [add(uuid=f"n{i}") for i in range(5)]
+    ctx = nodeio.quiet_load() if quiet else open("/dev/null")
+    with ctx:
+        for n in nodes:
+            ns.add_node_instance(n)
+        for a, b in zip(nodes, nodes[1:]):
+            a.outputs["out"].connect(b.inputs["a"])
+    assert all(n.nodespace is ns for n in nodes)
+    return json.dumps(ns.full_serialize(with_io_values=True), sort_keys=True, default=str), events
+
+loud, loud_events = graph(False)
+quiet, quiet_events = graph(True)
+assert loud_events.count("node_added") == 5 and "node_added" not in quiet_events, (loud_events, quiet_events)
+assert quiet == loud
+again, again_events = graph(False)  # after the block: events again
+assert again_events.count("node_added") == 5
 print("ok", len(classes))
 """
 

@@ -531,9 +531,11 @@ class WorkerRuntime:
 
     def load_nodespace(self) -> None:
         """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
+        from . import nodeio
         from .effects import OPS
 
-        self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
+        with nodeio.quiet_load():  # no node_added per node: `fullsync` follows the load
+            self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
     # endregion
 
     # region server backend (server.Backend): what the transport may ask of the graph
