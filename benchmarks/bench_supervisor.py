@@ -13,6 +13,12 @@ With --stock, the stock FuncNodes CLI's `worker new --not-in-venv` start to firs
 (the stock worker is never restarted after kill -9 unless a manager autostarts it).
 
   python benchmarks/bench_supervisor.py restarts [--kills 10] [--nodes 30 200] [--stock PATH]
+  python benchmarks/bench_supervisor.py hotpaths [--starts 4] [--kills 8] [--graph-nodes 1000]
+
+hotpaths (issue 14), each beside its target: cold start of `fn-supervise worker_<uuid>` (supervised,
+no venv) to the first pong vs the stock CLI's `worker new --not-in-venv` (funcnodes 1.7.1 from
+.envs/funcnodes, tests/funcnodesenv.py), alternating; then a chain of --graph-nodes nodes back after
+SIGKILL (fork server on): pong, new PID in `.p` and `full_state` with every node, p50/max, refused.
 
 Issue 9: SIGKILL of a worker after a short healthy run (1.2 s, past min_uptime) -> serving
 again, for a graph of N nodes, with the fork server on and off. Per kill: `pong` answered,
@@ -226,13 +232,22 @@ def bench_stock(args, tmp: Path) -> list[float]:
 DEMO_NODES = REPO / "examples" / "demo_nodes.py"
 
 
-async def _graph_probe(port: int, n: int, marks: dict[str, float], t0: float, deadline: float) -> None:
-    """Connect again and again until `ping` -> pong (marks["pong"]) and get_nodes has n nodes
-    (marks["graph"]). Connections wait in the held socket's backlog, so a connect succeeds early."""
+def _graph_nodes(cmd: str, result) -> int:
+    if cmd == "full_state":
+        return len(((result or {}).get("backend") or {}).get("nodes") or [])
+    return len(result or [])
+
+
+async def _graph_probe(port: int, n: int, marks: dict[str, float], t0: float, deadline: float,
+                       cmd: str = "get_nodes") -> None:
+    """Connect again and again until `ping` -> pong (marks["pong"]) and `cmd` (get_nodes or
+    full_state) shows n nodes (marks["graph"]). Connections wait in the held socket's backlog, so a
+    connect succeeds early."""
     while time.monotonic() < deadline and "graph" not in marks:
         try:
             async with aiohttp.ClientSession() as s:
-                async with s.ws_connect(f"ws://127.0.0.1:{port}/", timeout=aiohttp.ClientWSTimeout(ws_close=1)) as ws:
+                async with s.ws_connect(f"ws://127.0.0.1:{port}/", timeout=aiohttp.ClientWSTimeout(ws_close=1),
+                                        max_msg_size=0) as ws:
                     await ws.send_str(json.dumps({"type": "ping"}))
                     while "pong" not in marks:
                         m = await asyncio.wait_for(ws.receive(), 5)
@@ -241,15 +256,18 @@ async def _graph_probe(port: int, n: int, marks: dict[str, float], t0: float, de
                         elif m.type != aiohttp.WSMsgType.TEXT:
                             raise ConnectionError("closed")
                     while "graph" not in marks:
-                        await ws.send_str(json.dumps({"type": "cmd", "cmd": "get_nodes", "kwargs": {}, "id": "g"}))
+                        await ws.send_str(json.dumps({"type": "cmd", "cmd": cmd, "kwargs": {}, "id": "g"}))
                         while True:
                             m = await asyncio.wait_for(ws.receive(), 5)
                             if m.type != aiohttp.WSMsgType.TEXT:
                                 raise ConnectionError("closed")
                             js = json.loads(m.data)
+                            if js.get("type") == "large_message":  # a big reply is fetched over HTTP
+                                async with s.get(js["url"]) as r:
+                                    js = json.loads(await r.read())
                             if js.get("id") == "g":
                                 break
-                        if js.get("type") == "result" and len(js.get("result") or []) == n:
+                        if js.get("type") == "result" and _graph_nodes(cmd, js.get("result")) == n:
                             marks["graph"] = time.monotonic() - t0
                         else:
                             await asyncio.sleep(0.002)
@@ -328,7 +346,7 @@ def bench_restarts(args) -> dict:
     try:
         base = tmp / "cfg"
         for n in args.nodes:
-            for fork in (True, False):
+            for fork in {"both": (True, False), "on": (True,), "off": (False,)}[getattr(args, "fork", "both")]:
                 key = f"{n} nodes, fork server {'on' if fork else 'off'}"
                 paths = create_worker(base, name=f"r{n}{int(fork)}", port=free_port(), no_venv=True,
                                       supervisor={"fork_server": fork, "heartbeat_timeout": 10.0})
@@ -367,7 +385,7 @@ def bench_restarts(args) -> dict:
                             pf["t"] = time.monotonic() - t0
                         th = threading.Thread(target=watch_pidfile, daemon=True)
                         th.start()
-                        asyncio.run(_graph_probe(port, n, marks, t0, t0 + 60))
+                        asyncio.run(_graph_probe(port, n, marks, t0, t0 + 60, getattr(args, "probe", "get_nodes")))
                         th.join(60)
                         r["pong"].append(marks.get("pong", float("nan")))
                         r["graph"].append(marks.get("graph", float("nan")))
@@ -424,7 +442,93 @@ def print_restarts(res: dict, args) -> None:
               " only restarts it on its next 10 s scan)")
 
 
+# ---------------------------------------------------------------------- hot paths (issue 14)
+STOCK_CLI = REPO / ".envs" / "funcnodes" / "bin" / "funcnodes"  # tests/funcnodesenv.py builds it
+
+
+def fn_supervise_cmd() -> list[str]:
+    """The installed `fn-supervise` console script of this interpreter's env (what a user runs)."""
+    exe = Path(sys.executable).parent / "fn-supervise"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "supervisor"]
+
+
+def bench_cold_ours(base: Path, runs: int) -> list[float]:
+    """`fn-supervise worker_<uuid>` (supervised, no venv, fresh worker each time) -> first pong."""
+    res = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for i in range(runs):
+        paths = create_worker(base, name=f"c{time.monotonic_ns()}", port=free_port(), no_venv=True)
+        port = paths.read_config()["port"]
+        t0 = time.monotonic()
+        p = subprocess.Popen(fn_supervise_cmd() + ["--dir", str(base), f"worker_{paths.uuid}"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(REPO))
+        try:
+            wait_answer(port, "ping", 60, 0.002)
+            res.append(time.monotonic() - t0)
+        except TimeoutError:
+            pass
+        finally:
+            stop(p)
+    return res
+
+
+def bench_hotpaths(args) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="fnsup-bench-hot-"))
+    try:
+        cold: dict[str, list[float]] = {"stock": [], "ours": []}
+        stock = Path(args.stock or STOCK_CLI)
+        if args.bytecode:
+            # A pip-installed env has .pyc files; PYTHONDONTWRITEBYTECODE (set on this host) would make
+            # both sides compile every module on every start. Cache bytecode outside the envs (nothing
+            # shared is written) and warm it with one unmeasured start of each.
+            os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+            os.environ["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+            if stock.exists():
+                bench_stock(argparse.Namespace(runs=1, stock=str(stock)), Path(tempfile.mkdtemp(dir=tmp)))
+            bench_cold_ours(tmp / "cfg", 1)
+        for rnd in range(args.starts):  # stock, ours, ours, stock, ... (both see the same host load)
+            for who in (("stock", "ours") if rnd % 2 == 0 else ("ours", "stock")):
+                if who == "stock":
+                    if stock.exists():
+                        cold["stock"] += bench_stock(argparse.Namespace(runs=1, stock=str(stock)),
+                                                     Path(tempfile.mkdtemp(dir=tmp)))
+                else:
+                    cold["ours"] += bench_cold_ours(tmp / "cfg", 1)
+        args.nodes, args.fork, args.probe = [args.graph_nodes], "on", "full_state"
+        res = bench_restarts(args) if args.kills else {}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"issue 14, the other hot paths ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}, "
+          f"python {sys.version.split()[0]}, bytecode {'cached' if args.bytecode else 'compiled each start'})")
+    print("| figure | stock | ours | ours / stock | target | met |\n|---|---:|---:|---:|---|---|")
+    a, b = (statistics.median(cold[k]) if cold[k] else float("nan") for k in ("stock", "ours"))
+    print(f"| cold start to first pong, `fn-supervise worker_<uuid>` vs stock CLI, median of {args.starts} | "
+          f"{a:.2f} s | {b:.3f} s | {b / a:.3f} | <= 0.12x | {'yes' if b / a <= 0.12 else 'no'} |")
+    for key, r in res.items():
+        back = [max(x) for x in zip(r["pong"], r["pidfile"], r["graph"])]  # all three back
+        p50, mx = pct(back, 0.5), max(back)
+        print(f"| {key}: SIGKILL -> pong, new PID in .p, full_state with all nodes, p50 ({args.kills} kills) | "
+              f"never restarted | {p50:.3f} s | - | <= 0.5 s | {'yes' if p50 <= 0.5 else 'no'} |")
+        print(f"| same, max | - | {mx:.3f} s | - | <= 0.8 s | {'yes' if mx <= 0.8 else 'no'} |")
+        print(f"| same, refused connects (of {r['connects']}) | - | {r['refused']} | - | 0 | "
+              f"{'yes' if r['refused'] == 0 else 'no'} |")
+        print("  phases p50: " + ", ".join(f"{m} {pct(r[m], 0.5):.3f} s" for m in
+                                            ("pong", "pidfile", "graph", "delay", "launch", "boot", "graph_load")))
+    print(f"  cold starts: stock {' '.join(f'{x:.2f}' for x in cold['stock'])}; "
+          f"ours {' '.join(f'{x:.3f}' for x in cold['ours'])}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "hotpaths":
+        ap = argparse.ArgumentParser(prog="bench_supervisor.py hotpaths")
+        ap.add_argument("--starts", type=int, default=4, help="cold starts each (alternating stock/ours)")
+        ap.add_argument("--kills", type=int, default=8)
+        ap.add_argument("--graph-nodes", type=int, default=1000)
+        ap.add_argument("--no-bytecode", dest="bytecode", action="store_false",
+                        help="keep PYTHONDONTWRITEBYTECODE: every start compiles every module (both sides)")
+        ap.add_argument("--stock", default=None, help=f"the stock `funcnodes` CLI (default {STOCK_CLI})")
+        bench_hotpaths(ap.parse_args(sys.argv[2:]))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "restarts":
         ap = argparse.ArgumentParser(prog="bench_supervisor.py restarts")
         ap.add_argument("--kills", type=int, default=10)

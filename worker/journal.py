@@ -110,9 +110,14 @@ def header(base: int) -> bytes:
     return json.dumps({"fnjournal": VERSION, "base": base}, separators=(",", ":")).encode() + b"\n"
 
 
+# allow_nan=False: a record must be readable by any JSON reader, as the snapshot is. One encoder
+# instance: json.dumps with options builds a new JSONEncoder per call (py-spy: `encode` was the
+# largest of the worker's own items per edit, 2.6 % of samples); encode() keeps no state.
+_RECORD = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
 def encode(rec: dict) -> bytes:
-    # allow_nan=False: a record must be readable by any JSON reader, as the snapshot is.
-    return json.dumps(rec, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode() + b"\n"
+    return _RECORD.encode(rec).encode() + b"\n"
 
 
 class JournalFile:

@@ -160,12 +160,14 @@ class WorkerRuntime:
 
     def _load_core(self) -> None:
         # The one lazy import: funcnodes-core takes most of a start, so it loads after listen().
+        from . import nodeio
         from .commands import Commands
         from .graph import Graph
         from .localworkers import LocalScripts
         from .quarantine import SafeMode
         from .store import Store
 
+        nodeio.install()  # node construction: the class's IO found once per class, not per node
         # safe mode: quarantined nodes are loaded but never run (worker/quarantine.py)
         self.safe = SafeMode(self.quarantined, broadcast=self.broadcast, to_supervisor=self._to_supervisor,
                              find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))
@@ -534,9 +536,11 @@ class WorkerRuntime:
 
     def load_nodespace(self) -> None:
         """nodespace.json, then the journal after it. Bad files are kept aside, never fatal."""
+        from . import nodeio
         from .effects import OPS
 
-        self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
+        with nodeio.quiet_load():  # no node_added per node: `fullsync` follows the load
+            self.store.load(self.graph.apply_state, self.graph.apply_record, OPS)
     # endregion
 
     # region server backend (server.Backend): what the transport may ask of the graph
