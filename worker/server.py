@@ -348,14 +348,23 @@ class WorkerServer:
         return not self._commands_open or busy is None or busy > STALL_AFTER
 
     def _watch(self) -> None:
-        if self._handoff is not None and self._handoff.items and self._main_stalled():
+        # Armed only while a hand-over waits (an idle worker's I/O thread sleeps; a host runs many).
+        self._watch_timer = None
+        if self._handoff is None or not self._handoff.items:
+            return
+        if self._main_stalled():
             while True:
                 try:
                     conn = self._handoff.items.popleft()  # atomic: the main loop gets it or we do
                 except IndexError:
                     break
                 self._serve_on_io(conn)
-        self._watch_timer = self.io.loop.call_later(WATCH_EVERY, self._watch)
+        if self._handoff.items:
+            self._arm_watch()
+
+    def _arm_watch(self) -> None:
+        if self._watch_timer is None:
+            self._watch_timer = self.io.loop.call_later(WATCH_EVERY, self._watch)
 
     def _accept_on_io(self) -> None:
         for _ in range(64):
@@ -369,6 +378,7 @@ class WorkerServer:
             conn.setblocking(False)
             if self._main_takes_new():
                 self._handoff.put(conn)
+                self._arm_watch()
             else:
                 self._serve_on_io(conn)
 
