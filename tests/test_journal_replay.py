@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -40,6 +41,10 @@ def _demo():
     spec = importlib.util.spec_from_file_location("demo_nodes_replay", REPO / "examples" / "demo_nodes.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    # Held as a real import is: funcnodes-core keeps shelves and node classes only weakly
+    # (Library, REGISTERED_NODES), so an unheld module was freed by whichever cyclic collection came
+    # next and "demo.number" vanished mid-test ("Node with id ... not found", once in a while).
+    sys.modules[spec.name] = mod
     return mod.NODE_SHELF
 
 
