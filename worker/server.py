@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import hmac
 import inspect
 import ipaddress
@@ -28,6 +29,8 @@ import logging
 import os
 import socket
 import struct
+import sys
+import termios
 import threading
 import uuid
 from typing import Any, Mapping, Protocol
@@ -98,6 +101,10 @@ def is_loopback_origin(origin: str) -> bool:
         return False
 
 
+# SIOCOUTQ: a socket's bytes not yet acknowledged by the peer (Linux; elsewhere only our buffer counts).
+_OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
+
+
 class Client:
     """One WebSocket connection with its own outbound queue, so a slow client stalls only itself."""
 
@@ -115,6 +122,11 @@ class Client:
         # Frames go straight to the transport unless the connection deflates (aiohttp's writer
         # keeps the compressor state) or something is queued or being sent before them.
         self.direct = transport is not None and not ws.compress
+        # A direct write has no drain to time out: a timer, armed while bytes wait in the
+        # transport, drops a client whose socket took none of them for SEND_TIMEOUT.
+        self.written = 0  # bytes handed to the transport by put()
+        self._stuck_mark = 0
+        self._stuck_timer: asyncio.TimerHandle | None = None
 
     def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
@@ -123,7 +135,12 @@ class Client:
         if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
                 and not self.ws.closed and not self.transport.is_closing()
                 and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
-            self.transport.write(ws_frame(item))
+            frame = ws_frame(item)
+            self.transport.write(frame)
+            self.written += len(frame)
+            if self._stuck_timer is None:
+                self._stuck_mark = self.written - self._unsent()
+                self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
             return
         try:
             self.queue.put_nowait(item)
@@ -132,6 +149,33 @@ class Client:
             log.warning("client %s too slow, closing", self.id)
             self.drop(1013, b"client too slow")
 
+    def _unsent(self) -> int:
+        """Bytes written but not yet taken by the peer: the transport's buffer plus the kernel's
+        send queue (a client that reads nothing can leave our buffer empty and the kernel's full)."""
+        waiting = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if _OUTQ is not None and sock is not None:
+            try:
+                waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return waiting
+
+    def _check_stuck(self) -> None:
+        self._stuck_timer = None
+        if self.closing or self.transport.is_closing():
+            return
+        waiting = self._unsent()
+        if not waiting:
+            return  # all taken: armed again by the next direct write
+        taken = self.written - waiting  # grows whenever the socket takes bytes
+        if taken == self._stuck_mark:
+            log.warning("client %s too slow (read nothing for %.0f s), closing", self.id, SEND_TIMEOUT)
+            self.drop(1013, b"client too slow")
+            return
+        self._stuck_mark = taken
+        self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
+
     def drop(self, code: int, message: bytes = b"") -> asyncio.Future | None:
         """Close with code, and let go of the socket even if the client never reads again: the
         queue is emptied at once, the close handshake gets CLOSE_TIMEOUT, then the transport is
@@ -139,6 +183,9 @@ class Client:
         if self.closing:
             return None
         self.closing = True
+        if self._stuck_timer is not None:
+            self._stuck_timer.cancel()
+            self._stuck_timer = None
         while not self.queue.empty():
             self.queue.get_nowait()
         if self.writer is not None and self.writer is not asyncio.current_task():
@@ -170,7 +217,14 @@ class Client:
                             await self.ws.send_bytes(frame)
                     else:
                         await self.ws.send_str(item)
-            except (ConnectionError, asyncio.TimeoutError, RuntimeError):
+            except asyncio.TimeoutError:
+                # Not reading for SEND_TIMEOUT: the same verdict as a full queue, said the same way.
+                log.warning("client %s too slow (a reply waited %.0f s), closing", self.id, SEND_TIMEOUT)
+                closing = self.drop(1013, b"client too slow")
+                if closing is not None:
+                    await closing
+                return
+            except (ConnectionError, RuntimeError):
                 closing = self.drop(1011)
                 if closing is not None:
                     await closing
