@@ -503,7 +503,7 @@ def test_worker_group_is_cleared_and_orphans_reaped_after_a_crash(config_dir, po
         kids = psutil.Process(sup.pid).children()
         return not [k for k in kids if k.status() == psutil.STATUS_ZOMBIE]
 
-    poll_until(clean, 3, what="old group killed and its orphans reaped (no zombies under the supervisor)")
+    poll_until(clean, 10, what="old group killed and its orphans reaped (no zombies under the supervisor)")
     assert stop_supervisor(sup) == 0
 
 
