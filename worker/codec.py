@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
+from random import getrandbits
 from typing import Any
 from urllib.parse import quote
 
@@ -173,12 +173,25 @@ def progress(message: str, status: str, progress: float, blocking: bool) -> dict
 
 
 def _header_value(v: Any) -> str:
-    s = str(v)
+    s = v if type(v) is str else str(v)
     # Node uuids are client-chosen; ';' '=' or CR/LF would corrupt the header, and a lone
     # surrogate (valid in a JSON string) cannot be encoded at all.
-    if any(c in s for c in ";=\r\n%") or not s.isascii() and not _encodable(s):
+    if _HEADER_UNSAFE.search(s) is not None or not s.isascii() and not _encodable(s):
         return quote(s.encode("utf-8", "surrogatepass"), safe="")
     return s
+
+
+_HEADER_UNSAFE = re.compile(r"[;=\r\n%]")
+
+
+def _msgid() -> str:
+    """A random (version 4) UUID string: uuid.uuid4() reads os.urandom, a syscall per value sent."""
+    h = "%032x" % (getrandbits(128) & _V4_MASK | _V4_BITS)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_V4_MASK = ~(0xF000 << 64 | 0xC000 << 48) & ((1 << 128) - 1)  # clear the version and variant bits
+_V4_BITS = 0x4000 << 64 | 0x8000 << 48  # version 4, RFC 4122 variant
 
 
 def _encodable(s: str) -> bool:
@@ -191,11 +204,13 @@ def _encodable(s: str) -> bool:
 
 def binary_frames(header: dict[str, Any], payload: bytes, max_size: int) -> list[bytes]:
     """Frames `chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<payload part>`."""
-    msgid = str(uuid.uuid4())
-    head = "; ".join(f"{k}={_header_value(v)}" for k, v in header.items())
-    probe = f"chunk=0000/0000;msgid={msgid};{head}\r\n\r\n".encode()
-    chunk = max(1, max_size - len(probe))
-    parts = [payload[i : i + chunk] for i in range(0, len(payload), chunk)] or [b""]
+    msgid = _msgid()
+    head = "; ".join([f"{k}={_header_value(v)}" for k, v in header.items()])
+    single = f"chunk=1/1;msgid={msgid};{head}\r\n\r\n".encode()
+    chunk = max(1, max_size - len(single) - 6)  # room for the widest "chunk=0000/0000"
+    if len(payload) <= chunk:  # one frame: every value under the chunk size (all, by default)
+        return [single + payload]
+    parts = [payload[i : i + chunk] for i in range(0, len(payload), chunk)]
     n = len(parts)
     return [
         f"chunk={i + 1}/{n};msgid={msgid};{head}\r\n\r\n".encode() + part
