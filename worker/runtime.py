@@ -486,6 +486,8 @@ class WorkerRuntime:
 
         def done(_t, node=node, nid=nid):
             HEALTH.ended(nid)
+            if self.store is not None:
+                self.store.ran()
             # Only this node's readiness changed (a node's readiness is its own inputs and its
             # own run); a trigger requested while it ran starts now.
             self.loop.call_soon(self._trigger_if_requested, node)

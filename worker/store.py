@@ -12,7 +12,7 @@ Durability (`durability` in the worker config):
   commit), so an acknowledged edit also survives a power cut.
 
 Snapshots (nodespace.json, the stock format, plus meta.journal_seq) are written when the graph
-has been idle for `save_delay`, when the journal outgrows max(snapshot size, journal_min_bytes),
+has been idle (no edit, no node run) for `save_delay`, when the journal outgrows max(snapshot size, journal_min_bytes),
 at most `save_max_wait` after a change the journal does not carry (node code changing value
 options while it runs), for `save`, for verbs that replace the whole graph, and at a clean stop.
 The journal is cut after each snapshot is on disk; a crash in between only leaves records the
@@ -104,6 +104,7 @@ class Store:
         self._cut_seq = -1  # base of the current segment
         self._tail: list[bytes] | None = None  # records written while a snapshot is written
         self._last_change = 0.0
+        self._last_run = 0.0  # a node run ended: a snapshot (compaction) waits for a still graph
         self._first_unjournaled: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -424,6 +425,13 @@ class Store:
             self._first_unjournaled = now
         self._changed()
 
+    def ran(self) -> None:
+        """A node run ended. The journal already holds every edit, so the snapshot taken after
+        them waits until nothing runs either: serializing the whole graph on the main loop (tens
+        of ms for a few hundred nodes) would otherwise land in the middle of a running graph."""
+        if self._timer is not None:
+            self._last_run = self.loop.time()
+
     def _changed(self) -> None:
         self._last_change = self.loop.time()
         if self._timer is None:
@@ -434,7 +442,7 @@ class Store:
         self._timer = None
         now = self.loop.time()
         delay = float(self.config.get("save_delay") or 0.2)
-        due = self._last_change + delay
+        due = max(self._last_change, self._last_run) + delay
         if self._first_unjournaled is not None:
             due = min(due, self._first_unjournaled + float(self.config.get("save_max_wait") or 2.0))
         if now + 0.001 < due:
