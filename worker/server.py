@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
-from . import codec, wakeup
+from . import codec, wakeup, wsread
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
 from .peers import PeerGate, enabled_by
@@ -626,6 +626,9 @@ class WorkerServer:
         client = Client(ws, request.transport, main=self._on_main())
         client.writer = asyncio.ensure_future(client.write_loop())
         self.clients[client.id] = client
+        # Text frames handled inside data_received (worker/wsread.py); the loop below then sees
+        # only what aiohttp still reads: pings, close, binary, oversized or fragmented frames.
+        wsread.install(ws, request.protocol, lambda text: self.on_frame(client, text), self.max_msg)
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -639,9 +642,24 @@ class WorkerServer:
             client.put(None)
         return ws
 
+    def on_frame(self, client: Client, text: str) -> None:
+        """A text frame, from inside the connection's data_received (worker/wsread.py)."""
+        if client.closing:
+            return
+        try:
+            self.route(client, text, inline=False)  # with a client, never a coroutine
+        except Exception:  # a bug, not the client's doing: a clear close, not a dead reader
+            log.exception("client %s: a message could not be handled", client.id)
+            client.drop(1011)
+
     async def on_text(self, client: Client | None, text: str, inline: bool = True,
                       limit: int | None = None) -> dict | None:
         """Handle one client message; returns the reply (also sent to client when given)."""
+        out = self.route(client, text, inline, limit)
+        return (await out) if inspect.iscoroutine(out) else out
+
+    def route(self, client: Client | None, text: str, inline: bool = True, limit: int | None = None) -> Any:
+        """on_text's work; a coroutine only where the reply must be awaited (no client, or inline)."""
         msg_id = None
         try:
             limit = self.max_msg if limit is None else limit
@@ -698,7 +716,7 @@ class WorkerServer:
             else:
                 self._inbox.put((client, cmd, kwargs, msg_id, as_bytes))
             return None
-        return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
+        return self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
     async def run_cmd(self, client: Client | None, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> dict:
         # shield: a client that disconnects must not cancel a command half-way on the main loop
