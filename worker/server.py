@@ -127,27 +127,54 @@ class Client:
         self.written = 0  # bytes handed to the transport by put()
         self._stuck_mark = 0
         self._stuck_timer: asyncio.TimerHandle | None = None
+        # Direct frames of one loop turn (a reply and the events around it) are held and written
+        # with one send just before the loop polls again (wakeup before_sleep); on a loop
+        # without that hook, each is written at once.
+        self._turn = wakeup.selector_of(asyncio.get_running_loop()) if self.direct else None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
             return
+        if isinstance(item, list) and len(item) == 1:
+            item = item[0]  # a binary value in one chunk: one frame like any other
         # A list is the chunks of one binary value: through the queue, so other writes interleave.
         if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
                 and not self.ws.closed and not self.transport.is_closing()
-                and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
+                and self.transport.get_write_buffer_size() + self._held_bytes <= DIRECT_WRITE_MAX):
             frame = ws_frame(item)
-            self.transport.write(frame)
-            self.written += len(frame)
-            if self._stuck_timer is None:
-                self._stuck_mark = self.written - self._unsent()
-                self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
+            if self._turn is None:
+                self._write(frame)
+                return
+            if not self._held:
+                self._turn.before_sleep.append(self.flush)
+            self._held.append(frame)
+            self._held_bytes += len(frame)
             return
+        self.flush()  # what this turn holds goes first: frames leave in the order they were put
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             # A client that cannot keep up is told so and dropped, never silently starved.
             log.warning("client %s too slow, closing", self.id)
             self.drop(1013, b"client too slow")
+
+    def flush(self) -> None:
+        """Write the frames held this turn, in one send."""
+        if not self._held:
+            return
+        held, self._held, self._held_bytes = self._held, [], 0
+        if self.closing or self.transport.is_closing():
+            return
+        self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.written += len(data)
+        if self._stuck_timer is None:
+            self._stuck_mark = self.written - self._unsent()
+            self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
 
     def _unsent(self) -> int:
         """Bytes written but not yet taken by the peer: the transport's buffer plus the kernel's
@@ -182,6 +209,7 @@ class Client:
         aborted (transport.close() would wait for a buffer the client never drains)."""
         if self.closing:
             return None
+        self.flush()  # frames put before the drop still go ahead of the close frame
         self.closing = True
         if self._stuck_timer is not None:
             self._stuck_timer.cancel()
