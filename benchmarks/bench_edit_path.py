@@ -1,6 +1,6 @@
 """The edit path, ours beside the stock worker in one run (issue 14's targets).
 
-    python benchmarks/bench_edit_path.py [--seconds 4] [--ack-seconds 2] [--clients 4] [--no-fsync]
+    python benchmarks/bench_edit_path.py [--seconds 4] [--ack-seconds 2] [--clients 4] [--client raw|aiohttp] [--no-fsync]
 
 Three workers, each in a fresh config folder with the demo nodes (examples/demo_nodes.py):
 stock (funcnodes-worker 1.6.0, tests/stockenv.py), ours supervised (`python -m supervisor
@@ -9,7 +9,9 @@ worker_<uuid>`, i.e. `fn-supervise worker_<uuid>`) with `durability: process`, a
 (fsync after ours), so host load from elsewhere hits both alike:
 
 - acked `update_node_view`/s and `set_io_value`/s (on a lone demo.add), --clients clients in a
-  closed loop, one request in flight each; the clients run in a separate process
+  closed loop, one request in flight each; by default each client is its own process on a plain
+  socket with its frames encoded before the clock starts (--client raw), so the client costs the
+  host less than the worker does; --client aiohttp keeps the earlier single aiohttp process
 - the worker's CPU time (user + system, psutil) per acked edit over those phases
 - ack p50/p99 of both verbs, one client, sequential
 - a 200-node chain built by 399 RPCs (200 add_node, 199 add_edge)
@@ -85,6 +87,19 @@ class Worker(Proc):
         self.log.close()
 
 
+# One edit request, the same for both clients (each script is EDIT + its own text).
+EDIT = r"""
+def edit(r, verb, targets, mid):
+    import json
+    nid = r.choice(targets)
+    if verb == "update_node_view":
+        kw = {"nid": nid, "data": {"pos": [r.randint(0, 999), r.randint(0, 999)]}}
+    else:
+        kw = {"nid": nid, "ioid": "a", "value": r.randint(0, 10**6)}
+    return json.dumps({"type": "cmd", "cmd": verb, "kwargs": kw, "id": mid})
+"""
+
+
 # A lean closed-loop client (aiohttp only), so the client process is not what limits the figure.
 CLIENT = r"""
 import asyncio, json, sys, time, random
@@ -100,12 +115,7 @@ async def client(session, url, k, verb, targets, stop_at, counts, lat):
                 return
             n += 1
             mid = f"c{k}-{n}"
-            nid = r.choice(targets)
-            if verb == "update_node_view":
-                kw = {"nid": nid, "data": {"pos": [r.randint(0, 999), r.randint(0, 999)]}}
-            else:
-                kw = {"nid": nid, "ioid": "a", "value": r.randint(0, 10**6)}
-            await ws.send_str(json.dumps({"type": "cmd", "cmd": verb, "kwargs": kw, "id": mid}))
+            await ws.send_str(edit(r, verb, targets, mid))
             while True:
                 m = await ws.receive()
                 if m.type == aiohttp.WSMsgType.TEXT:
@@ -133,17 +143,125 @@ asyncio.run(main(url, verb, targets, clients, seconds))
 """
 
 
-def run_clients(w: Worker, verb: str, targets: list[str], clients: int, seconds: float) -> dict:
-    out = subprocess.run([sys.executable, "-c", CLIENT, w.url, verb, json.dumps(targets), str(clients), str(seconds)],
-                         capture_output=True, text=True, timeout=seconds + 60)
-    if out.returncode:
-        raise RuntimeError(f"{w.label} {verb}: {out.stderr[-2000:]}")
-    return json.loads(out.stdout)
+# The default client: one process per connection, a blocking socket, frames encoded before the
+# clock starts (zero mask, RFC 6455 allows it), replies parsed only when they carry the id. It
+# costs the host far less per edit than the aiohttp client above, so on a 2-CPU machine the
+# acked/s figures say more about the worker than about the client.
+RAW_CLIENT = r"""
+import json, os, random, socket, struct, sys, time, base64
+
+def frames(k, verb, targets, count=512):
+    r = random.Random(k)
+    out = []
+    for n in range(count):
+        mid = f"c{k}-{n}"
+        data = edit(r, verb, targets, mid).encode()
+        m = len(data)
+        head = b"\x81" + (bytes([0x80 | m]) if m < 126 else bytes([0x80 | 126]) + struct.pack("!H", m))
+        out.append((mid, json.dumps(mid).encode(), head + b"\0\0\0\0" + data))
+    return out
+
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise RuntimeError("handshake failed")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(head.decode(errors="replace"))
+    return s, rest
+
+def main(port, verb, targets, k, seconds, start_at):
+    todo = frames(k, verb, targets)
+    s, buf = connect(port)
+    recv = s.recv
+    while time.time() < start_at:
+        time.sleep(0.001)
+    acks, lat = 0, []
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+    i = 0
+    while True:
+        now = time.perf_counter()
+        if now >= stop_at:
+            break
+        mid, quoted, frame = todo[i % len(todo)]
+        i += 1
+        s.sendall(frame)
+        while True:  # frames until our reply (events may come first)
+            while len(buf) < 2:
+                chunk = recv(65536)
+                if not chunk:
+                    raise RuntimeError("connection ended")
+                buf += chunk
+            n, h = buf[1] & 0x7F, 2
+            if n == 126:
+                h = 4
+            elif n == 127:
+                h = 10
+            while len(buf) < h:
+                buf += recv(65536)
+            if h == 4:
+                n = struct.unpack("!H", buf[2:4])[0]
+            elif h == 10:
+                n = struct.unpack("!Q", buf[2:10])[0]
+            while len(buf) < h + n:
+                chunk = recv(max(65536, h + n - len(buf)))
+                if not chunk:
+                    raise RuntimeError("connection ended")
+                buf += chunk
+            op, payload, buf = buf[0] & 0x0F, buf[h:h + n], buf[h + n:]
+            if op == 1 and quoted in payload:
+                d = json.loads(payload)
+                if d.get("id") == mid:
+                    if d.get("type") != "result":
+                        raise RuntimeError(f"not acked: {payload[:300]!r}")
+                    break
+            elif op == 8:
+                raise RuntimeError("closed by the worker")
+        lat.append(time.perf_counter() - now)
+        acks += 1
+    print(json.dumps({"acks": acks, "seconds": time.perf_counter() - t0, "lat": lat}))
+
+main(int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
+"""
 
 
-def ack_latencies(w: Worker, verb: str, targets: list[str], seconds: float) -> list[float]:
+def run_clients(w: Worker, verb: str, targets: list[str], clients: int, seconds: float, kind: str = "raw") -> dict:
+    if kind == "aiohttp":
+        out = subprocess.run([sys.executable, "-c", EDIT + CLIENT, w.url, verb, json.dumps(targets), str(clients), str(seconds)],
+                             capture_output=True, text=True, timeout=seconds + 60)
+        if out.returncode:
+            raise RuntimeError(f"{w.label} {verb}: {out.stderr[-2000:]}")
+        return json.loads(out.stdout)
+    start_at = time.time() + 1.0  # every process connected and waiting before the clock starts
+    procs = [subprocess.Popen([sys.executable, "-c", EDIT + RAW_CLIENT, str(w.port), verb, json.dumps(targets), str(k),
+                               str(seconds), str(start_at)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(clients)]
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            o, e = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"{w.label} {verb}: {e[-2000:]}")
+        outs.append(json.loads(o))
+    return {"acks": sum(o["acks"] for o in outs), "seconds": max(o["seconds"] for o in outs),
+            "lat": outs[0]["lat"] if clients == 1 else []}
+
+
+def ack_latencies(w: Worker, verb: str, targets: list[str], seconds: float, kind: str = "raw") -> list[float]:
     """One client, one edit at a time; the first 50 acks are a warm-up."""
-    return run_clients(w, verb, targets, 1, seconds)["lat"][50:]
+    return run_clients(w, verb, targets, 1, seconds, kind)["lat"][50:]
 
 
 # Set-up and the chain over a plain connection of this process.
@@ -245,11 +363,12 @@ async def measure(args) -> dict:
                 w, r = workers[lab], res[lab]
                 for verb in ("update_node_view", "set_io_value"):
                     cpu0 = w.cpu()
-                    t = await asyncio.to_thread(run_clients, w, verb, targets[lab][verb], args.clients, args.seconds / 2)
+                    t = await asyncio.to_thread(run_clients, w, verb, targets[lab][verb], args.clients, args.seconds / 2,
+                                            args.client)
                     r["cpu"][verb] = r["cpu"].get(verb, 0.0) + w.cpu() - cpu0
                     r["acks"][verb] = r["acks"].get(verb, 0) + t["acks"]
                     r["secs"][verb] = r["secs"].get(verb, 0.0) + t["seconds"]
-                    lat = await asyncio.to_thread(ack_latencies, w, verb, targets[lab][verb], args.ack_seconds / 2)
+                    lat = await asyncio.to_thread(ack_latencies, w, verb, targets[lab][verb], args.ack_seconds / 2, args.client)
                     r["lat"].setdefault(verb, []).extend(lat)
                 r["chain"].append(await chain(w, args.nodes))
     finally:
@@ -311,6 +430,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="closed-loop seconds per verb and worker (2 rounds)")
     ap.add_argument("--ack-seconds", type=float, default=2.0, help="seconds of sequential acks per verb and worker (p50/p99)")
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
+                    help="raw: one process per connection, blocking socket, pre-encoded frames (cheap); "
+                         "aiohttp: all connections in one aiohttp process (the figures before)")
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--no-fsync", action="store_true", help="skip the durability: fsync column")
     ap.add_argument("--out", help="write the raw figures as JSON here")

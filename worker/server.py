@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
-from . import codec, wakeup
+from . import codec, wakeup, wsread
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
 from .peers import PeerGate, enabled_by
@@ -127,27 +127,54 @@ class Client:
         self.written = 0  # bytes handed to the transport by put()
         self._stuck_mark = 0
         self._stuck_timer: asyncio.TimerHandle | None = None
+        # Direct frames of one loop turn (a reply and the events around it) are held and written
+        # with one send just before the loop polls again (wakeup before_sleep); on a loop
+        # without that hook, each is written at once.
+        self._turn = wakeup.selector_of(asyncio.get_running_loop()) if self.direct else None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
             return
+        if isinstance(item, list) and len(item) == 1:
+            item = item[0]  # a binary value in one chunk: one frame like any other
         # A list is the chunks of one binary value: through the queue, so other writes interleave.
         if (item is not None and not isinstance(item, list) and self.direct and not self.sending and self.queue.empty()
                 and not self.ws.closed and not self.transport.is_closing()
-                and self.transport.get_write_buffer_size() <= DIRECT_WRITE_MAX):
+                and self.transport.get_write_buffer_size() + self._held_bytes <= DIRECT_WRITE_MAX):
             frame = ws_frame(item)
-            self.transport.write(frame)
-            self.written += len(frame)
-            if self._stuck_timer is None:
-                self._stuck_mark = self.written - self._unsent()
-                self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
+            if self._turn is None:
+                self._write(frame)
+                return
+            if not self._held:
+                self._turn.before_sleep.append(self.flush)
+            self._held.append(frame)
+            self._held_bytes += len(frame)
             return
+        self.flush()  # what this turn holds goes first: frames leave in the order they were put
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             # A client that cannot keep up is told so and dropped, never silently starved.
             log.warning("client %s too slow, closing", self.id)
             self.drop(1013, b"client too slow")
+
+    def flush(self) -> None:
+        """Write the frames held this turn, in one send."""
+        if not self._held:
+            return
+        held, self._held, self._held_bytes = self._held, [], 0
+        if self.closing or self.transport.is_closing():
+            return
+        self._write(held[0] if len(held) == 1 else b"".join(held))
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.written += len(data)
+        if self._stuck_timer is None:
+            self._stuck_mark = self.written - self._unsent()
+            self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
 
     def _unsent(self) -> int:
         """Bytes written but not yet taken by the peer: the transport's buffer plus the kernel's
@@ -182,6 +209,7 @@ class Client:
         aborted (transport.close() would wait for a buffer the client never drains)."""
         if self.closing:
             return None
+        self.flush()  # frames put before the drop still go ahead of the close frame
         self.closing = True
         if self._stuck_timer is not None:
             self._stuck_timer.cancel()
@@ -626,6 +654,9 @@ class WorkerServer:
         client = Client(ws, request.transport, main=self._on_main())
         client.writer = asyncio.ensure_future(client.write_loop())
         self.clients[client.id] = client
+        # Text frames handled inside data_received (worker/wsread.py); the loop below then sees
+        # only what aiohttp still reads: pings, close, binary, oversized or fragmented frames.
+        wsread.install(ws, request.protocol, lambda text: self.on_frame(client, text), self.max_msg)
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -639,9 +670,24 @@ class WorkerServer:
             client.put(None)
         return ws
 
+    def on_frame(self, client: Client, text: str) -> None:
+        """A text frame, from inside the connection's data_received (worker/wsread.py)."""
+        if client.closing:
+            return
+        try:
+            self.route(client, text, inline=False)  # with a client, never a coroutine
+        except Exception:  # a bug, not the client's doing: a clear close, not a dead reader
+            log.exception("client %s: a message could not be handled", client.id)
+            client.drop(1011)
+
     async def on_text(self, client: Client | None, text: str, inline: bool = True,
                       limit: int | None = None) -> dict | None:
         """Handle one client message; returns the reply (also sent to client when given)."""
+        out = self.route(client, text, inline, limit)
+        return (await out) if inspect.iscoroutine(out) else out
+
+    def route(self, client: Client | None, text: str, inline: bool = True, limit: int | None = None) -> Any:
+        """on_text's work; a coroutine only where the reply must be awaited (no client, or inline)."""
         msg_id = None
         try:
             limit = self.max_msg if limit is None else limit
@@ -698,7 +744,7 @@ class WorkerServer:
             else:
                 self._inbox.put((client, cmd, kwargs, msg_id, as_bytes))
             return None
-        return await self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
+        return self.run_cmd(client, cmd, kwargs, msg_id, as_bytes)
 
     async def run_cmd(self, client: Client | None, cmd: str, kwargs: dict, msg_id: Any, as_bytes: bool) -> dict:
         # shield: a client that disconnects must not cancel a command half-way on the main loop

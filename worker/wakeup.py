@@ -6,6 +6,9 @@ under an edit stream). A Mailbox is a deque that other threads append to and one
 A loop made by new_loop() looks into its mailboxes before select() may block, so a producer
 wakes it only while it is (about to be) asleep; a busy loop picks the items up on its next turn.
 On a loop of any other making, every put with nothing scheduled wakes it, as before.
+
+The same selector runs `before_sleep` callbacks once per loop turn, just before it polls: the
+server writes all frames a client got in one turn (reply and events) with one send there.
 """
 
 from __future__ import annotations
@@ -26,8 +29,16 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         self.asleep = False
         self.turn_started = 0.0  # monotonic time the loop last woke: a stall is a long turn
         self.mailboxes: list[Mailbox] = []
+        self.before_sleep: list[Callable[[], None]] = []  # this loop's thread only; run once each
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def select(self, timeout: float | None = None):
+        if self.before_sleep:
+            hooks, self.before_sleep = self.before_sleep, []
+            for hook in hooks:
+                hook()
+            if self.loop is not None and self.loop._ready:  # a hook scheduled a callback: no sleep
+                timeout = 0
         self.asleep = True  # from here on, a producer wakes us: nothing put now is missed
         try:
             if any(m.items for m in self.mailboxes):
@@ -45,8 +56,14 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
 def new_loop() -> asyncio.AbstractEventLoop:
     sel = WakingSelector()
     loop = asyncio.SelectorEventLoop(sel)
+    sel.loop = loop
     _SELECTORS[loop] = sel
     return loop
+
+
+def selector_of(loop: asyncio.AbstractEventLoop) -> WakingSelector | None:
+    """The WakingSelector of a loop made by new_loop (else None: no before_sleep there)."""
+    return _SELECTORS.get(loop)
 
 
 def busy_for(loop: asyncio.AbstractEventLoop) -> float | None:

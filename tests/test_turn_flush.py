@@ -1,0 +1,117 @@
+"""Frames a client gets in one loop turn leave in one send, just before the loop polls again
+(worker/wakeup.py before_sleep, worker/server.py Client.flush), in the order they were put."""
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import time
+
+from aiohttp import web
+
+from worker import wakeup
+from worker.server import Client
+
+
+def test_before_sleep_runs_after_the_turn_and_never_lets_a_scheduled_callback_wait():
+    loop = wakeup.new_loop()
+    sel = wakeup.selector_of(loop)
+    seen = []
+
+    async def go():
+        loop.call_later(30, seen.append, "far")  # the loop would sleep up to 30 s
+        done = loop.create_future()
+
+        def hook():
+            seen.append("hook")
+            loop.call_soon(done.set_result, None)  # scheduled from the hook: must not wait 30 s
+
+        def a():
+            seen.append("a")
+            sel.before_sleep.append(hook)
+
+        loop.call_soon(a)
+        loop.call_soon(seen.append, "b")
+        t0 = time.monotonic()
+        await asyncio.wait_for(done, 5)
+        return time.monotonic() - t0
+
+    try:
+        elapsed = loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert seen == ["a", "b", "hook"]
+    assert elapsed < 5
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    while data:
+        n, h = data[1] & 0x7F, 2
+        if n == 126:
+            n, h = struct.unpack("!H", data[2:4])[0], 4
+        out.append((data[0], data[h:h + n]))
+        data = data[h + n:]
+    return out
+
+
+def test_frames_of_one_turn_are_held_then_sent_together_in_order():
+    loop = wakeup.new_loop()
+    result = {}
+
+    async def handle(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        client = Client(ws, request.transport, main=True)
+        peer = result["peer"]
+        peer.settimeout(5)  # the handshake reply is written by prepare(): read it whole
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += peer.recv(1)
+        peer.setblocking(False)
+        client.put("one")
+        client.put([b"\x01\x02"])  # a binary value in one chunk: a frame like any other
+        client.put("t" * 300)
+        try:
+            result["mid_turn"] = peer.recv(65536)  # nothing yet: held until the turn ends
+        except BlockingIOError:
+            result["mid_turn"] = None
+        await asyncio.sleep(0)  # the turn ends: one send
+        data = b""
+        deadline = time.monotonic() + 5
+        while len(data) < 2 + 3 + 2 + 2 + 4 + 300 and time.monotonic() < deadline:
+            try:
+                data += peer.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        result["data"] = data
+        client.put(None)
+        return ws
+
+    async def go():
+        app = web.Application()
+        app.router.add_get("/", handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        peer = socket.create_connection(("127.0.0.1", port))
+        result["peer"] = peer
+        key = base64.b64encode(os.urandom(16)).decode()
+        peer.sendall((f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        for _ in range(500):
+            if "data" in result:
+                break
+            await asyncio.sleep(0.01)
+        peer.close()
+        await runner.cleanup()
+
+    try:
+        loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert result["mid_turn"] is None
+    assert _frames(result["data"])[:3] == [(0x81, b"one"), (0x82, b"\x01\x02"), (0x81, b"t" * 300)]
