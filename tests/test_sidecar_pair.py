@@ -75,3 +75,29 @@ def test_a_role_that_dies_takes_the_process_and_both_come_back(tmp_path):
         assert st["restarts"] == 2
     finally:
         h.close()
+
+
+def test_an_idle_monitor_ends_cleanly_on_sigterm_and_serves_its_first_client(port):
+    """Until its first connection the monitor sleeps in select() with no asyncio loop: SIGTERM
+    there is a clean exit (nothing was spawned), and a first client is served from that state."""
+    import os
+    import signal
+    import urllib.request
+
+    from sidecars.monitor import run_monitor
+
+    h = Hosted("monitor", run_monitor, ("127.0.0.1", port), backoff_base=0.05)
+    try:
+        h.rec.wait(lambda m: m["type"] == "monitor", 10, "monitor listening")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:  # the loop starts here
+            assert r.status == 200 and r.read() == b"[]"
+        h2 = Hosted("monitor2", run_monitor, ("127.0.0.1", 0), backoff_base=0.05)
+        try:
+            _, mon = h2.rec.wait(lambda m: m["type"] == "monitor", 10, "second monitor listening")
+            os.kill(mon["pid"], signal.SIGTERM)
+            st = poll_until(lambda: (s := h2.status())["last_exit"] and s, 10, what="idle monitor exit")
+            assert st["last_exit"]["code"] == 0 and st["last_exit"]["signal"] is None
+        finally:
+            h2.close()
+    finally:
+        h.close()
