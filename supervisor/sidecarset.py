@@ -29,6 +29,10 @@ log = logging.getLogger("fn_supervise.sidecars")
 MONITOR = "sidecars.monitor:run_monitor"
 DISCOVERY = "sidecars.discovery:run_discovery"
 PAIR = "sidecars.pair:run_pair"  # both roles in one process
+# What the supervisor itself imports only after the forks (the idna codec every getaddrinfo of a
+# str host loads, asyncio.to_thread's executor): imported before, their pages are shared with the
+# sidecar and the fork server instead of being the supervisor's alone.
+LATE_IMPORTS = ("encodings.idna", "concurrent.futures.thread")
 # Forked from the supervisor (sidecars/forked.py): the sidecars share its pages instead of each
 # being a fresh interpreter. They start before any thread of the supervisor exists.
 START_METHOD = "fork"
@@ -55,7 +59,7 @@ class SidecarSet:
         # the sidecar. The sidecars' modules are imported before any fork, so every child
         # shares them (a page a later import made the supervisor and the fork server both write
         # would be left to the sidecar alone).
-        for target in (PAIR, *(t for t, _a, _k in roles.values())):
+        for target in (PAIR, *(t for t, _a, _k in roles.values()), *LATE_IMPORTS):
             preload(target)
         if self.sup.cfg.fork_server and self.sup.cfg.worker_module == "worker":
             forkstandby.prepare()
