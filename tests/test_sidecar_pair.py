@@ -101,3 +101,17 @@ def test_an_idle_monitor_ends_cleanly_on_sigterm_and_serves_its_first_client(por
             h2.close()
     finally:
         h.close()
+
+
+def test_one_role_alone_runs_in_the_main_thread(tmp_path):
+    """`{"monitor": false}`: discovery alone runs in the main thread of the sidecar process."""
+    roles = {"discovery": ("sidecars.discovery:run_discovery", (str(tmp_path),), {})}
+    h = Hosted("discovery", run_named, (PAIR, roles), backoff_base=0.05)
+    try:
+        h.rec.wait(lambda m: m["type"] == "local_scripts" and m.get("initial"), 10, "listing")
+        (tmp_path / "b.py").write_text("")
+        h.rec.wait(lambda m: m["type"] == "local_scripts" and not m.get("initial"), 10, "a change")
+        h.stop(5.0)
+        assert h.status()["last_exit"]["code"] == 0
+    finally:
+        h.close()
