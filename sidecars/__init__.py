@@ -4,6 +4,8 @@ Each sidecar is a `multiprocess` process (start method "spawn", see host.py) of 
 supervisor's interpreter, connected to it by one `multiprocess.Pipe`. It exits when the
 supervisor goes away (pipe EOF; PR_SET_PDEATHSIG=SIGTERM as a second line), ignores SIGINT, and
 is restarted one-for-one by `sidecars.host.SidecarKeeper` on its own crash budget.
+Per-worker mode forks one process for both (sidecars.pair.run_pair; routing: sidecars.roles):
+each role runs as below on a pipe of its own inside it, and the process restarts whole.
 
   sidecars.discovery.run_discovery(conn, scripts_dir, debounce_ms=50)
   sidecars.monitor.run_monitor(conn, host="127.0.0.1", port=0, *, kill_timeout=5.0,

@@ -18,6 +18,7 @@ PR_SET_CHILD_SUBREAPER = 36
 
 _libc = None
 FORK_PARENT: int | None = None  # set in a sidecar forked by sidecars/forked.py: the supervisor's pid
+_ARMED_IN: int | None = None  # the pid arm_sidecar ran in: two roles of one process (pair.py) arm it once
 
 
 def set_fork_parent(pid: int) -> None:
@@ -59,7 +60,12 @@ def arm_sidecar() -> None:
 
     SIGINT from a terminal reaches the whole foreground process group; the supervisor handles
     it and stops its sidecars in order, so a sidecar must not die of it on its own.
+    Once per process: a role running in a thread of a shared sidecar (pair.py) finds it done
+    by the main thread (signal.signal works only there).
     """
+    global _ARMED_IN
+    if _ARMED_IN == os.getpid():
+        return
     expected = FORK_PARENT
     mp = sys.modules.get("multiprocess")  # a spawned sidecar's bootstrap imported it already
     if expected is None and mp is not None:
@@ -70,3 +76,4 @@ def arm_sidecar() -> None:
             expected = None
     set_parent_death_signal(signal.SIGTERM, expected)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _ARMED_IN = os.getpid()

@@ -69,6 +69,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -309,7 +310,11 @@ class Monitor:
         if not self.shutting_down:
             log.info("monitor shutting down: %s", why)
             self.shutting_down = True
-            asyncio.get_running_loop().create_task(self.shutdown())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # still idle (wait_first_connection): nothing was spawned, nothing to kill
+            loop.create_task(self.shutdown())
 
     # -- HTTP API ---------------------------------------------------------------------------
 
@@ -595,21 +600,69 @@ class Monitor:
             loop.add_reader(self.conn.fileno(), self._on_conn)
         if self.conn is not None:
             self._on_conn()  # a stop (or EOF) already waiting: handled before we bind
-        try:
-            if not self.shutting_down:
-                self.sock = _listen(self.host, self.port)
-        finally:
+        if self.sock is None:  # not bound by wait_first_connection (run() on its own)
+            try:
+                if not self.shutting_down:
+                    self._bind()
+            finally:
+                self.bound.set()
+            if self.shutting_down:  # a stop came while we bound: never announce an address
+                await self.done.wait()
+                return
+            self._announce()
+        else:
             self.bound.set()
-        if self.shutting_down:  # a stop came while we bound: never announce an address
-            await self.done.wait()
-            return
-        self.port = self.sock.getsockname()[1]  # the real one when port=0
         loop.add_reader(self.sock.fileno(), self._first_connection)
+        await self.done.wait()
+
+    def _bind(self) -> None:
+        self.sock = _listen(self.host, self.port)
+        self.port = self.sock.getsockname()[1]  # the real one when port=0
+
+    def _announce(self) -> None:
         self.send({"type": "monitor", "host": self.host, "port": self.port, "pid": os.getpid(),
                    "env_pid": self.owner_pid})
         log.info("subprocess monitor listening on %s:%d", self.host, self.port)
-        await self.done.wait()
 
+    def wait_first_connection(self) -> bool:
+        """Idle without an asyncio loop: bind, announce, then sleep in select() on the pipe and
+        the socket. True once a client connects (run() then serves it), False on a stop, EOF or
+        SIGTERM first (nothing was spawned yet: nothing to kill). A loop would write its own
+        state and many of asyncio's shared pages into this process (~1.5 MB) for a monitor
+        that most workers never use."""
+        def term(*_a: Any) -> None:
+            raise _Stopped
+
+        old = signal.signal(signal.SIGTERM, term)
+        try:
+            if self._idle_read():
+                self._bind()
+                self._announce()
+                while not self.shutting_down:
+                    ready, _w, _x = select.select([c for c in (self.conn, self.sock) if c is not None], [], [])
+                    if self.sock in ready:
+                        return True
+                    self._idle_read()
+        except _Stopped:
+            self.request_shutdown("SIGTERM")
+        finally:
+            signal.signal(signal.SIGTERM, old)
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        return False
+
+    def _idle_read(self) -> bool:
+        """The pipe before any loop: False once a stop or EOF came (no request is pending yet,
+        so nothing else needs an answer)."""
+        try:
+            while self.conn is not None and self.conn.poll(0):
+                msg = self.conn.recv()
+                if isinstance(msg, dict) and msg.get("type") == "stop":
+                    self.request_shutdown("stop requested")
+        except (EOFError, OSError):
+            self.request_shutdown("supervisor gone (pipe EOF)")
+        return not self.shutting_down
 
     def _first_connection(self) -> None:
         asyncio.get_running_loop().remove_reader(self.sock.fileno())
@@ -641,6 +694,10 @@ class Monitor:
             self.request_shutdown("cannot serve HTTP")
         finally:
             self.bound.set()
+
+
+class _Stopped(Exception):
+    """SIGTERM while the monitor idles in select()."""
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -681,7 +738,8 @@ def run_monitor(conn, host: str = "127.0.0.1", port: int = 0, *, kill_timeout: f
                       worker_spawn_timeout=worker_spawn_timeout,
                       delegate_workers=delegate_workers, token=token, peer_uid_check=peer_uid_check)
     try:
-        asyncio.run(monitor.run())
+        if monitor.wait_first_connection():
+            asyncio.run(monitor.run())
     except OSError as exc:  # cannot listen: say why, then exit non-zero (the host restarts us)
         try:
             conn.send({"type": "error", "sidecar": "monitor", "error": str(exc)})

@@ -3,7 +3,8 @@
 Routing lives here, apart from the main loop: discovery events and the monitor's address go
 to the worker as channel frames; a FuncNodes worker start that reached the monitor (the
 Workermanager running under it) starts that worker under fn-supervise, once per uuid.
-A sidecar that crashes is restarted by its host on its own budget; the worker never notices.
+Both run as roles of one forked process (sidecars/pair.py); it is restarted whole by its host
+on its own budget when it crashes; the worker never notices.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ log = logging.getLogger("fn_supervise.sidecars")
 
 MONITOR = "sidecars.monitor:run_monitor"
 DISCOVERY = "sidecars.discovery:run_discovery"
+PAIR = "sidecars.pair:run_pair"  # both roles in one process
+# What the supervisor itself imports only after the forks (the idna codec every getaddrinfo of a
+# str host loads, asyncio.to_thread's executor): imported before, their pages are shared with the
+# sidecar and the fork server instead of being the supervisor's alone.
+LATE_IMPORTS = ("encodings.idna", "concurrent.futures.thread")
 # Forked from the supervisor (sidecars/forked.py): the sidecars share its pages instead of each
 # being a fresh interpreter. They start before any thread of the supervisor exists.
 START_METHOD = "fork"
@@ -35,7 +41,7 @@ START_METHOD = "fork"
 class SidecarSet:
     def __init__(self, sup: "Supervisor"):
         self.sup = sup
-        self.hosts: dict[str, Any] = {}
+        self.keeper: Any = None  # the one sidecar process (sidecars.host.SidecarKeeper)
         self.monitor_addr: dict[str, Any] | None = None
         self.children: dict[tuple[str, str], subprocess.Popen] = {}  # (base, uuid) -> child fn-supervise
         self.sidecar_cfg = (sup.worker_cfg.get("sidecars") or {}) if isinstance(sup.worker_cfg.get("sidecars"), dict) else {}
@@ -47,46 +53,55 @@ class SidecarSet:
 
         from . import forkstandby  # noqa: PLC0415
 
+        roles = self.roles()
         # Everything forked from the supervisor is forked here, before its first thread: the
         # fork server's standby (it becomes the fork server at the first worker start), then
-        # the sidecars. The sidecars' modules are imported before any fork, so every child
+        # the sidecar. The sidecars' modules are imported before any fork, so every child
         # shares them (a page a later import made the supervisor and the fork server both write
-        # would be left to one sidecar alone).
-        for target in (DISCOVERY, MONITOR):
+        # would be left to the sidecar alone).
+        for target in (PAIR, *(t for t, _a, _k in roles.values()), *LATE_IMPORTS):
             preload(target)
         if self.sup.cfg.fork_server and self.sup.cfg.worker_module == "worker":
             forkstandby.prepare()
-        loop = asyncio.get_running_loop()
-        data = self.sup.paths.data_dir(self.sup.worker_cfg)
-        budget = int(self.sidecar_cfg.get("budget", 5))
+        if not roles:
+            return
+        # One process for both roles (sidecars/pair.py): a second Python process would copy
+        # its own few MB of the shared pages. It restarts whole, on one crash budget.
+        self.keeper = SidecarKeeper(
+            "+".join(roles), run_named, (PAIR, roles), on_message=self.on_message,
+            loop=asyncio.get_running_loop(), budget=int(self.sidecar_cfg.get("budget", 5)),
+            start_method=START_METHOD)
+        self.keeper.start()
+
+    def roles(self) -> dict[str, tuple[str, tuple, dict]]:
+        """The roles this worker's sidecar runs: role -> (target, args, kwargs), as configured."""
+        out: dict[str, tuple[str, tuple, dict]] = {}
         if self.sidecar_cfg.get("discovery", True):
-            self.hosts["discovery"] = SidecarKeeper(
-                "discovery", run_named, (DISCOVERY, str(data / "local_scripts")),
-                on_message=self.on_message, loop=loop, budget=budget, start_method=START_METHOD)
+            data = self.sup.paths.data_dir(self.sup.worker_cfg)
+            out["discovery"] = (DISCOVERY, (str(data / "local_scripts"),), {})
         if self.sidecar_cfg.get("monitor", True):
             port = int(self.sidecar_cfg.get("monitor_port") or 0)
-            self.hosts["monitor"] = SidecarKeeper(
-                "monitor", run_named, (MONITOR, "127.0.0.1", port),
-                kwargs={"owner_pid": os.getpid(), "token": self.sup.worker_cfg.get("auth_token"),
-                        "peer_uid_check": self.sup.worker_cfg.get("peer_uid_check")},
-                on_message=self.on_message, loop=loop, budget=budget, start_method=START_METHOD)
-        for h in self.hosts.values():
-            h.start()
+            out["monitor"] = (MONITOR, ("127.0.0.1", port),
+                              {"owner_pid": os.getpid(), "token": self.sup.worker_cfg.get("auth_token"),
+                               "peer_uid_check": self.sup.worker_cfg.get("peer_uid_check")})
+        return out
 
     async def stop(self) -> None:
         from . import forkstandby  # noqa: PLC0415
 
         forkstandby.close()  # never taken (the worker has its own venv): it goes now
-        await stop_all(list(self.children.values()), list(self.hosts.values()), CHILD_STOP_TIMEOUT)
+        await stop_all(list(self.children.values()), [self.keeper], CHILD_STOP_TIMEOUT)
 
     def status(self) -> list[dict[str, Any]]:
-        out = []
-        for h in self.hosts.values():
-            try:
-                out.append(h.status())
-            except Exception as e:  # noqa: BLE001
-                out.append({"name": getattr(h, "name", "?"), "state": f"unknown ({e})"})
-        return out
+        """One entry per role (same process, same pid, same restarts): what status and the
+        state file have always listed."""
+        if self.keeper is None:
+            return []
+        try:
+            st = self.keeper.status()
+        except Exception as e:  # noqa: BLE001
+            st = {"state": f"unknown ({e})"}
+        return [{**st, "name": role} for role in self.keeper.args[1]]
     # endregion
 
     # region routing (runs in the supervisor's loop thread)
@@ -95,9 +110,11 @@ class SidecarSet:
         if t == "monitor":
             self.monitor_addr = {"type": "monitor", "host": msg.get("host"), "port": msg.get("port"),
                                  "pid": msg.get("env_pid") or os.getpid()}
-            mon = self.hosts.get("monitor")
-            if mon is not None and msg.get("port"):
-                mon.args = (MONITOR, msg.get("host"), msg.get("port"))  # a restart keeps the address
+            roles = dict(self.keeper.args[1]) if self.keeper is not None else {}
+            if "monitor" in roles and msg.get("port"):
+                _t, _a, kw = roles["monitor"]
+                roles["monitor"] = (MONITOR, (msg.get("host"), msg.get("port")), kw)
+                self.keeper.args = (PAIR, roles)  # a restart keeps the address
             self.to_worker(self.monitor_addr)
         elif t == "local_scripts":
             self.to_worker({"type": "local_scripts", "changes": msg.get("changes") or [],
@@ -105,7 +122,7 @@ class SidecarSet:
         elif t == "spawn_worker":
             reply = self.spawn_worker(str(msg.get("uuid") or ""), msg.get("args"))
             reply.update({"type": "spawn_worker_result", "request_id": msg.get("request_id")})
-            self.hosts["monitor"].send(reply)
+            self.keeper.send(reply)  # the sidecar hands it to its monitor
         elif t == "error":
             log.error("sidecar %s: %s", name, msg.get("error"))
         self.sup.write_state()

@@ -47,10 +47,11 @@ SUPERVISOR_LAYERS = [
     {"__main__"},
 ]
 SIDECARS_LAYERS = [
-    {"__init__", "_lifeline", "entry"},
+    {"__init__", "_lifeline", "entry", "roles"},  # roles: which role of a shared sidecar gets what
     {"forked"},  # a child forked from the supervisor, made clean
     {"host"},
     {"discovery", "monitor"},
+    {"pair"},  # both roles in one process (per-worker mode)
 ]
 PACKAGES = {"worker": LAYERS, "supervisor": SUPERVISOR_LAYERS, "sidecars": SIDECARS_LAYERS}
 # Across packages: what each package may import of the others (nothing else; never upwards).
