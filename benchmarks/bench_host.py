@@ -322,11 +322,24 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after all answer, before measuring")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for all N to answer")
     ap.add_argument("--detail", action="store_true", help="print every process's memory")
+    ap.add_argument("--no-bytecode", dest="bytecode", action="store_false",
+                    help="keep PYTHONDONTWRITEBYTECODE if set: every start compiles every module it cannot find cached")
     args = ap.parse_args()
     ns = [int(x) for x in args.n.split(",") if x]
     modes = [m for m in args.modes.split(",") if m]
     print(f"bench_host: N={ns} modes={modes} idle={args.idle:g}s; {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
+    if args.bytecode:
+        # An installed package has its .pyc files; with PYTHONDONTWRITEBYTECODE (set on this host)
+        # a source checkout compiles every module of ours at every start, N times per round, while
+        # the stock env's site-packages are compiled once. Both sides get a bytecode cache outside
+        # the trees, warmed by one unmeasured start of each mode.
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="fnbench-host-pycache-")
+        warm = argparse.Namespace(**{**vars(args), "idle": 0.5, "settle": 0.0, "detail": False})
+        for mode in modes:
+            one(mode, 1, warm)
+        print(f"bytecode cached under {os.environ['PYTHONPYCACHEPREFIX']} (warmed by one start of each mode)", flush=True)
     results = []
     for n in ns:
         for mode in modes:
@@ -341,6 +354,10 @@ def main() -> None:
     path = outdir / f"bench_host-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"args": vars(args), "load_end": os.getloadavg()[0], "results": results}, indent=2))
     print(f"\nJSON: {path}")
+    if args.bytecode:
+        import shutil
+
+        shutil.rmtree(os.environ["PYTHONPYCACHEPREFIX"], ignore_errors=True)
 
 
 if __name__ == "__main__":
