@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import sys
 import time
+from bisect import bisect_left
 from importlib import metadata
 from typing import Any
 
 try:  # a worker venv built before prometheus-client was a core package lacks it: no metrics, no failure
     from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                    generate_latest)
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
     from prometheus_client.gc_collector import GCCollector
     from prometheus_client.platform_collector import PlatformCollector
     from prometheus_client.process_collector import ProcessCollector
@@ -44,6 +46,33 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 IO_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Tally:
+    """A histogram kept as plain numbers and exported at scrape time. Counted on one thread (the
+    main loop, per edit), so no lock: prometheus_client's labelled Counter + Histogram cost
+    1.3 us per RPC and its journal histogram 0.6 us per append, ~4 % of an edit's CPU; this
+    costs ~0.3 us."""
+
+    __slots__ = ("bounds", "counts", "sum", "created")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            total += n
+            out.append((floatToGoString(bound), float(total)))
+        out.append(("+Inf", float(total + self.counts[-1])))
+        return out
 
 
 def version(dist: str) -> str:
@@ -68,13 +97,12 @@ class WorkerMetrics:
         info = Gauge("fn_worker_build_info", "fn-supervise worker build (always 1)",
                      ["version", "python", "funcnodes_core"], registry=r)
         info.labels(version("fn-supervise"), sys.version.split()[0], version("funcnodes-core")).set(1)
-        self.rpcs = Counter("fn_worker_rpcs", "RPC commands handled", ["command", "outcome"], registry=r)
-        self.rpc_seconds = Histogram("fn_worker_rpc_duration_seconds", "RPC command time, journal flush included",
-                                     ["command"], buckets=RPC_BUCKETS, registry=r)
+        # RPCs and journal appends are counted per edit: plain numbers, exported by _Live.
+        self.rpc_counts: dict[tuple[str, str], list] = {}  # (label, outcome) -> [count, created]
+        self.rpc_seconds: dict[str, Tally] = {}  # label -> latency
+        self.journal_write = Tally(IO_BUCKETS)
         self.node_runs = Counter("fn_worker_node_runs", "node triggers started", registry=r)
         self.node_errors = Counter("fn_worker_node_errors", "node errors", registry=r)
-        self.journal_write = Histogram("fn_worker_journal_write_seconds", "journal append time",
-                                       buckets=IO_BUCKETS, registry=r)
         self.journal_fsync = Histogram("fn_worker_journal_fsync_seconds", "journal fdatasync time",
                                        buckets=IO_BUCKETS, registry=r)
         self.memory_warnings = Counter("fn_worker_memory_warnings", "times the worker's process group passed "
@@ -82,7 +110,7 @@ class WorkerMetrics:
         self.memory_bytes = Gauge("fn_worker_memory_bytes", "the process group's memory at the supervisor's last "
                                   "memory_max report", registry=r)
         self.memory_limit = Gauge("fn_worker_memory_limit_bytes", "memory_max (0: no report yet)", registry=r)
-        r.register(_Live(rt))
+        r.register(_Live(rt, self))
 
     # region counting seams
     def command_label(self, cmd: str) -> str:
@@ -93,12 +121,19 @@ class WorkerMetrics:
         if not self.enabled:
             return
         children = self._rpc_children.get((cmd, ok))
-        if children is None:  # labels() looks up under a lock each time: keep the children
+        if children is None:
             label = self.command_label(cmd)
-            children = (self.rpcs.labels(label, "ok" if ok else "error"), self.rpc_seconds.labels(label))
+            key = (label, "ok" if ok else "error")
+            count = self.rpc_counts.get(key)
+            if count is None:
+                count = self.rpc_counts[key] = [0, time.time()]
+            tally = self.rpc_seconds.get(label)
+            if tally is None:
+                tally = self.rpc_seconds[label] = Tally(RPC_BUCKETS)
+            children = (count, tally)
             if label == cmd:  # known verbs only: a bounded set, and "other" stays a lookup
                 self._rpc_children[(cmd, ok)] = children
-        children[0].inc()
+        children[0][0] += 1
         children[1].observe(time.perf_counter() - started)
 
     def ns_event(self, event: str) -> None:
@@ -147,15 +182,24 @@ class WorkerMetrics:
 
 
 class _Live:
-    """Values read at scrape time from the runtime (no bookkeeping in the hot path)."""
+    """Values read at scrape time from the runtime and the per-edit tallies."""
 
-    def __init__(self, rt: Any):
+    def __init__(self, rt: Any, metrics: WorkerMetrics):
         self.rt = rt
+        self.metrics = metrics
 
     def describe(self) -> list:
         return []
 
     def collect(self):
+        m = self.metrics
+        rpcs = CounterMetricFamily("fn_worker_rpcs", "RPC commands handled", labels=["command", "outcome"])
+        for (label, outcome), (n, created) in list(m.rpc_counts.items()):
+            rpcs.add_metric([label, outcome], float(n), created=created)
+        yield rpcs
+        yield self._histogram("fn_worker_rpc_duration_seconds", "RPC command time, journal flush included",
+                              list(m.rpc_seconds.items()), ["command"])
+        yield self._histogram("fn_worker_journal_write_seconds", "journal append time", [(None, m.journal_write)])
         rt = self.rt
         yield GaugeMetricFamily("fn_worker_ready", "1 once the graph is loaded and served",
                                 value=1.0 if getattr(rt, "ready", False) else 0.0)
@@ -175,3 +219,10 @@ class _Live:
                                     getattr(rt, "store", None), "trouble", None) else 1.0)
         yield CounterMetricFamily("fn_worker_edits_refused", "edits refused because the journal could not be written",
                                   value=float(stats.get("refused", 0)))
+
+    @staticmethod
+    def _histogram(name: str, doc: str, tallies: list, labels: list[str] | None = None):
+        fam = HistogramMetricFamily(name, doc, labels=labels)
+        for label, tally in tallies:
+            fam.add_metric([label] if labels else [], tally.buckets(), tally.sum)
+        return fam
