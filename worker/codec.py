@@ -39,8 +39,31 @@ def dumps(obj: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    # The core decoder turns "<NoValue>" into the NoValue sentinel, as the stock worker does.
-    return json.loads(text, cls=_core().JSONDecoder)
+    """JSON with funcnodes-core's value decoders applied (its JSONDecoder turns "<NoValue>" into
+    the NoValue sentinel, as the stock worker does). That decoder's object_hook walks the whole
+    subtree of every object it is handed, and json calls it for every object, bottom up: each
+    leaf is decoded once per enclosing object (13 % of a 1000-node graph's load in py-spy). The C
+    parser and one walk give the same result."""
+    data = json.loads(text)
+    decoders = tuple(_core().JSONDecoder.decoder)
+    return _decode_leaves(data, decoders, False) if decoders else data
+
+
+def _decode_leaves(obj: Any, decoders: tuple, in_object: bool) -> Any:
+    # As the hook does: leaves are decoded only inside an object (json never hands it a bare
+    # top-level value or a top-level list's items).
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            obj[key] = _decode_leaves(value, decoders, True)  # same keys: no resize while iterating
+        return obj
+    if isinstance(obj, list):
+        return [_decode_leaves(item, decoders, in_object) for item in obj]
+    if in_object:
+        for dec in decoders:
+            res, handled = dec(obj)
+            if handled:
+                return res
+    return obj
 
 
 # Deeper messages are refused before anything walks them: the parser, revive() and the encoders

@@ -1,0 +1,66 @@
+"""codec.loads (one C parse, one walk of the leaves) against funcnodes-core's JSONDecoder (an
+object_hook that re-walks every subtree): the same values for a real saved graph and for
+"<NoValue>" at every depth, with every decoder funcnodes-core has registered, including one a
+node package registers at run time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import funcnodes_core as fn
+
+from worker import codec
+
+
+def _same(text: str) -> None:
+    ours, core = codec.loads(text), json.loads(text, cls=fn.JSONDecoder)
+    assert ours == core
+    assert repr(ours) == repr(core)  # NoValue is NoValue, not an equal string
+
+
+def test_a_saved_graph_decodes_as_the_core_decoder_does(tmp_path):
+    from test_journal_replay import _demo, _world
+    from worker.effects import OPS
+
+    async def build():
+        loop = asyncio.get_running_loop()
+        g, store, cmds = _world(tmp_path, loop, _demo(), {})
+        store.load(g.apply_state, g.apply_record, OPS)
+        store.open(loop)
+        for i in range(30):
+            cmds.call("add_node", {"id": "demo.add", "uuid": f"n{i}"})
+            if i:
+                cmds.call("add_edge", {"src_nid": f"n{i - 1}", "src_ioid": "out", "trg_nid": f"n{i}", "trg_ioid": "a"})
+        cmds.call("set_io_value", {"nid": "n0", "ioid": "b", "value": [1, {"x": "<NoValue>"}]})
+        store.snapshot()
+        store.close()
+        return store.paths.nodespace.read_text()
+
+    text = asyncio.run(build())
+    assert "<NoValue>" in text  # the graph has unset values: the decoder has work to do
+    _same(text)
+
+
+def test_novalue_and_a_package_decoder_at_every_depth():
+    rng = random.Random(7)
+
+    def tree(depth: int):
+        if depth == 0:
+            return rng.choice(["<NoValue>", "<NoValue> ", "x", 1, 2.5, None, True, "<point 1 2>"])
+        if rng.random() < 0.5:
+            return {f"k{i}": tree(depth - 1) for i in range(rng.randint(0, 4))}
+        return [tree(depth - 1) for _ in range(rng.randint(0, 4))]
+
+    def point_decoder(obj):  # what a node package may register
+        if isinstance(obj, str) and obj.startswith("<point "):
+            return tuple(int(v) for v in obj[7:-1].split()), True
+        return obj, False
+
+    fn.JSONDecoder.add_decoder(point_decoder)
+    try:
+        for _ in range(200):
+            _same(json.dumps(tree(rng.randint(0, 6))))
+    finally:
+        fn.JSONDecoder.decoder.remove(point_decoder)
