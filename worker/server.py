@@ -324,6 +324,7 @@ class WorkerServer:
         self._inbox: wakeup.Mailbox | None = None  # I/O thread -> main loop: commands
         self._commands_open = False  # main loop: set once the graph is loaded
         self._held: list[tuple] = []  # main loop: commands that came before that
+        self._posts: list = []  # main loop: for the I/O thread's clients, sent at the turn's end
         self._busy: dict[Client, collections.deque] = {}  # main loop: a client's commands behind a waiting one
         self.clients: dict[str, Client] = {}
         self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
@@ -892,8 +893,24 @@ class WorkerServer:
             self._post(frames)
 
     def _post(self, item: str | list[bytes] | tuple) -> None:
-        if self.io is not None:
+        if self.io is None:
+            return
+        turn = wakeup.selector_of(self.backend.loop) if self._on_main() else None
+        if turn is None:
             self._outbox.put(item)
+            return
+        # Held to the end of the main loop's turn, as Client.put holds direct frames: an edit's
+        # events reach the I/O thread's clients after its journal record is written (write_now
+        # runs later in the same turn), and the I/O thread is woken once per turn, not per event.
+        if not self._posts:
+            turn.before_sleep.append(self._flush_posts)
+        self._posts.append(item)
+
+    def _flush_posts(self) -> None:
+        posts, self._posts = self._posts, []
+        if self.io is not None:
+            for item in posts:
+                self._outbox.put(item)
 
     def _on_outgoing(self, item: str | list[bytes] | tuple) -> None:  # the I/O thread
         if isinstance(item, tuple):  # ("reply", client, reply, msg_id): in order with the events
