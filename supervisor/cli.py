@@ -325,7 +325,14 @@ def cmd_lift(a: argparse.Namespace, base: Path) -> int:
             f.write("".join(f"{n}\n" for n in a.node))
         os.kill(int(ident["pid"]), signal.SIGUSR1)  # identity verified by PID + start time + boot id
         deadline = time.monotonic() + 10.0
-        while any(n in paths.read_quarantine(cfg) for n in a.node):
+
+        def still_quarantined() -> bool:
+            # Done when both say so: the quarantine file (written first) and the state file that
+            # `status` reads (written after), so a `status` right after this shows it lifted.
+            st = paths.read_state() or {}
+            return any(n in paths.read_quarantine(cfg) or n in (st.get("quarantine") or {}) for n in a.node)
+
+        while still_quarantined():
             if time.monotonic() > deadline:
                 _err(f"supervisor {ident['pid']} did not lift {' '.join(a.node)} within 10s")
                 return EXIT_ERROR
