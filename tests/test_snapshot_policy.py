@@ -41,15 +41,20 @@ def _snapshot_requested(store, before: int) -> bool:
     return store.stats["snapshots"] > before or store._snap_task is not None
 
 
-def test_an_edit_is_snapshotted_only_once_nodes_stop_running(tmp_path):
+def _open(tmp_path, loop):
+    """A store on a fresh folder, loaded and open: (store, commands, snapshots so far)."""
     from worker.effects import OPS
 
+    g, store, cmds = _world(tmp_path, loop, _demo(), {"save_delay": 0.2, "save_max_wait": 0.3})
+    store.load(g.apply_state, g.apply_record, OPS)
+    store.open(loop)
+    return store, cmds, store.stats["snapshots"]
+
+
+def test_an_edit_is_snapshotted_only_once_nodes_stop_running(tmp_path):
     async def go():
         loop = asyncio.get_running_loop()
-        g, store, cmds = _world(tmp_path, loop, _demo(), {"save_delay": 0.2, "save_max_wait": 0.3})
-        store.load(g.apply_state, g.apply_record, OPS)
-        store.open(loop)
-        before = store.stats["snapshots"]
+        store, cmds, before = _open(tmp_path, loop)
         cmds.call("add_node", {"id": "demo.number", "uuid": "a"})
         await store.flush()  # acknowledged: in the journal, whatever the snapshot does
         busy = loop.create_future()
@@ -66,14 +71,9 @@ def test_an_edit_is_snapshotted_only_once_nodes_stop_running(tmp_path):
 
 
 def test_a_change_no_record_carries_reaches_a_snapshot_while_nodes_run(tmp_path):
-    from worker.effects import OPS
-
     async def go():
         loop = asyncio.get_running_loop()
-        g, store, cmds = _world(tmp_path, loop, _demo(), {"save_delay": 0.2, "save_max_wait": 0.3})
-        store.load(g.apply_state, g.apply_record, OPS)
-        store.open(loop)
-        before = store.stats["snapshots"]
+        store, _cmds, before = _open(tmp_path, loop)
         store.touch()  # node code changed something no record carries
         busy = loop.create_future()
         _runs(loop, store, 0.05, 30, busy)
