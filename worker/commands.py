@@ -142,12 +142,14 @@ class Commands:
             self.store.touch()  # a verb that failed half-way: not acknowledged, saved soon anyway
             raise
         self.store.covered -= 1
-        touched = {kwargs["nid"]} if isinstance(kwargs.get("nid"), str) else set()
+        touched: set[str] = set()
         for rec in self._effects:
             self.store.feed(rec)  # the one feed site
             touched.update(effects.nodes_of(rec))
         self._effects.clear()
-        if touched:
+        if touched:  # a view-only edit (position, name) makes nothing ready: no callback per drag step
+            if isinstance(kwargs.get("nid"), str):
+                touched.add(kwargs["nid"])
             # An edit can make a node ready without an event (set_default_value on its missing
             # input): a trigger requested meanwhile starts now, not at the safety sweep.
             asyncio.get_running_loop().call_soon(self._trigger_requested, touched)

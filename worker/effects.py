@@ -92,10 +92,12 @@ def value(io: fn.NodeInput, default: bool) -> dict | None:
 
 
 def nodes_of(rec: dict) -> list[str]:
-    """The nodes whose inputs a record changed (their readiness may have changed with them)."""
-    if "id" in rec and rec["op"] != "rm_node":
+    """The nodes whose inputs a record changed (their readiness may have changed with them).
+    Names, positions, sizes, properties, IO options and groups leave readiness as it was."""
+    op = rec["op"]
+    if op == "value":
         return [rec["id"]]
-    if rec["op"] == "edge" or rec["op"] == "rm_edge":
+    if op == "edge" or op == "rm_edge":
         return [rec["src"][0], rec["trg"][0]]
     return []
 
