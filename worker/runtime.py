@@ -426,7 +426,7 @@ class WorkerRuntime:
             else:
                 payload, mime = codec.encode_bytes(res, preview=False)
             return codec.binary_frames({"id": msg_id, "mime": mime, "type": "result"}, payload, self.binary_chunk())
-        return codec.dumps(codec.result(res, msg_id))
+        return codec.result_text(res, msg_id)
 
     def binary_chunk(self) -> int:
         """Frame size of binary values (`binary_chunk_size`; 0, the default: one frame, as stock)."""

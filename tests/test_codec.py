@@ -1,7 +1,8 @@
-"""codec.loads (one C parse, one walk of the leaves) against funcnodes-core's JSONDecoder (an
-object_hook that re-walks every subtree): the same values for a real saved graph and for
-"<NoValue>" at every depth, with every decoder funcnodes-core has registered, including one a
-node package registers at run time."""
+"""The codec against funcnodes-core's own encoder and decoder, which it must match:
+- codec.loads (one C parse, one walk of the leaves) against its JSONDecoder (an object_hook
+  that re-walks every subtree): the same values for a real saved graph and for "<NoValue>" at
+  every depth, with every registered decoder, including one a node package adds at run time;
+- codec.result_text (a None reply assembled by hand) against its JSONEncoder's text."""
 
 from __future__ import annotations
 
@@ -64,3 +65,12 @@ def test_novalue_and_a_package_decoder_at_every_depth():
             _same(json.dumps(tree(rng.randint(0, 6))))
     finally:
         fn.JSONDecoder.decoder.remove(point_decoder)
+
+
+def test_a_none_result_is_the_text_the_encoder_writes():
+    ids = ["abc-1", "", 'quote " and \\ back', "ünïcode ✓", "\ud800", "<NoValue>", 0, 42, -7, None,
+           True, 2.5, ["list"], {"d": 1}]
+    for msg_id in ids:
+        assert codec.result_text(None, msg_id) == codec.dumps(codec.result(None, msg_id)), msg_id
+    for res in (1, "x", [1, None], {"a": "<NoValue>"}, False):
+        assert codec.result_text(res, "id") == codec.dumps(codec.result(res, "id"))
