@@ -48,6 +48,9 @@ class FrameTap:
         self.limit = min(limit, FAST_MAX)
         self._buf = b""  # the start of a frame not complete yet
         self._owed = 0  # bytes of the current frame that go to aiohttp
+        # Between feeds, with no chunk read and not yet fed (worker/stallwatch.py clears it on
+        # recv): the reader's whole state is _buf and _owed, so another thread may continue it.
+        self.idle = True
 
     def feed_eof(self) -> None:
         self.inner.feed_eof()
@@ -66,6 +69,7 @@ class FrameTap:
                 pos += take
                 if eof:  # aiohttp saw a protocol error: it has told the handler
                     self._owed = _NEVER
+                    self.idle = True
                     return eof, tail
                 continue
             if n - pos < 2:
@@ -101,6 +105,7 @@ class FrameTap:
             self._owed = _NEVER if b0 & 0x0F == 0x8 else head + length
         if pos < n:
             self._buf = data[pos:]
+        self.idle = True
         return False, b""
 
 
