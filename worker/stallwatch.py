@@ -79,8 +79,8 @@ def scan(buf: bytes | bytearray, limit: int):
         if len(buf) < head:
             return None
         length = int.from_bytes(buf[2:10], "big")
-    if length > limit:
-        return "opaque"
+    if length > limit or (opcode >= 0x8 and length > 125):
+        return "opaque"  # too large to hold here, or a control frame aiohttp rejects
     end = head + 4 + length
     if len(buf) < end:
         return None
@@ -89,6 +89,9 @@ def scan(buf: bytes | bytearray, limit: int):
 
 class WatchedSocket:
     """The transport's socket, lent to the I/O thread while the main loop stalls."""
+
+    __slots__ = ("_sock", "transport", "tap", "main_quiet", "limit", "lock", "lent", "inbuf", "kept", "opaque",
+                 "ended", "partial", "out")  # recv and send are on the edit path: each attribute counts
 
     def __init__(self, sock: socket.socket, transport: Any, tap: Any, main_quiet: Callable[[], bool],
                  limit: int):
@@ -111,7 +114,9 @@ class WatchedSocket:
 
     # region the main loop's side (asyncio's transport calls these)
     def recv(self, n: int) -> bytes:
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             if self.lent:
                 data = self._take_back()
                 if data:
@@ -120,15 +125,21 @@ class WatchedSocket:
             if data:
                 self.tap.idle = False  # its feed_data marks the reader at rest again
             return data
+        finally:
+            lock.release()
 
     def send(self, data: Any) -> int:
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             if self.out and not self._send_out():
                 self.partial = True
                 raise BlockingIOError  # the transport buffers data and retries
             n = self._sock.send(data)
-            self.partial = n < len(data)
+            self.partial = n != len(data)
             return n
+        finally:
+            lock.release()
 
     def sendmsg(self, buffers: Any, *args: Any) -> int:  # asyncio 3.12+
         with self.lock:
@@ -223,6 +234,9 @@ class WatchedSocket:
                 try:
                     text = answer(payload.decode("utf-8"))
                 except UnicodeDecodeError:
+                    text = None  # the main loop closes with 1007, as ever
+                except Exception:  # a bug here must not end the watch: the main loop answers it
+                    log.exception("a liveness reply failed")
                     text = None
                 if text is not None:
                     reply = _frame(0x1, text.encode("utf-8"))
