@@ -16,6 +16,7 @@ import time
 import pytest
 
 from helpers import WorkerProc, run, write_config
+from test_tls import cert  # noqa: F401  (the fixture: a self-signed certificate for the run)
 
 
 class RawWS:
@@ -261,3 +262,64 @@ def test_random_blocks_and_split_frames_on_two_clients_every_reply_exactly_once(
             if worker.watch:
                 assert during >= 20, seed  # the rounds did exercise the watchdog (off: a handful)
     run(go())
+
+
+def test_tls_connections_are_not_borrowed_and_come_through_a_block_intact(config_dir, port, cert):
+    """TLS bytes are records, not frames: such a connection waits for the loop, as before, and
+    every frame of it arrives whole after the block."""
+    import ssl
+
+    import aiohttp
+
+    write_config(config_dir, "st", ssl=True, ssl_certfile=str(cert[0]), ssl_keyfile=str(cert[1]))
+    w = WorkerProc(config_dir, "st", port)
+    ctx = ssl.create_default_context(cafile=str(cert[0]))
+
+    async def go():
+        poll_until_ready = time.monotonic() + 30
+        while True:  # wait_ready polls http://; this worker only speaks https
+            try:
+                async with aiohttp.ClientSession() as s, s.get(f"https://127.0.0.1:{port}/readyz", ssl=ctx) as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < poll_until_ready, w.output()[-2000:]
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as s, s.ws_connect(f"wss://127.0.0.1:{port}/", ssl=ctx, autoping=False) as ws:
+            got: list = []
+
+            async def send(msg):
+                await ws.send_str(json.dumps(msg))
+
+            async def until(pred, what):
+                deadline = time.monotonic() + 15
+                while not any(pred(m) for m in got):
+                    assert time.monotonic() < deadline, (what, got[-5:])
+                    m = await asyncio.wait_for(ws.receive(), deadline - time.monotonic())
+                    got.append((m.type, json.loads(m.data) if m.type == aiohttp.WSMsgType.TEXT else m.data))
+                return next(i for i, m in enumerate(got) if pred(m))
+
+            ev = lambda name: lambda m: m[0] == aiohttp.WSMsgType.TEXT and m[1].get("event") == name  # noqa: E731
+            rid = lambda mid: lambda m: m[0] == aiohttp.WSMsgType.TEXT and m[1].get("id") == mid  # noqa: E731
+            await send({"type": "cmd", "cmd": "add_node", "id": "a", "kwargs": {"id": "demo.block", "uuid": "blk"}})
+            await until(ev("triggerdone"), "the first run")
+            got.clear()
+            await send({"type": "cmd", "cmd": "set_io_value", "id": "s",
+                        "kwargs": {"nid": "blk", "ioid": "seconds", "value": 2.0}})
+            await until(ev("triggerstart"), "triggerstart")
+            await asyncio.sleep(0.4)
+            await ws.ping(b"tls?")
+            await send({"type": "cmd", "cmd": "uuid", "id": "u"})
+            await send({"type": "cmd", "cmd": "get_io_value", "id": "g", "kwargs": {"nid": "blk", "ioid": "seconds"}})
+            done = await until(ev("triggerdone"), "triggerdone")
+            pong = await until(lambda m: m[0] == aiohttp.WSMsgType.PONG, "pong")
+            u, g = await until(rid("u"), "uuid"), await until(rid("g"), "get_io_value")
+            assert done < pong and done < u < g, got  # not borrowed: answered by the main loop after the block
+            assert got[pong][1] == b"tls?" and got[u][1]["result"] == "st" and got[g][1]["result"] == 2.0
+            await send({"type": "cmd", "cmd": "uuid", "id": "u2"})
+            await until(rid("u2"), "uuid after the block")
+    try:
+        run(go())
+    finally:
+        assert w.stop() == 0, w.output()[-3000:]
