@@ -17,8 +17,8 @@ WORKER = ROOT / "worker"
 
 LAYERS = [
     {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
-     "plugins", "wakeup", "nodeio", "wsread", "stallwatch", "__init__"},
-    {"config", "control", "install", "modules", "pyproject"},
+     "plugins", "wakeup", "nodeio", "wsread", "__init__"},
+    {"config", "control", "install", "modules", "pyproject", "stallwatch"},
     {"tls", "separate"},  # separate: separate_process=True nodes run in a forked child
     {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},

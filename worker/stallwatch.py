@@ -29,6 +29,8 @@ import socket
 import threading
 from typing import Any, Callable
 
+from .wsread import unmask
+
 log = logging.getLogger("fn_supervise.worker.stallwatch")
 
 MAX_KEPT = 1 << 20  # bytes read and kept per borrowed socket; beyond, the kernel holds the rest
@@ -39,14 +41,6 @@ def enabled() -> bool:
     """FN_SUPERVISE_STALL_WATCH=0 turns the watchdog off (connections on the main loop then wait
     for it during a block, as every connection of the stock worker does)."""
     return os.environ.get("FN_SUPERVISE_STALL_WATCH", "1") != "0"
-
-
-def _unmask(mask: bytes, payload: bytes) -> bytes:
-    n = len(payload)
-    if n == 0:
-        return payload
-    key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
-    return (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little")
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
@@ -84,7 +78,7 @@ def scan(buf: bytes | bytearray, limit: int):
     end = head + 4 + length
     if len(buf) < end:
         return None
-    return opcode, _unmask(bytes(buf[head:head + 4]), bytes(buf[head + 4:end])), end
+    return opcode, unmask(bytes(buf[head:head + 4]), bytes(buf[head + 4:end])), end
 
 
 class WatchedSocket:

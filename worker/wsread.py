@@ -29,7 +29,7 @@ def enabled() -> bool:
     return os.environ.get("FN_SUPERVISE_WS_FAST_READ", "1") != "0"
 
 
-def _unmask(mask: bytes, payload: bytes) -> bytes:
+def unmask(mask: bytes, payload: bytes) -> bytes:
     n = len(payload)
     if n == 0:
         return payload
@@ -94,7 +94,7 @@ class FrameTap:
                 if end > n:
                     break  # wait for the rest (at most limit bytes)
                 try:
-                    text = _unmask(data[pos + head - 4:pos + head], data[pos + head:end]).decode("utf-8")
+                    text = unmask(data[pos + head - 4:pos + head], data[pos + head:end]).decode("utf-8")
                 except UnicodeDecodeError:
                     self._owed = head + length  # aiohttp closes with 1007, as before
                     continue
