@@ -14,6 +14,7 @@ import random
 import time
 
 import pytest
+import urllib.request
 
 from helpers import WorkerProc, run, write_config
 from test_tls import cert  # noqa: F401  (the fixture: a self-signed certificate for the run)
@@ -115,6 +116,12 @@ class RawWS:
                 pass
 
 
+def watched(w) -> int:
+    """Connections the stall watch covers (/healthz): the main loop serves them, their sockets are plain."""
+    with urllib.request.urlopen(w.url + "/healthz", timeout=5) as r:
+        return json.loads(r.read())["stall_watched"]
+
+
 def reply_to(mid):
     return lambda op, p: op == 0x1 and json.loads(p).get("id") == mid
 
@@ -147,6 +154,7 @@ def test_a_served_connection_is_answered_during_a_block_and_its_commands_after_i
             await c.send(c.text_frame({"type": "cmd", "cmd": "add_node", "id": "a", "kwargs": {"id": "demo.block", "uuid": "blk"}}))
             await c.until(reply_to("a"), 10, "add_node")
             await c.until(event("triggerdone"), 10, "the first run")  # a new node runs once (1 s)
+            assert watched(worker) == (1 if worker.watch else 0)  # served by the main loop
             await start_block(c, 4.0, "s")
             await asyncio.sleep(0.4)  # past STALL_AFTER: the main loop now counts as stalled
             await c.send(c.frame(0x9, b"live?"))
@@ -204,6 +212,7 @@ def test_random_blocks_and_split_frames_on_two_clients_every_reply_exactly_once(
             await a.send(a.text_frame({"type": "cmd", "cmd": "add_node", "id": "add", "kwargs": {"id": "demo.block", "uuid": "blk"}}))
             await a.until(reply_to("add"), 10, "add_node")
             await a.until(event("triggerdone"), 10, "the first run")
+            assert watched(worker) == (2 if worker.watch else 0)
             sent = {a: [], b: []}  # per client: ("id", mid, fast) | ("ping", payload) | ("jping",)
             n = 0
             for rnd_no in range(6):

@@ -1066,7 +1066,8 @@ class WorkerServer:
         token_ok = bool(self.token()) and self.authorized(request)
         if (token_ok or not self.token()) and self.peers.verdict(request.transport, "/", token_ok).allowed:
             body.update(clients=len(self.clients), journal=journal,
-                        staged_messages=len(self.large), staged_bytes=self.large_bytes)
+                        staged_messages=len(self.large), staged_bytes=self.large_bytes,
+                        stall_watched=sum(1 for c in list(self.clients.values()) if c.watched is not None))
         return web.json_response(body)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
