@@ -23,8 +23,8 @@ from test_tls import cert  # noqa: F401  (the fixture: a self-signed certificate
 class RawWS:
     """A masked-frame client over a plain TCP stream; records every server frame in order."""
 
-    def __init__(self, port: int):
-        self.port = port
+    def __init__(self, port: int, read: bool = True):
+        self.port, self.read = port, read
         self.frames: list[tuple[int, bytes]] = []  # (opcode, payload) in arrival order
         self.got = asyncio.Event()
 
@@ -36,11 +36,15 @@ class RawWS:
         head = await asyncio.wait_for(self.r.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101"), head
         assert b"permessage-deflate" not in head.lower()
-        self.reader = asyncio.ensure_future(self._read())
+        self.reader = asyncio.ensure_future(self._read()) if self.read else None
         return self
 
+    def start_reading(self):
+        self.reader = asyncio.ensure_future(self._read())
+
     async def __aexit__(self, *a):
-        self.reader.cancel()
+        if self.reader is not None:
+            self.reader.cancel()
         self.w.close()
         try:
             await self.w.wait_closed()
@@ -71,9 +75,12 @@ class RawWS:
         n = len(payload)
         if n < 126:
             head = bytes((0x80 | op, 0x80 | n))
-        else:
+        elif n < 65536:
             head = bytes((0x80 | op, 0x80 | 126)) + n.to_bytes(2, "big")
-        body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        else:
+            head = bytes((0x80 | op, 0x80 | 127)) + n.to_bytes(8, "big")
+        key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+        body = (int.from_bytes(payload, "little") ^ key).to_bytes(n, "little") if n else b""
         return head + mask + body
 
     def text_frame(self, msg: dict) -> bytes:
@@ -107,7 +114,9 @@ class RawWS:
             if i is not None:
                 return i
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (self.reader is not None and self.reader.done()):
+                if self.reader is not None and self.reader.done() and not self.reader.cancelled():
+                    self.reader.result()  # a corrupt frame: its assertion, not a timeout
                 raise AssertionError(f"timed out waiting for {what}; got {self.frames[-8:]}")
             self.got.clear()
             try:
@@ -353,3 +362,48 @@ def test_scan_parses_only_whole_simple_frames_and_gives_up_on_the_rest():
     assert scan(RawWS.frame(0x8, b"\x03\xe8"), 1 << 16) == "opaque"  # close: all after it is the loop's
     assert scan(bytes((0x81, 0x02)) + b"{}", 1 << 16) == "opaque"  # unmasked: aiohttp's error to give
     assert scan(RawWS.frame(0x9, b"p" * 126), 1 << 16) == "opaque"  # a control frame too long
+
+
+def test_replies_wait_for_the_loop_while_its_own_output_is_pending(worker):
+    """A client that reads nothing has megabytes of replies pending in the transport when a block
+    starts: the watchdog must not write into that stream, so its pings wait for the loop, and the
+    client, once it reads, gets every frame whole and every reply once."""
+    if not worker.watch:
+        pytest.skip("exercises the watchdog's refusal to write")
+
+    async def go():
+        async with RawWS(worker.port) as b, RawWS(worker.port, read=False) as x:
+            await b.send(b.text_frame({"type": "cmd", "cmd": "add_node", "id": "a1", "kwargs": {"id": "demo.block", "uuid": "blk"}}))
+            await b.send(b.text_frame({"type": "cmd", "cmd": "add_node", "id": "a2", "kwargs": {"id": "demo.text", "uuid": "txt"}}))
+            await b.until(reply_to("a2"), 10, "add_node")
+            await b.until(event("triggerdone"), 10, "the first run")
+            big = "x" * 200_000
+            await b.send(b.text_frame({"type": "cmd", "cmd": "set_io_value", "id": "v",
+                                       "kwargs": {"nid": "txt", "ioid": "value", "value": big}}))
+            await b.until(reply_to("v"), 10, "set_io_value")
+            assert watched(worker) == 2
+            ids = [f"g{i}" for i in range(40)]  # 11 MB of replies (base64) x does not read yet
+            for mid in ids:
+                await x.send(x.text_frame({"type": "cmd", "cmd": "get_io_full_value", "id": mid,
+                                           "kwargs": {"nid": "txt", "ioid": "value"}}))
+            await asyncio.sleep(0.5)  # the loop answers them; most stay in its transport's buffer
+            await start_block(b, 2.0, "s")
+            await asyncio.sleep(0.5)  # stalled now: the watchdog borrows x's socket
+            await x.send(x.frame(0x9, b"x?"))
+            await x.send(x.text_frame({"type": "ping"}))
+            await x.send(x.text_frame({"type": "cmd", "cmd": "uuid", "id": "u"}))
+            await b.until(event("triggerdone"), 10, "the block's end")
+            x.start_reading()
+            for mid in ids:
+                i = await x.until(reply_to(mid), 20, mid)
+                assert base64.b64decode(json.loads(x.frames[i][1])["result"]["data"]) == big.encode()
+            u = await x.until(reply_to("u"), 10, "uuid")
+            await x.until(lambda op, p: op == 0xA and p == b"x?", 10, "pong")
+            await x.until(lambda op, p: op == 0x1 and json.loads(p) == {"type": "pong"}, 10, "JSON pong")
+            assert u > max(x.index(reply_to(mid)) for mid in ids)  # the loop answered it, after its output
+            await asyncio.sleep(0.2)
+            texts = x.texts()
+            for mid in ids + ["u"]:
+                assert sum(1 for d in texts if d.get("id") == mid) == 1, mid
+            assert sum(1 for op, _ in x.frames if op == 0xA) == 1
+    run(go())
