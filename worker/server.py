@@ -8,7 +8,8 @@ thread keeps new connections and serves them for their lifetime, so the Workerma
 probe, pings and `heartbeat` are answered while a node blocks; commands of those connections
 reach the main loop through one inbox, their replies and events come back through one outbox,
 each woken once per burst at most (worker/wakeup.py). A connection the main loop already serves
-waits for it, as every connection of the stock worker does.
+is lent to the I/O thread while the loop is held: it answers the same liveness messages on the
+raw socket and keeps every other byte for the loop (worker/stallwatch.py; not for TLS).
 
 Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
 check, CORS granted only to loopback origins and an allow-list, bounded upload and message
@@ -429,8 +430,8 @@ class WorkerServer:
     # connection and serves it for its lifetime:
     # `uuid`, ping and heartbeat at once, commands through the inbox once the loop is free. A
     # connection handed over just before the loop stalled (STALL_AFTER) is taken back while the
-    # main loop has not picked it up yet (_watch). A connection the main loop already serves
-    # waits for it, as every connection of the stock worker does.
+    # main loop has not picked it up yet (_watch). A connection the main loop already serves is
+    # lent to the I/O thread while the loop is held (_stall_tick below).
     def _main_stalled(self) -> bool:
         busy = wakeup.busy_for(self.backend.loop)
         return not self._commands_open or busy is None or busy > STALL_AFTER
