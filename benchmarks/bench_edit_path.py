@@ -1,6 +1,7 @@
 """The edit path, ours beside the stock worker in one run (issue 14's targets).
 
     python benchmarks/bench_edit_path.py [--seconds 4] [--ack-seconds 2] [--clients 4] [--client raw|aiohttp] [--no-fsync]
+                                         [--stall-watch-off]
 
 Three workers, each in a fresh config folder with the demo nodes (examples/demo_nodes.py):
 stock (funcnodes-worker 1.6.0, tests/stockenv.py), ours supervised (`python -m supervisor
@@ -45,8 +46,17 @@ from bench_journal import Proc, free_port  # noqa: E402,F401
 
 
 class Worker(Proc):
-    def __init__(self, label: str, kind: str, durability: str | None = None):
-        super().__init__(kind, durability, supervised=True)
+    def __init__(self, label: str, kind: str, durability: str | None = None, env: dict | None = None):
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})  # Proc hands os.environ to the worker
+        try:
+            super().__init__(kind, durability, supervised=True)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.label = label
         self.pid: int | None = None  # the process that serves the port (ours: the supervisor's child)
 
@@ -349,10 +359,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def measure(args) -> dict:
-    labels = [("stock", "stock", None), ("ours", "ours", "process")]
+    labels = [("stock", "stock", None, None), ("ours", "ours", "process", None)]
     if not args.no_fsync:
-        labels.append(("fsync", "ours", "fsync"))
-    workers = {lab: Worker(lab, kind, dur) for lab, kind, dur in labels}
+        labels.append(("fsync", "ours", "fsync", None))
+    if args.stall_watch_off:
+        labels.append(("nowatch", "ours", "process", {"FN_SUPERVISE_STALL_WATCH": "0"}))
+    workers = {lab: Worker(lab, kind, dur, env) for lab, kind, dur, env in labels}
     res = {lab: {"acks": {}, "secs": {}, "cpu": {}, "lat": {}, "chain": []} for lab in workers}
     try:
         await asyncio.gather(*(wait_ready(w) for w in workers.values()))
@@ -406,9 +418,10 @@ def fmt(v) -> str:
 
 
 def table(res: dict, args) -> str:
-    fs = "fsync" in res
-    head = "| figure | stock 1.6.0 | ours | ours / stock | target | met |" + (" ours, fsync |" if fs else "")
-    out = [head, "|---|---:|---:|---:|---|---|" + ("---:|" if fs else "")]
+    fs, nw = "fsync" in res, "nowatch" in res
+    head = ("| figure | stock 1.6.0 | ours | ours / stock | target | met |" + (" ours, fsync |" if fs else "")
+            + (" ours, stall watch off |" if nw else ""))
+    out = [head, "|---|---:|---:|---:|---|---|" + ("---:|" if fs else "") + ("---:|" if nw else "")]
     for label, unit, get, target in rows(args):
         a, b = get(res["stock"]), get(res["ours"])
         ratio = b / a if a else None
@@ -421,6 +434,8 @@ def table(res: dict, args) -> str:
         line = f"| {label} ({unit}) | {fmt(a)} | {fmt(b)} | {fmt(ratio)} | {tgt} | {met} |"
         if fs:
             line += f" {fmt(get(res['fsync']))} |"
+        if nw:
+            line += f" {fmt(get(res['nowatch']))} |"
         out.append(line)
     return "\n".join(out)
 
@@ -435,6 +450,8 @@ def main() -> None:
                          "aiohttp: all connections in one aiohttp process (the figures before)")
     ap.add_argument("--nodes", type=int, default=200)
     ap.add_argument("--no-fsync", action="store_true", help="skip the durability: fsync column")
+    ap.add_argument("--stall-watch-off", action="store_true",
+                    help="add ours with FN_SUPERVISE_STALL_WATCH=0: what the stall watchdog costs the edit path")
     ap.add_argument("--out", help="write the raw figures as JSON here")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]

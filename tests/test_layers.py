@@ -18,7 +18,7 @@ WORKER = ROOT / "worker"
 LAYERS = [
     {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
      "plugins", "wakeup", "nodeio", "wsread", "__init__"},
-    {"config", "control", "install", "modules", "pyproject"},
+    {"config", "control", "install", "modules", "pyproject", "stallwatch"},
     {"tls", "separate"},  # separate: separate_process=True nodes run in a forked child
     {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},

@@ -8,7 +8,8 @@ thread keeps new connections and serves them for their lifetime, so the Workerma
 probe, pings and `heartbeat` are answered while a node blocks; commands of those connections
 reach the main loop through one inbox, their replies and events come back through one outbox,
 each woken once per burst at most (worker/wakeup.py). A connection the main loop already serves
-waits for it, as every connection of the stock worker does.
+is lent to the I/O thread while the loop is held: it answers the same liveness messages on the
+raw socket and keeps every other byte for the loop (worker/stallwatch.py; not for TLS).
 
 Security beyond the stock worker: optional bearer token on every request, a WebSocket Origin
 check, CORS granted only to loopback origins and an allow-list, bounded upload and message
@@ -38,7 +39,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
 
-from . import codec, wakeup, wsread
+from . import codec, stallwatch, wakeup, wsread
 from .config import max_data_size, max_message_size
 from .fsutil import ConfinedWriter, safe_relative
 from .peers import PeerGate, enabled_by
@@ -133,6 +134,7 @@ class Client:
         self._turn = wakeup.selector_of(asyncio.get_running_loop()) if self.direct else None
         self._held: list[bytes] = []
         self._held_bytes = 0
+        self.watched: stallwatch.WatchedSocket | None = None  # lent to the I/O thread in a stall
 
     def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.closing:
@@ -336,6 +338,8 @@ class WorkerServer:
         self._accept_sock: socket.socket | None = None  # the listener; the I/O thread accepts
         self._handoff: wakeup.Mailbox | None = None  # I/O thread -> main loop: accepted sockets
         self._watch_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # the I/O thread's stall watch
+        self._reclaim_posted = False
         self._large_lock = threading.RLock()  # both loops stage and fetch large messages
         self.host = ""
         self.port = 0
@@ -381,6 +385,9 @@ class WorkerServer:
                                                  shutdown_timeout=1.0)
                 await self.main_runner.setup()
                 self._handoff = wakeup.Mailbox(self.backend.loop, self._serve_on_main)
+                sel = wakeup.selector_of(self.backend.loop)
+                if sel is not None:
+                    sel.reclaim = self._reclaim
             await self.io.call(self._start_io(sock))
         except BaseException:
             sock.close()
@@ -424,8 +431,8 @@ class WorkerServer:
     # connection and serves it for its lifetime:
     # `uuid`, ping and heartbeat at once, commands through the inbox once the loop is free. A
     # connection handed over just before the loop stalled (STALL_AFTER) is taken back while the
-    # main loop has not picked it up yet (_watch). A connection the main loop already serves
-    # waits for it, as every connection of the stock worker does.
+    # main loop has not picked it up yet (_watch). A connection the main loop already serves is
+    # lent to the I/O thread while the loop is held (_stall_tick below).
     def _main_stalled(self) -> bool:
         busy = wakeup.busy_for(self.backend.loop)
         return not self._commands_open or busy is None or busy > STALL_AFTER
@@ -480,6 +487,85 @@ class WorkerServer:
             return
         self._serve(self.backend.loop, self.main_runner, conn)
 
+    # The main loop's own connections, while one of its turns runs long (a node blocking it): the
+    # I/O thread borrows their plain sockets and answers pings and FAST_COMMANDS on them
+    # (worker/stallwatch.py); the main loop takes them back before it reads again (_reclaim, at
+    # the start of its next select). Ticks only while such connections exist.
+    def _watch_stall(self, client: Client) -> None:
+        """On the main loop, for a client it serves: lend its socket during stalls, if plain."""
+        transport, tap = client.transport, self._tap_of(client)
+        sock = getattr(transport, "_sock", None)
+        if (not tap or not stallwatch.enabled() or not client.direct or self.io is None
+                or type(sock) is not socket.socket or transport.get_extra_info("sslcontext") is not None
+                or wakeup.selector_of(self.backend.loop) is None):
+            return  # TLS records or deflated frames cannot be parsed from raw bytes
+        client.watched = stallwatch.WatchedSocket(sock, transport, tap, lambda: not client.sending, self.max_msg)
+        transport._sock = client.watched
+        self.io.loop.call_soon_threadsafe(self._arm_stall_watch)
+
+    @staticmethod
+    def _tap_of(client: Client) -> Any:
+        parser = getattr(client.transport.get_protocol(), "_payload_parser", None)
+        return parser if isinstance(parser, wsread.FrameTap) else None
+
+    def _arm_stall_watch(self, every: float = STALL_AFTER / 2) -> None:  # the I/O thread
+        if self._stall_timer is None and self.io is not None and self._accept_sock is not None:
+            self._stall_timer = self.io.loop.call_later(every, self._stall_tick)
+
+    def _stall_tick(self) -> None:  # the I/O thread
+        self._stall_timer = None
+        busy = wakeup.busy_for(self.backend.loop)
+        stalled = busy is not None and busy > STALL_AFTER
+        watched = lent = False
+        for c in list(self.clients.values()):
+            w = c.watched
+            if w is None or not c.main:
+                continue
+            watched = True
+            if stalled and not c.closing:
+                if w.serve(self._liveness_reply):
+                    wakeup.selector_of(self.backend.loop).lent = True  # after w.lent: never missed
+            if w.lent:
+                lent = True
+        if lent and not stalled and not self._reclaim_posted:
+            # The loop went to sleep with sockets lent (borrowed as its turn ended): wake it.
+            self._reclaim_posted = True
+            try:
+                self.backend.loop.call_soon_threadsafe(self._reclaim)
+            except RuntimeError:  # the main loop is closed: the worker is going away
+                return
+        if watched or lent:
+            self._arm_stall_watch(WATCH_EVERY if stalled or lent else STALL_AFTER / 2)
+
+    def _reclaim(self) -> None:  # the main loop, before it reads from any socket
+        self._reclaim_posted = False
+        for c in list(self.clients.values()):
+            if c.watched is not None and c.main:
+                c.watched.give_back()
+
+    def _liveness_reply(self, text: str) -> str | None:  # the I/O thread
+        """The reply to a ping or a FAST_COMMANDS message, as route gives it; None for any other."""
+        try:
+            data = codec.parse_message(text)
+        except codec.MessageError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        if data.get("type") == "ping":
+            out = json.dumps({"type": "pong"})
+        elif (data.get("type") == "cmd" and data.get("cmd") in FAST_COMMANDS and not data.get("as_bytes")
+              and isinstance(data.get("kwargs", {}), (dict, type(None)))):
+            out = self._fast_answer(data["cmd"], data.get("kwargs") or {}, data.get("id"))
+        else:
+            return None
+        return out if len(out) * 1.1 <= self.max_msg else None  # a staged reply: the main loop's
+
+    def _fast_answer(self, cmd: str, kwargs: dict, msg_id: Any) -> str:
+        try:
+            return json.dumps(codec.result(self.backend.fast(cmd, kwargs), msg_id))
+        except TypeError as e:
+            return json.dumps(codec.error(f"bad arguments for '{cmd}': {e}", [], msg_id))
+
     def _serve(self, loop: asyncio.AbstractEventLoop, runner: web.AppRunner | None, conn: socket.socket) -> None:
         if runner is None:  # closing
             conn.close()
@@ -516,6 +602,9 @@ class WorkerServer:
     async def _stop_accepting(self) -> None:
         if self._watch_timer is not None:
             self._watch_timer.cancel()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._accept_sock is not None:
             self.io.loop.remove_reader(self._accept_sock.fileno())
             self._accept_sock.close()
@@ -657,7 +746,8 @@ class WorkerServer:
         self.clients[client.id] = client
         # Text frames handled inside data_received (worker/wsread.py); the loop below then sees
         # only what aiohttp still reads: pings, close, binary, oversized or fragmented frames.
-        wsread.install(ws, request.protocol, lambda text: self.on_frame(client, text), self.max_msg)
+        if wsread.install(ws, request.protocol, lambda text: self.on_frame(client, text), self.max_msg) and client.main:
+            self._watch_stall(client)
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -728,11 +818,7 @@ class WorkerServer:
             return err
         as_bytes = bool(data.get("as_bytes"))
         if cmd in FAST_COMMANDS and not as_bytes:
-            try:
-                out = json.dumps(codec.result(self.backend.fast(cmd, kwargs), msg_id))
-            except TypeError as e:
-                out = json.dumps(codec.error(f"bad arguments for '{cmd}': {e}", [], msg_id))
-            return self.deliver(client, out, msg_id)
+            return self.deliver(client, self._fast_answer(cmd, kwargs, msg_id), msg_id)
         if client is not None and not inline:
             # Commands of one connection run in order, but behind the reader: pings still pass.
             if client.in_flight >= CLIENT_CMDS_MAX:
@@ -998,7 +1084,8 @@ class WorkerServer:
         token_ok = bool(self.token()) and self.authorized(request)
         if (token_ok or not self.token()) and self.peers.verdict(request.transport, "/", token_ok).allowed:
             body.update(clients=len(self.clients), journal=journal,
-                        staged_messages=len(self.large), staged_bytes=self.large_bytes)
+                        staged_messages=len(self.large), staged_bytes=self.large_bytes,
+                        stall_watched=sum(1 for c in list(self.clients.values()) if c.watched is not None))
         return web.json_response(body)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:

@@ -31,8 +31,17 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         self.mailboxes: list[Mailbox] = []
         self.before_sleep: list[Callable[[], None]] = []  # this loop's thread only; run once each
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Set by another thread that borrowed sockets of this loop while it stalled
+        # (worker/stallwatch.py): reclaim() gives them back before this loop reads again.
+        self.lent = False
+        self.reclaim: Callable[[], None] | None = None
 
     def select(self, timeout: float | None = None):
+        if self.lent:
+            self.lent = False  # before reclaim: a socket lent meanwhile sets it again
+            self.reclaim()
+            if self.loop is not None and self.loop._ready:  # it fed a reader: no sleep
+                timeout = 0
         if self.before_sleep:
             hooks, self.before_sleep = self.before_sleep, []
             for hook in hooks:

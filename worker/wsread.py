@@ -29,7 +29,7 @@ def enabled() -> bool:
     return os.environ.get("FN_SUPERVISE_WS_FAST_READ", "1") != "0"
 
 
-def _unmask(mask: bytes, payload: bytes) -> bytes:
+def unmask(mask: bytes, payload: bytes) -> bytes:
     n = len(payload)
     if n == 0:
         return payload
@@ -48,6 +48,9 @@ class FrameTap:
         self.limit = min(limit, FAST_MAX)
         self._buf = b""  # the start of a frame not complete yet
         self._owed = 0  # bytes of the current frame that go to aiohttp
+        # Between feeds, with no chunk read and not yet fed (worker/stallwatch.py clears it on
+        # recv): the reader's whole state is _buf and _owed, so another thread may continue it.
+        self.idle = True
 
     def feed_eof(self) -> None:
         self.inner.feed_eof()
@@ -66,6 +69,7 @@ class FrameTap:
                 pos += take
                 if eof:  # aiohttp saw a protocol error: it has told the handler
                     self._owed = _NEVER
+                    self.idle = True
                     return eof, tail
                 continue
             if n - pos < 2:
@@ -90,7 +94,7 @@ class FrameTap:
                 if end > n:
                     break  # wait for the rest (at most limit bytes)
                 try:
-                    text = _unmask(data[pos + head - 4:pos + head], data[pos + head:end]).decode("utf-8")
+                    text = unmask(data[pos + head - 4:pos + head], data[pos + head:end]).decode("utf-8")
                 except UnicodeDecodeError:
                     self._owed = head + length  # aiohttp closes with 1007, as before
                     continue
@@ -101,6 +105,7 @@ class FrameTap:
             self._owed = _NEVER if b0 & 0x0F == 0x8 else head + length
         if pos < n:
             self._buf = data[pos:]
+        self.idle = True
         return False, b""
 
 
