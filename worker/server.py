@@ -102,6 +102,18 @@ def is_loopback_origin(origin: str) -> bool:
         return False
 
 
+def ws_compression(config: Mapping[str, Any]) -> bool:
+    """`ws_compression` (default off; env FN_SUPERVISE_WS_COMPRESSION=1 turns it on). Browsers
+    offer permessage-deflate and aiohttp accepts it by default: then every frame is deflated on the
+    main loop (far more CPU than the edit it carries), frames go through aiohttp's writer instead
+    of one send per turn, and the stall watch cannot read them. For a worker on the same machine
+    or a LAN, off is faster; on pays off only on a slow link with large graphs."""
+    env = os.environ.get("FN_SUPERVISE_WS_COMPRESSION", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    return config.get("ws_compression") is True
+
+
 # SIOCOUTQ: a socket's bytes not yet acknowledged by the peer (Linux; elsewhere only our buffer counts).
 _OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
 
@@ -347,6 +359,7 @@ class WorkerServer:
         self.max_data = max_data_size()
         self.scheme = "http"
         self.peers = PeerGate(enabled_by(backend.config.get("peer_uid_check")))
+        self.ws_compression = ws_compression(backend.config)
 
     # region setup
     def make_app(self) -> web.Application:
@@ -735,7 +748,7 @@ class WorkerServer:
         # Frames up to 16x the protocol limit (and within MAX_DATA_SIZE) are read and answered
         # with an error; only beyond that does aiohttp close with 1009.
         read_limit = max(self.max_msg + 1, min(max(self.max_msg * 16, 64 << 20), self.max_data))
-        ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=read_limit, autoping=True, compress=self.ws_compression)
         try:
             await ws.prepare(request)
         except ConnectionResetError as e:  # the client hung up mid-handshake: its doing, not ours
