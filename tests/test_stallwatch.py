@@ -364,13 +364,11 @@ def test_scan_parses_only_whole_simple_frames_and_gives_up_on_the_rest():
     assert scan(RawWS.frame(0x9, b"p" * 126), 1 << 16) == "opaque"  # a control frame too long
 
 
+@pytest.mark.parametrize("worker", ["on"], indirect=True)  # the refusal to write exists only with the watch
 def test_replies_wait_for_the_loop_while_its_own_output_is_pending(worker):
     """A client that reads nothing has megabytes of replies pending in the transport when a block
     starts: the watchdog must not write into that stream, so its pings wait for the loop, and the
     client, once it reads, gets every frame whole and every reply once."""
-    if not worker.watch:
-        pytest.skip("exercises the watchdog's refusal to write")
-
     async def go():
         async with RawWS(worker.port) as b, RawWS(worker.port, read=False) as x:
             await b.send(b.text_frame({"type": "cmd", "cmd": "add_node", "id": "a1", "kwargs": {"id": "demo.block", "uuid": "blk"}}))
