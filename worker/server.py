@@ -53,6 +53,7 @@ LARGE_STORE_MAX_BYTES = 512 << 20
 CLIENT_QUEUE_MAX = 10000
 CLIENT_CMDS_MAX = 1000
 SEND_TIMEOUT = 10.0
+STUCK_LOOKS = 4  # a client whose socket takes nothing is looked at this often per SEND_TIMEOUT
 CLOSE_TIMEOUT = 2.0  # for the close handshake with a client we drop
 
 
@@ -139,6 +140,7 @@ class Client:
         # transport, drops a client whose socket took none of them for SEND_TIMEOUT.
         self.written = 0  # bytes handed to the transport by put()
         self._stuck_mark = 0
+        self._stuck_since = 0.0  # loop time the socket last took a byte (or the timer was armed)
         self._stuck_timer: asyncio.TimerHandle | None = None
         # Direct frames of one loop turn (a reply and the events around it) are held and written
         # with one send just before the loop polls again (wakeup before_sleep); on a loop
@@ -187,8 +189,10 @@ class Client:
         self.transport.write(data)
         self.written += len(data)
         if self._stuck_timer is None:
+            loop = asyncio.get_running_loop()
             self._stuck_mark = self.written - self._unsent()
-            self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
+            self._stuck_since = loop.time()
+            self._stuck_timer = loop.call_later(SEND_TIMEOUT / STUCK_LOOKS, self._check_stuck)
 
     def _unsent(self) -> int:
         """Bytes written but not yet taken by the peer: the transport's buffer plus the kernel's
@@ -209,13 +213,15 @@ class Client:
         waiting = self._unsent()
         if not waiting:
             return  # all taken: armed again by the next direct write
-        taken = self.written - waiting  # grows whenever the socket takes bytes
-        if taken == self._stuck_mark:
+        loop = asyncio.get_running_loop()
+        taken = self.written - waiting  # changes whenever the socket takes bytes
+        if taken != self._stuck_mark:
+            self._stuck_mark, self._stuck_since = taken, loop.time()
+        elif loop.time() - self._stuck_since >= SEND_TIMEOUT:
             log.warning("client %s too slow (read nothing for %.0f s), closing", self.id, SEND_TIMEOUT)
             self.drop(1013, b"client too slow")
             return
-        self._stuck_mark = taken
-        self._stuck_timer = asyncio.get_running_loop().call_later(SEND_TIMEOUT, self._check_stuck)
+        self._stuck_timer = loop.call_later(SEND_TIMEOUT / STUCK_LOOKS, self._check_stuck)
 
     def drop(self, code: int, message: bytes = b"") -> asyncio.Future | None:
         """Close with code, and let go of the socket even if the client never reads again: the
