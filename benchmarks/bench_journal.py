@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +51,7 @@ class Proc:
     def __init__(self, kind: str, durability: str | None = None, supervised: bool = False):
         self.kind = kind
         self.base = Path(tempfile.mkdtemp(prefix=f"fnbench-journal-{kind}-"))
+        atexit.register(shutil.rmtree, self.base, True)  # the worker's folder goes with the benchmark
         self.port = free_port()
         env = dict(os.environ, FUNCNODES_CONFIG_DIR=str(self.base))
         env.pop("VIRTUAL_ENV", None)

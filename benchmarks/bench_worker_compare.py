@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -111,7 +113,10 @@ class Spawned:
 
 
 def tmpdir(kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"fnbench-{kind}-"))
+    """A fresh config folder for one worker, removed when the benchmark exits."""
+    path = Path(tempfile.mkdtemp(prefix=f"fnbench-{kind}-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def kill(w: Spawned) -> None:
