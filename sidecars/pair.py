@@ -86,11 +86,25 @@ def _relay(conn: Connection, ends: dict[str, Connection], roles: RoleSet) -> Non
             try:
                 msg = ready.recv()
             except (EOFError, OSError):
-                close([role, *roles.ended(role)])
+                ending = roles.ended(role)
+                _forward_pending(conn, [live[r] for r in ending if r in live])  # said before the end
+                close([role, *ending])
                 continue
             if not _send(conn, msg):
                 close(roles.supervisor_gone())
                 return
+
+
+def _forward_pending(conn: Connection, ends: list[Connection]) -> None:
+    """What roles about to be ended have already sent still reaches the supervisor (a role's
+    hello and its crash can be ready in the same round; the crash's EOF may come first)."""
+    for c in ends:
+        try:
+            while c.poll(0):
+                if not _send(conn, c.recv()):
+                    return
+        except (EOFError, OSError):
+            continue
 
 
 def _send(c: Connection | None, msg: Any) -> bool:

@@ -64,7 +64,7 @@ def test_both_roles_speak_through_one_pipe_and_a_stop_ends_both(pair, tmp_path, 
 
 def test_a_role_that_dies_takes_the_process_and_both_come_back(tmp_path):
     roles = {"idle": ("test_sidecars_support:idle", (), {}),
-             "crash": ("test_sidecars_support:crash_at_start", (), {})}
+             "crash": ("test_sidecars_support:crash_after_hello", (), {})}
     h = Hosted("idle+crash", run_named, (PAIR, roles), budget=2, backoff_base=0.05)
     try:
         first = h.rec.wait(lambda m: m["type"] == "hello", 10, "first hello")[1]["pid"]

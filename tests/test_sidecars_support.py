@@ -125,9 +125,19 @@ def crash_at_start(conn):
     raise SystemExit(3)
 
 
+# Set by idle once its hello is sent: a role in the same process can crash after it, not before.
+IDLE_SAID_HELLO = threading.Event()
+
+
+def crash_after_hello(conn):
+    IDLE_SAID_HELLO.wait(30)
+    raise SystemExit(3)
+
+
 def idle(conn):
     """Says hello with its pid, then serves until stop or EOF."""
     conn.send({"type": "hello", "pid": os.getpid()})
+    IDLE_SAID_HELLO.set()
     try:
         while True:
             msg = conn.recv()
