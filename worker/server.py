@@ -136,9 +136,10 @@ class Client:
         # Frames go straight to the transport unless the connection deflates (aiohttp's writer
         # keeps the compressor state) or something is queued or being sent before them.
         self.direct = transport is not None and not ws.compress
-        # A direct write has no drain to time out: a timer, armed while bytes wait in the
-        # transport, drops a client whose socket took none of them for SEND_TIMEOUT.
-        self.written = 0  # bytes handed to the transport by put()
+        # A direct write has no drain to time out: a timer, armed by a direct write and kept
+        # while bytes wait (our buffer or the kernel's), looks STUCK_LOOKS times per SEND_TIMEOUT
+        # and drops a client whose socket took none of them for SEND_TIMEOUT.
+        self.written = 0  # bytes handed to the transport by direct writes
         self._stuck_mark = 0
         self._stuck_since = 0.0  # loop time the socket last took a byte (or the timer was armed)
         self._stuck_timer: asyncio.TimerHandle | None = None
