@@ -74,3 +74,57 @@ def test_a_none_result_is_the_text_the_encoder_writes():
         assert codec.result_text(None, msg_id) == codec.dumps(codec.result(None, msg_id)), msg_id
     for res in (1, "x", [1, None], {"a": "<NoValue>"}, False):
         assert codec.result_text(res, "id") == codec.dumps(codec.result(res, "id"))
+
+
+def test_a_message_skips_revive_only_when_it_cannot_hold_novalue():
+    """The server revives a message's kwargs only when its text may hold "<NoValue>": a plain
+    one, or any character escaped as \\uXXXX. Every text that parses to a "<NoValue>" anywhere
+    must be caught, however the client escaped it; the revived kwargs are the same either way."""
+    rng = random.Random(11)
+
+    def tree(depth: int):
+        if depth == 0:
+            return rng.choice(["<NoValue>", "<NoValue>", "x", "<NoVal>", 1, None, "ünï"])
+        if rng.random() < 0.5:
+            return {f"k{i}": tree(depth - 1) for i in range(rng.randint(0, 3))}
+        return [tree(depth - 1) for _ in range(rng.randint(0, 3))]
+
+    def escape_some(text: str) -> str:  # what another client's encoder may write: \u escapes anywhere
+        out, in_str, i = [], False, 0
+        while i < len(text):
+            ch = text[i]
+            if in_str and ch == "\\":  # an escape already there stays whole
+                n = 6 if text[i + 1] == "u" else 2
+                out.append(text[i:i + n])
+                i += n
+                continue
+            if ch == '"':
+                in_str = not in_str
+            elif in_str and rng.random() < 0.2:
+                ch = "\\u%04x" % ord(ch)
+            out.append(ch)
+            i += 1
+        return "".join(out)
+
+    def holds(obj) -> bool:
+        if isinstance(obj, dict):
+            return any(holds(v) for v in obj.values())
+        if isinstance(obj, list):
+            return any(holds(v) for v in obj)
+        return obj == "<NoValue>"
+
+    caught = 0
+    for _ in range(500):
+        msg = {"type": "cmd", "cmd": "set_io_value", "kwargs": {"value": tree(rng.randint(0, 5))}, "id": "1"}
+        text = json.dumps(msg, ensure_ascii=rng.random() < 0.5)
+        if rng.random() < 0.5:
+            text = escape_some(text)
+        kwargs = codec.parse_message(text)["kwargs"]
+        if holds(kwargs):
+            assert codec.may_hold_novalue(text), text
+            caught += 1
+        gated = codec.revive(kwargs) if codec.may_hold_novalue(text) else kwargs
+        assert repr(gated) == repr(codec.revive(kwargs))
+    assert caught > 100  # the case that matters came up often
+    assert not codec.may_hold_novalue(json.dumps({"type": "cmd", "cmd": "update_node_view",
+                                                  "kwargs": {"nid": "n1", "data": {"position": {"x": 1, "y": 2}}}}))

@@ -389,7 +389,7 @@ class WorkerRuntime:
         a group fdatasync). Most edits end here, with no Task and no Future."""
         started = time.perf_counter()  # metrics: RPCs by command, latency
         try:
-            res = self.commands.call(cmd, codec.revive(kwargs))
+            res = self.commands.call(cmd, kwargs)  # revived by the server where the text held "<NoValue>"
             # Write before reply (Redis flushes its AOF in beforeSleep, before any client write):
             # the result below exists only once the edit's record is in the journal.
             if inspect.iscoroutine(res):

@@ -832,6 +832,8 @@ class WorkerServer:
                 kwargs = {}
             if not isinstance(kwargs, dict):
                 raise ProtocolError(f"'kwargs' must be an object, got {type(kwargs).__name__}")
+            if codec.may_hold_novalue(text):
+                kwargs = codec.revive(kwargs)  # as funcnodes-core's decoder reads a message
         except ProtocolError as e:
             err = codec.error(str(e), [], msg_id)
             self.reply(client, err)
