@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quarantine", metavar="JSON", help='nodes never to run: {"<node id>": "<reason>"}')
     ap.add_argument("--debug", action="store_true", help="full tracebacks in error replies")
     args = ap.parse_args(argv)
+    from .deferred import defer
+
+    defer("pytest")  # before funcnodes_core (worker/deferred.py); a no-op in a worker forked after preload
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from . import listener, quarantine

@@ -62,6 +62,9 @@ def preload(deps: dict) -> list[str]:
     mods = ["funcnodes_core", "aiohttp", "aiohttp.web", "worker.runtime", "worker.commands", "worker.server",
             "worker.persistence", "worker.packages", "worker.localworkers", "worker.quarantine", "worker.metrics",
             "worker.listener"]
+    from worker.deferred import defer  # noqa: PLC0415
+
+    defer("pytest")  # before funcnodes_core, which imports it only to ask whether it runs under a test
     done = []
     for m in mods:
         importlib.import_module(m)
