@@ -1,4 +1,5 @@
-"""worker/deferred.py: pytest (imported by funcnodes-core at every start) runs only when used.
+"""worker/deferred.py: pytest (imported by funcnodes-core at every start) runs only when used,
+and the client SSL contexts aiohttp makes at import load the system CAs only when used.
 
 A real worker, alone and forked by a supervisor's fork server, starts without running pytest,
 and a node module that uses pytest at import still works in it. The deferred module's own
@@ -8,6 +9,7 @@ its use and leaves sys.modules) run in a fresh interpreter: this one has pytest 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -133,3 +135,72 @@ def test_deferred_module_runs_once_for_all_threads_and_a_failure_is_raised_at_us
     r = subprocess.run([sys.executable, "-c", RULES, str(tmp_path)], cwd=str(REPO), env=child_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "rules ok" in r.stdout, r.stdout + r.stderr
+
+
+HTTPS = r"""
+import asyncio, ssl, sys
+from worker.deferred import deferred_ca_certificates
+
+with deferred_ca_certificates():
+    import aiohttp
+    from aiohttp import web
+    mine = ssl.create_default_context()
+    class Own(ssl.SSLContext):
+        pass
+    own = Own(ssl.PROTOCOL_TLS_CLIENT)
+    own.set_default_verify_paths()
+assert "set_default_verify_paths" not in vars(ssl.SSLContext)  # the patch is gone
+assert type(mine) is not ssl.SSLContext, "not deferred"
+assert type(own) is Own and own.cert_store_stats()["x509_ca"] >= 1  # a subclass loads at once
+assert mine.cert_store_stats()["x509_ca"] >= 1 and type(mine) is ssl.SSLContext  # loaded at the query
+
+async def serve(cert, key):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_get("/", lambda r: web.Response(text="hi"))
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+async def main():
+    good, gport = await serve(sys.argv[1], sys.argv[2])
+    bad, bport = await serve(sys.argv[3], sys.argv[4])
+    try:
+        async with aiohttp.ClientSession() as s:  # aiohttp's own default context, made deferred
+            async with s.get(f"https://127.0.0.1:{gport}/") as r:
+                assert r.status == 200 and await r.text() == "hi"
+            try:
+                async with s.get(f"https://127.0.0.1:{bport}/") as r:
+                    raise AssertionError(f"an untrusted certificate was accepted: {r.status}")
+            except aiohttp.ClientConnectorCertificateError:
+                pass
+    finally:
+        await good.cleanup()
+        await bad.cleanup()
+
+asyncio.run(main())
+print("https ok")
+"""
+
+
+def _self_signed(tmp_path, name: str) -> tuple[str, str]:
+    c, k = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                        "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(k), "-out", str(c)],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate here: {r.stderr.strip()[:200]}")
+    return str(c), str(k)
+
+
+def test_aiohttp_client_contexts_load_the_cas_at_first_use_and_still_verify(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl binary to make self-signed certificates")
+    good, bad = _self_signed(tmp_path, "trusted"), _self_signed(tmp_path, "untrusted")
+    # the default verify paths read SSL_CERT_FILE: the one CA the deferred contexts must load
+    r = subprocess.run([sys.executable, "-c", HTTPS, *good, *bad], cwd=str(REPO),
+                       env=child_env(SSL_CERT_FILE=good[0]), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "https ok" in r.stdout, r.stdout + r.stderr

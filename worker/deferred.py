@@ -6,6 +6,12 @@ its functions): ~50 ms of CPU and a few MB in every fork server and worker. `def
 puts a module object in sys.modules whose code runs on the first use of an attribute, so a
 node module that does use pytest (`pytest.mark...`, `from pytest import x`) still gets it.
 
+`deferred_ca_certificates()`: aiohttp.connector builds two client SSL contexts at import, and
+each parses the system CA bundle (set_default_verify_paths, ~18 ms of CPU apiece) for clients
+the worker's server never makes. Inside the block a plain SSLContext's set_default_verify_paths()
+is recorded instead, and done on the context's first handshake or certificate query, so a node
+that makes HTTPS requests verifies against the same CAs as before.
+
 Not importlib.util.LazyLoader: on Python 3.11 a second `import pytest` reads the module's
 `__spec__`, which makes LazyLoader run it, and its first attribute access is not thread-safe.
 Here the import machinery's metadata reads (`__spec__`, `__name__`, `__path__`, ...) do not
@@ -15,10 +21,13 @@ to run, it leaves sys.modules and the error is raised at that use (as the import
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import ssl
 import sys
 import threading
 import types
+from typing import Iterator
 
 # What the import system reads from a module it finds in sys.modules, without using it.
 _METADATA = frozenset({"__spec__", "__name__", "__loader__", "__package__", "__path__", "__file__", "__class__"})
@@ -81,3 +90,49 @@ def _load(module: types.ModuleType) -> None:
             raise
         finally:
             object.__setattr__(module, "__class__", types.ModuleType)
+
+
+class _DeferredVerifyPaths(ssl.SSLContext):
+    """A plain SSLContext whose set_default_verify_paths() is still to be done: at first use."""
+
+    def _verify_paths(self) -> None:
+        with _LOCK:
+            if type(self) is _DeferredVerifyPaths:
+                super(ssl.SSLContext, self).set_default_verify_paths()  # the C method, patched or not
+                self.__class__ = ssl.SSLContext
+
+    def wrap_socket(self, *args, **kwargs):
+        self._verify_paths()
+        return ssl.SSLContext.wrap_socket(self, *args, **kwargs)
+
+    def wrap_bio(self, *args, **kwargs):  # asyncio's handshakes
+        self._verify_paths()
+        return ssl.SSLContext.wrap_bio(self, *args, **kwargs)
+
+    def get_ca_certs(self, *args, **kwargs):
+        self._verify_paths()
+        return ssl.SSLContext.get_ca_certs(self, *args, **kwargs)
+
+    def cert_store_stats(self):
+        self._verify_paths()
+        return ssl.SSLContext.cert_store_stats(self)
+
+    def set_default_verify_paths(self) -> None:
+        self._verify_paths()
+
+
+def _record_verify_paths(self: ssl.SSLContext) -> None:
+    if type(self) is ssl.SSLContext:
+        self.__class__ = _DeferredVerifyPaths
+    else:  # someone's subclass: its class stays, the paths load now
+        super(ssl.SSLContext, self).set_default_verify_paths()
+
+
+@contextlib.contextmanager
+def deferred_ca_certificates() -> Iterator[None]:
+    """Plain SSLContexts made inside load the system CAs on first use (call with no other thread)."""
+    ssl.SSLContext.set_default_verify_paths = _record_verify_paths
+    try:
+        yield
+    finally:
+        del ssl.SSLContext.set_default_verify_paths  # the C method again
