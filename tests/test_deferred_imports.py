@@ -142,8 +142,9 @@ import asyncio, ssl, sys
 from worker.deferred import deferred_ca_certificates
 
 with deferred_ca_certificates():
-    import aiohttp
-    from aiohttp import web
+    with deferred_ca_certificates():  # nested: the outer block still defers, and ends it
+        import aiohttp
+        from aiohttp import web
     mine = ssl.create_default_context()
     class Own(ssl.SSLContext):
         pass

@@ -131,6 +131,9 @@ def _record_verify_paths(self: ssl.SSLContext) -> None:
 @contextlib.contextmanager
 def deferred_ca_certificates() -> Iterator[None]:
     """Plain SSLContexts made inside load the system CAs on first use (call with no other thread)."""
+    if "set_default_verify_paths" in vars(ssl.SSLContext):  # already inside such a block
+        yield
+        return
     ssl.SSLContext.set_default_verify_paths = _record_verify_paths
     try:
         yield
