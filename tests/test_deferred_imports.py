@@ -93,6 +93,7 @@ assert defer("slowmod")
 import slowmod
 import slowmod as again  # the import system reads __spec__: that must not run it
 assert again is slowmod and is_deferred(slowmod) and builtins.RUNS == 0, builtins.RUNS
+assert repr(slowmod).startswith("<module 'slowmod'") and builtins.RUNS == 0  # repr: no run either
 seen = []
 threads = [threading.Thread(target=lambda: seen.append(slowmod.VALUE)) for _ in range(8)]
 for t in threads:
@@ -103,6 +104,9 @@ assert seen == [42] * 8 and builtins.RUNS == 1, (seen, builtins.RUNS)
 assert not is_deferred(slowmod) and sys.modules["slowmod"] is slowmod
 from slowmod import VALUE
 assert VALUE == 42 and not defer("slowmod")  # already imported: left alone
+assert defer("dirmod")
+import dirmod
+assert "ANSWER" in dir(dirmod) and not is_deferred(dirmod)  # dir() runs it
 
 assert defer("boom")
 import boom
@@ -132,6 +136,7 @@ def test_deferred_module_runs_once_for_all_threads_and_a_failure_is_raised_at_us
         VALUE = 42
     '''))
     (tmp_path / "boom.py").write_text('raise RuntimeError("boom at import")\n')
+    (tmp_path / "dirmod.py").write_text("ANSWER = 42\n")
     r = subprocess.run([sys.executable, "-c", RULES, str(tmp_path)], cwd=str(REPO), env=child_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "rules ok" in r.stdout, r.stdout + r.stderr

@@ -49,6 +49,10 @@ class _Deferred(types.ModuleType):
         _load(self)
         types.ModuleType.__delattr__(self, attr)
 
+    def __dir__(self):  # dir() looks __dir__ up on the type, past __getattribute__
+        _load(self)
+        return types.ModuleType.__dir__(self)
+
 
 def defer(name: str) -> bool:
     """Put a not-yet-run `name` in sys.modules; False if it is already imported or not installed."""
