@@ -17,7 +17,7 @@ WORKER = ROOT / "worker"
 
 LAYERS = [
     {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
-     "plugins", "wakeup", "nodeio", "wsread", "__init__"},
+     "plugins", "wakeup", "nodeio", "wsread", "deferred", "__init__"},
     {"config", "control", "install", "modules", "pyproject", "stallwatch"},
     {"tls", "separate"},  # separate: separate_process=True nodes run in a forked child
     {"persistence", "health", "transfer"},

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quarantine", metavar="JSON", help='nodes never to run: {"<node id>": "<reason>"}')
     ap.add_argument("--debug", action="store_true", help="full tracebacks in error replies")
     args = ap.parse_args(argv)
+    from .deferred import deferred_ca_certificates, defer
+
+    defer("pytest")  # before funcnodes_core (worker/deferred.py); a no-op in a worker forked after preload
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from . import listener, quarantine
@@ -30,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.listen_fd is not None:
             listener.adopt(args.listen_fd)
         uid = parse_worker_name(args.worker)
-        from .runtime import WorkerRuntime
+        with deferred_ca_certificates():  # aiohttp's client contexts (worker/deferred.py); no thread yet
+            from .runtime import WorkerRuntime
 
         rt = WorkerRuntime(uid, base=args.dir, host=args.host, port=args.port, control_fd=args.control_fd, debug=args.debug,
                            quarantined=quarantined)

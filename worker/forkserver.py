@@ -62,10 +62,14 @@ def preload(deps: dict) -> list[str]:
     mods = ["funcnodes_core", "aiohttp", "aiohttp.web", "worker.runtime", "worker.commands", "worker.server",
             "worker.persistence", "worker.packages", "worker.localworkers", "worker.quarantine", "worker.metrics",
             "worker.listener"]
+    from worker.deferred import deferred_ca_certificates, defer  # noqa: PLC0415
+
+    defer("pytest")  # before funcnodes_core, which imports it only to ask whether it runs under a test
     done = []
-    for m in mods:
-        importlib.import_module(m)
-        done.append(m)
+    with deferred_ca_certificates():  # aiohttp's client contexts: CAs loaded at a node's first HTTPS
+        for m in mods:
+            importlib.import_module(m)
+            done.append(m)
     from worker.packages import is_project, module_name  # noqa: PLC0415
     from worker.separate import install  # noqa: PLC0415
 
