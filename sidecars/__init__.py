@@ -7,7 +7,7 @@ is restarted one-for-one by `sidecars.host.SidecarKeeper` on its own crash budge
 Per-worker mode forks one process for both (sidecars.pair.run_pair; routing: sidecars.roles):
 each role runs as below on a pipe of its own inside it, and the process restarts whole.
 
-  sidecars.discovery.run_discovery(conn, scripts_dir, debounce_ms=50)
+  sidecars.discovery.run_discovery(conn, scripts_dir, debounce_ms=200)
   sidecars.monitor.run_monitor(conn, host="127.0.0.1", port=0, *, kill_timeout=5.0,
                                owner_pid=None, worker_spawn_timeout=30.0, delegate_workers=True)
   sidecars.host.SidecarKeeper(name, target, args, *, on_message, loop=None, budget=5,
