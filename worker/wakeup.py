@@ -7,6 +7,8 @@ A loop made by new_loop() looks into its mailboxes before select() may block, so
 wakes it only while it is (about to be) asleep; a busy loop picks the items up on its next turn.
 On a loop of any other making, every put with nothing scheduled wakes it, as before.
 
+Timers fire on time: the wait is in microseconds, not epoll's whole milliseconds rounded up.
+
 The same selector runs `before_sleep` callbacks once per loop turn, just before it polls: the
 server writes all frames a client got in one turn (reply and events) with one send there.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import selectors
 import time
 import weakref
@@ -35,6 +38,7 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         # (worker/stallwatch.py): reclaim() gives them back before this loop reads again.
         self.lent = False
         self.reclaim: Callable[[], None] | None = None
+        self._epfd = self.fileno()
 
     def select(self, timeout: float | None = None):
         if self.lent:
@@ -52,6 +56,13 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         try:
             if any(m.items for m in self.mailboxes):
                 timeout = 0
+            if timeout is not None and timeout > 0 and self._epfd < select_fd_limit:
+                # epoll_wait takes whole milliseconds, rounded up: a timer due in 9.7 ms fires at
+                # 10, late by whatever the turn did after setting it (a node's pretrigger sleep is
+                # set before its events are sent: in a chain, every node paid for that). select()
+                # waits in microseconds on the epoll fd itself; epoll then collects what is ready.
+                select.select((self._epfd,), (), (), timeout)
+                timeout = 0
             return super().select(timeout)
         finally:
             self.turn_started = time.monotonic()
@@ -60,6 +71,9 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
                 if m.items and not m.scheduled:
                     m.scheduled = True
                     m.loop.call_soon(m.drain)  # this loop's thread: run in this same turn
+
+
+select_fd_limit = 1024  # FD_SETSIZE: select() cannot wait on a higher fd (then epoll's ms it is)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
