@@ -461,17 +461,18 @@ class WorkerRuntime:
         self.broadcast(msg)
 
     def _send_value(self, nid: str | None, ioid: str | None, value: Any) -> None:
-        if not self.server.clients or nid is None:
-            return
+        if self.server.clients and nid is not None:
+            self.server.post_later(self._value_frames, nid, ioid, value)  # encoded once the run step is over
+
+    def _value_frames(self, nid: str, ioid: str | None, value: Any) -> list[bytes] | None:
         try:
             payload, mime = codec.encode_bytes(value, preview=True)
         except Exception:
             log.exception("cannot encode value of %s/%s", nid, ioid)
-            return
-        frames = codec.binary_frames(
+            return None
+        return codec.binary_frames(
             {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk()
         )
-        self.server.post_frames(frames)
 
     def _track_trigger(self, nid: str | None) -> None:
         """Event-driven execution: when a run ends, start what was requested meanwhile."""

@@ -10,7 +10,9 @@ On a loop of any other making, every put with nothing scheduled wakes it, as bef
 Timers fire on time: the wait is in microseconds, not epoll's whole milliseconds rounded up.
 
 The same selector runs `before_sleep` callbacks once per loop turn, just before it polls: the
-server writes all frames a client got in one turn (reply and events) with one send there.
+server writes all frames a client got in one turn (reply and events) with one send there; and
+`before_idle` callbacks once the loop has nothing ready (a few busy turns at most): the server
+encodes a node run's events there, off the path from one node to the next.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         self.turn_started = 0.0  # monotonic time the loop last woke: a stall is a long turn
         self.mailboxes: list[Mailbox] = []
         self.before_sleep: list[Callable[[], None]] = []  # this loop's thread only; run once each
+        # Run once each when the loop is about to wait (nothing ready), before before_sleep; on a
+        # busy loop after IDLE_WAIT_TURNS turns or IDLE_WAIT_S at most. This loop's thread only.
+        self.before_idle: list[Callable[[], None]] = []
+        self._idle_turns = 0
+        self._idle_since = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         # Set by another thread that borrowed sockets of this loop while it stalled
         # (worker/stallwatch.py): reclaim() gives them back before this loop reads again.
@@ -41,11 +48,28 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         self._epfd = self.fileno()
 
     def select(self, timeout: float | None = None):
+        # asyncio computed timeout before this call: the hooks below take time of their own, so
+        # the wait ends at this deadline, not timeout after them (a timer set late anyway).
+        deadline = time.monotonic() + timeout if timeout else None
         if self.lent:
             self.lent = False  # before reclaim: a socket lent meanwhile sets it again
+            self._read_next()  # reclaim() feeds readers
             self.reclaim()
             if self.loop is not None and self.loop._ready:  # it fed a reader: no sleep
                 timeout = 0
+        if self.before_idle:
+            busy = timeout == 0 or (self.loop is not None and self.loop._ready) or any(m.items for m in self.mailboxes)
+            if busy:
+                if not self._idle_turns:
+                    self._idle_since = time.monotonic()
+                self._idle_turns += 1
+            if not busy or self._idle_turns > IDLE_WAIT_TURNS or time.monotonic() - self._idle_since > IDLE_WAIT_S:
+                self._idle_turns = 0
+                hooks, self.before_idle = self.before_idle, []
+                for hook in hooks:
+                    hook()
+                if self.loop is not None and self.loop._ready:  # a hook scheduled a callback: no sleep
+                    timeout = 0
         if self.before_sleep:
             hooks, self.before_sleep = self.before_sleep, []
             for hook in hooks:
@@ -56,6 +80,8 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         try:
             if any(m.items for m in self.mailboxes):
                 timeout = 0
+            if deadline is not None and timeout:
+                timeout = max(0.0, deadline - time.monotonic())
             if timeout is not None and timeout > 0 and self._epfd < select_fd_limit:
                 # epoll_wait takes whole milliseconds, rounded up: a timer due in 9.7 ms fires at
                 # 10, late by whatever the turn did after setting it (a node's pretrigger sleep is
@@ -63,7 +89,7 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
                 # waits in microseconds on the epoll fd itself; epoll then collects what is ready.
                 select.select((self._epfd,), (), (), timeout)
                 timeout = 0
-            return super().select(timeout)
+            ready = super().select(timeout)
         finally:
             self.turn_started = time.monotonic()
             self.asleep = False
@@ -71,8 +97,26 @@ class WakingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type
                 if m.items and not m.scheduled:
                     m.scheduled = True
                     m.loop.call_soon(m.drain)  # this loop's thread: run in this same turn
+        if ready:
+            self._read_next()
+        return ready
+
+    def _read_next(self) -> None:
+        """The loop is about to read: before_idle and before_sleep hooks run first, so what
+        they send (a run's deferred events) leaves before anything read now is answered, even
+        by aiohttp itself (a pong to a WebSocket ping)."""
+        if self.before_idle:
+            self._idle_turns = 0
+            hooks, self.before_idle = self.before_idle, []
+            for hook in hooks:
+                hook()
+            hooks, self.before_sleep = self.before_sleep, []
+            for hook in hooks:
+                hook()
 
 
+IDLE_WAIT_TURNS = 8
+IDLE_WAIT_S = 0.002
 select_fd_limit = 1024  # FD_SETSIZE: select() cannot wait on a higher fd (then epoll's ms it is)
 
 
