@@ -8,6 +8,7 @@ import select
 import signal
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,16 @@ def test_a_wait_of_a_fraction_of_a_millisecond_is_not_rounded_up_to_one(monkeypa
     finally:
         loop.close()
     assert waits and 0 < max(waits) <= 0.0004
+
+
+def test_the_workers_main_thread_has_a_fine_timer_slack(config_dir, port):
+    # The kernel adds the thread's timer slack (50 us by default) to every timed wake-up.
+    from helpers import WorkerProc, write_config
+
+    write_config(config_dir, "slack1")
+    w = WorkerProc(config_dir, "slack1", port).wait_ready()
+    try:
+        slack = int((Path("/proc") / str(w.proc.pid) / "timerslack_ns").read_text())
+    finally:
+        assert w.stop() == 0
+    assert slack == 1

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from . import codec, control, separate
+from . import codec, control, separate, wakeup
 from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
@@ -168,6 +168,7 @@ class WorkerRuntime:
         from .store import Store
 
         nodeio.install()  # node construction: the class's IO found once per class, not per node
+        wakeup.fine_timer_slack()  # the main loop's timers (pretrigger sleeps) end on time
         # safe mode: quarantined nodes are loaded but never run (worker/quarantine.py)
         self.safe = SafeMode(self.quarantined, broadcast=self.broadcast, to_supervisor=self._to_supervisor,
                              find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))

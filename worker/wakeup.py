@@ -120,6 +120,22 @@ IDLE_WAIT_S = 0.002
 select_fd_limit = 1024  # FD_SETSIZE: select() cannot wait on a higher fd (then epoll's ms it is)
 
 
+PR_SET_TIMERSLACK = 29
+
+
+def fine_timer_slack(ns: int = 1) -> bool:
+    """Let this thread's timed waits end within ns of their deadline (Linux PR_SET_TIMERSLACK).
+    The default slack, 50 us, is added to every timed wake-up: to each node's pretrigger sleep
+    in a chain (a bare 10 ms sleep overshoots 0.11 ms p50 with it, 0.08 ms without, on a 2-CPU VM).
+    Threads started later by this one inherit it. False where it cannot be set."""
+    try:
+        import ctypes  # already loaded by funcnodes-core when the runtime calls this
+
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, ns, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def new_loop() -> asyncio.AbstractEventLoop:
     sel = WakingSelector()
     loop = asyncio.SelectorEventLoop(sel)
