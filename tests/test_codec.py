@@ -3,7 +3,7 @@
   that re-walks every subtree): the same values for a real saved graph and for "<NoValue>" at
   every depth, with every registered decoder, including one a node package adds at run time;
 - codec.result_text (a None reply assembled by hand) against its JSONEncoder's text;
-- persistence.serialize_backend (its round trips through codec.loads) against core's
+- persistence.backend_steps (its round trips through codec.loads, whole or in steps) against core's
   serialize_nodespace_for_saving, on a graph with edges, groups, properties and unset values."""
 
 from __future__ import annotations
@@ -98,7 +98,9 @@ def test_the_snapshots_backend_is_cores_serialize_nodespace_for_saving(tmp_path)
         return g.nodespace
 
     ns = asyncio.run(build())
-    ours, core = persistence.serialize_backend(ns), serialize_nodespace_for_saving(ns)
-    assert ours["groups"] and ours["edges"] and ours["prop"].get("p")  # every part has content
-    assert ours == core
-    assert repr(ours) == repr(core)  # key order, NoValue as NoValue
+    core = serialize_nodespace_for_saving(ns)
+    for chunk in (0, 1, 5, 100):  # in one step, and in steps of that many nodes
+        ours = persistence.run_steps(persistence.backend_steps(ns, chunk))
+        assert ours["groups"] and ours["edges"] and ours["prop"].get("p")  # every part has content
+        assert ours == core
+        assert repr(ours) == repr(core)  # key order, NoValue as NoValue

@@ -71,6 +71,7 @@ class WorkerRuntime:
         self.commands: Any = None
         self.local: Any = None  # localworkers.LocalScripts
         self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
+        self._ns_events = 0  # graph events seen (Store.activity)
         self.server = WorkerServer(self)
         from .metrics import WorkerMetrics  # GET /metrics (worker/metrics.py)
 
@@ -174,6 +175,8 @@ class WorkerRuntime:
                              find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))
         self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files), admit=self.safe.admit)
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.state_steps = self.graph.state_steps
+        self.store.activity = lambda: self._ns_events
         self.store.on_trouble = self._on_journal_trouble
         self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
@@ -440,6 +443,7 @@ class WorkerRuntime:
         self.broadcast(codec.progress(message, status, progress, blocking))
 
     def _on_ns_event(self, event: str, src: Any = None, **data: Any) -> None:
+        self._ns_events += 1  # the graph moved: a quiet snapshot being taken starts over
         self.metrics.ns_event(event)
         if event == "after_set_value":
             self._send_value(data.get("node"), data.get("io"), data.get("result"))
