@@ -2,7 +2,9 @@
 - codec.loads (one C parse, one walk of the leaves) against its JSONDecoder (an object_hook
   that re-walks every subtree): the same values for a real saved graph and for "<NoValue>" at
   every depth, with every registered decoder, including one a node package adds at run time;
-- codec.result_text (a None reply assembled by hand) against its JSONEncoder's text."""
+- codec.result_text (a None reply assembled by hand) against its JSONEncoder's text;
+- persistence.backend_steps (its round trips through codec.loads, whole or in steps) against core's
+  serialize_nodespace_for_saving, on a graph with edges, groups, properties and unset values."""
 
 from __future__ import annotations
 
@@ -128,3 +130,31 @@ def test_a_message_skips_revive_only_when_it_cannot_hold_novalue():
     assert caught > 100  # the case that matters came up often
     assert not codec.may_hold_novalue(json.dumps({"type": "cmd", "cmd": "update_node_view",
                                                   "kwargs": {"nid": "n1", "data": {"position": {"x": 1, "y": 2}}}}))
+
+
+def test_the_snapshots_backend_is_cores_serialize_nodespace_for_saving(tmp_path):
+    from funcnodes_core.utils.saving import serialize_nodespace_for_saving
+
+    from test_journal_replay import _demo, _world
+    from worker import persistence
+
+    async def build():
+        g, _store, cmds = _world(tmp_path, asyncio.get_running_loop(), _demo(), {})
+        for i in range(12):
+            cmds.call("add_node", {"id": "demo.add" if i % 3 else "demo.text", "uuid": f"n{i}"})
+            if i % 3 == 2:
+                cmds.call("add_edge", {"src_nid": f"n{i - 1}", "src_ioid": "out", "trg_nid": f"n{i}", "trg_ioid": "a"})
+        cmds.call("set_io_value", {"nid": "n1", "ioid": "b", "value": [1, {"x": "<NoValue>"}, None, 2.5]})
+        cmds.call("set_io_value", {"nid": "n0", "ioid": "value", "value": "t\u00e9xt"})
+        cmds.call("update_node", {"nid": "n4", "data": {"name": "renamed", "properties": {"k": [1, "<NoValue>"]}}})
+        cmds.call("group_nodes", {"node_ids": ["n1", "n2"]})
+        g.nodespace.set_property("p", {"nested": [1, 2, {"z": None}]})
+        return g.nodespace
+
+    ns = asyncio.run(build())
+    core = serialize_nodespace_for_saving(ns)
+    for chunk in (0, 1, 5, 100):  # in one step, and in steps of that many nodes
+        ours = persistence.run_steps(persistence.backend_steps(ns, chunk))
+        assert ours["groups"] and ours["edges"] and ours["prop"].get("p")  # every part has content
+        assert ours == core
+        assert repr(ours) == repr(core)  # key order, NoValue as NoValue

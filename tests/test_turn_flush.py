@@ -115,3 +115,72 @@ def test_frames_of_one_turn_are_held_then_sent_together_in_order():
         loop.close()
     assert result["mid_turn"] is None
     assert _frames(result["data"])[:3] == [(0x81, b"one"), (0x82, b"\x01\x02"), (0x81, b"t" * 300)]
+
+
+def test_before_idle_runs_when_the_loop_would_wait_and_on_a_busy_loop_within_a_few_turns():
+    loop = wakeup.new_loop()
+    sel = wakeup.selector_of(loop)
+    seen = []
+
+    async def go():
+        # idle: after the turn's callbacks, before the before_sleep hooks
+        def a():
+            seen.append("a")
+            sel.before_idle.append(lambda: seen.append("idle"))
+            sel.before_sleep.append(lambda: seen.append("sleep"))
+            loop.call_soon(seen.append, "b")  # the next turn: the loop does not wait yet
+
+        loop.call_soon(a)
+        await asyncio.sleep(0.05)
+        # busy: a callback that schedules itself every turn; the hook still runs
+        turns = {"n": 0, "at": None}
+        stop = loop.create_future()
+
+        def spin():
+            turns["n"] += 1
+            if turns["at"] is None and turns["n"] < 1000:
+                loop.call_soon(spin)
+            elif not stop.done():
+                stop.set_result(None)
+
+        def hook():
+            turns["at"] = turns["n"]
+
+        sel.before_idle.append(hook)
+        loop.call_soon(spin)
+        await asyncio.wait_for(stop, 5)
+        return turns["at"]
+
+    try:
+        at = loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert seen[:4] == ["a", "sleep", "b", "idle"] or seen[:4] == ["a", "b", "idle", "sleep"], seen
+    assert at is not None and at <= wakeup.IDLE_WAIT_TURNS + 1
+
+
+def test_a_hooks_own_time_shortens_the_wait_instead_of_delaying_the_timer(monkeypatch):
+    import select as _select
+
+    waits = []
+    real = _select.select
+
+    def spy(r, w, x, timeout=None):  # still waits: only records what it was asked
+        waits.append(timeout)
+        return real(r, w, x, timeout)
+
+    monkeypatch.setattr(wakeup.select, "select", spy)
+    loop = wakeup.new_loop()
+    sel = wakeup.selector_of(loop)
+
+    async def go():
+        fired = loop.create_future()
+        loop.call_later(0.008, fired.set_result, None)
+        sel.before_sleep.append(lambda: time.sleep(0.003))  # a flush that takes 3 ms
+        await asyncio.wait_for(fired, 5)
+
+    try:
+        loop.run_until_complete(go())
+    finally:
+        loop.close()
+    assert waits and max(waits) <= 0.008 - 0.003

@@ -52,6 +52,10 @@ class Graph:
     def state(self) -> dict:
         return persistence.worker_state(self.nodespace, self.view, self.meta(), self.external_workers)
 
+    def state_steps(self, chunk: int):
+        """state() in steps of `chunk` nodes (persistence.worker_state_steps)."""
+        return persistence.worker_state_steps(self.nodespace, self.view, self.meta(), self.external_workers, chunk)
+
     def replace_state(self, state: dict) -> None:
         """Apply a client's WorkerState all or nothing: if it fails, the old graph comes back."""
         old = self.state()

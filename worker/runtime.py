@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-from . import codec, control, separate
+from . import codec, control, separate, wakeup
 from .config import ConfigError, WorkerPaths, base_dir, load_config
 from .fsutil import atomic_write, pid_alive, read_pid
 from .health import HEALTH
@@ -71,6 +71,7 @@ class WorkerRuntime:
         self.commands: Any = None
         self.local: Any = None  # localworkers.LocalScripts
         self.progress_state = {"message": "", "status": "", "progress": 0, "blocking": False}
+        self._ns_events = 0  # graph events seen (Store.activity)
         self.server = WorkerServer(self)
         from .metrics import WorkerMetrics  # GET /metrics (worker/metrics.py)
 
@@ -168,11 +169,14 @@ class WorkerRuntime:
         from .store import Store
 
         nodeio.install()  # node construction: the class's IO found once per class, not per node
+        wakeup.fine_timer_slack()  # the main loop's timers (pretrigger sleeps) end on time
         # safe mode: quarantined nodes are loaded but never run (worker/quarantine.py)
         self.safe = SafeMode(self.quarantined, broadcast=self.broadcast, to_supervisor=self._to_supervisor,
                              find_node=self._find_node, has_clients=lambda: bool(getattr(self.server, "clients", None)))
         self.graph = Graph(self._on_ns_event, files_dir=str(self.paths.files), admit=self.safe.admit)
         self.store = Store(self.paths, self.config, self.graph.state)
+        self.store.state_steps = self.graph.state_steps
+        self.store.activity = lambda: self._ns_events
         self.store.on_trouble = self._on_journal_trouble
         self.store.on_restore = lambda: self.broadcast(codec.workerevent("fullsync"))  # an edit undone
         self.metrics.watch_store(self.store)
@@ -439,6 +443,7 @@ class WorkerRuntime:
         self.broadcast(codec.progress(message, status, progress, blocking))
 
     def _on_ns_event(self, event: str, src: Any = None, **data: Any) -> None:
+        self._ns_events += 1  # the graph moved: a quiet snapshot being taken starts over
         self.metrics.ns_event(event)
         if event == "after_set_value":
             self._send_value(data.get("node"), data.get("io"), data.get("result"))
@@ -461,17 +466,18 @@ class WorkerRuntime:
         self.broadcast(msg)
 
     def _send_value(self, nid: str | None, ioid: str | None, value: Any) -> None:
-        if not self.server.clients or nid is None:
-            return
+        if self.server.clients and nid is not None:
+            self.server.post_later(self._value_frames, nid, ioid, value)  # encoded once the run step is over
+
+    def _value_frames(self, nid: str, ioid: str | None, value: Any) -> list[bytes] | None:
         try:
             payload, mime = codec.encode_bytes(value, preview=True)
         except Exception:
             log.exception("cannot encode value of %s/%s", nid, ioid)
-            return
-        frames = codec.binary_frames(
+            return None
+        return codec.binary_frames(
             {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk()
         )
-        self.server.post_frames(frames)
 
     def _track_trigger(self, nid: str | None) -> None:
         """Event-driven execution: when a run ends, start what was requested meanwhile."""

@@ -34,7 +34,7 @@ import sys
 import termios
 import threading
 import uuid
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSMsgType, web
@@ -150,8 +150,13 @@ class Client:
         self._held: list[bytes] = []
         self._held_bytes = 0
         self.watched: stallwatch.WatchedSocket | None = None  # lent to the I/O thread in a stall
+        # A main-loop client: the server's deferred events (WorkerServer.send_later) are put
+        # ahead of anything else this client gets, so frames keep the order they happened in.
+        self.events_first: Callable[[], None] | None = None
 
     def put(self, item: str | bytes | list[bytes] | None) -> None:
+        if self.events_first is not None:
+            self.events_first()
         if self.closing:
             return
         if isinstance(item, list) and len(item) == 1:
@@ -230,6 +235,8 @@ class Client:
         aborted (transport.close() would wait for a buffer the client never drains)."""
         if self.closing:
             return None
+        if self.events_first is not None:
+            self.events_first()
         self.flush()  # frames put before the drop still go ahead of the close frame
         self.closing = True
         if self._stuck_timer is not None:
@@ -346,6 +353,7 @@ class WorkerServer:
         self._commands_open = False  # main loop: set once the graph is loaded
         self._held: list[tuple] = []  # main loop: commands that came before that
         self._posts: list = []  # main loop: for the I/O thread's clients, sent at the turn's end
+        self._later: list[tuple] = []  # main loop: events to encode when it is about to wait (send_later)
         self._busy: dict[Client, collections.deque] = {}  # main loop: a client's commands behind a waiting one
         self.clients: dict[str, Client] = {}
         self.large: dict[str, list] = {}  # msg id -> [text, fetches left, expiry timer]
@@ -763,6 +771,9 @@ class WorkerServer:
             raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
         client = Client(ws, request.transport, main=self._on_main())
         client.writer = asyncio.ensure_future(client.write_loop())
+        if client.main:
+            self.send_later()  # events from before it joined go to the clients of then
+            client.events_first = self.send_later
         self.clients[client.id] = client
         # Text frames handled inside data_received (worker/wsread.py); the loop below then sees
         # only what aiohttp still reads: pings, close, binary, oversized or fragmented frames.
@@ -990,15 +1001,42 @@ class WorkerServer:
     # Called from the main loop: encode there (the NodeSpace is not thread-safe), send here.
     # A burst of events wakes the I/O thread once at most (worker/wakeup.py).
     def post_broadcast(self, msg: dict) -> None:
+        self.post_later(self._event_text, msg)
+
+    def _event_text(self, msg: dict) -> str:
+        return self._stub_if_large(codec.dumps(msg), fetches=len(self.clients))
+
+    def post_later(self, encode: Callable[..., str | list[bytes] | None], *args: Any) -> None:
+        """An event for every client, encode(*args) run when the main loop is about to wait
+        (before_idle), or sooner, before any other frame is put to a client: what a node run
+        emits is encoded off the path to the next node (stock encodes in a task started later),
+        and every client gets its frames in the order they happened."""
         if self.io is None or not self.clients:
             return
-        text = self._stub_if_large(codec.dumps(msg), fetches=len(self.clients))
-        if self._put_all(text, True) < len(self.clients):
-            self._post(text)
+        if not self._later:
+            turn = wakeup.selector_of(self.backend.loop)
+            if turn is None:  # a loop without the hook: at once
+                self._send_event(encode, args)
+                return
+            turn.before_idle.append(self.send_later)
+        self._later.append((encode, args))
 
-    def post_frames(self, frames: list[bytes]) -> None:
-        if self.io is not None and self.clients and self._put_all(frames, True) < len(self.clients):
-            self._post(frames)
+    def send_later(self) -> None:
+        """The deferred events, encoded and put to every client in order (main loop only)."""
+        if not self._later:
+            return
+        later, self._later = self._later, []  # a put below finds nothing left to put first
+        for encode, args in later:
+            self._send_event(encode, args)
+
+    def _send_event(self, encode: Callable[..., str | list[bytes] | None], args: tuple) -> None:
+        try:
+            item = encode(*args)
+        except Exception:
+            log.exception("an event could not be encoded")
+            return
+        if item is not None and self.clients and self._put_all(item, True) < len(self.clients):
+            self._post(item)
 
     def _post(self, item: str | list[bytes] | tuple) -> None:
         if self.io is None:
@@ -1007,6 +1045,7 @@ class WorkerServer:
         if turn is None:
             self._outbox.put(item)
             return
+        self.send_later()  # deferred events go first, as to the main loop's clients
         # Held to the end of the main loop's turn, as Client.put holds direct frames: an edit's
         # events reach the I/O thread's clients after its journal record is written (write_now
         # runs later in the same turn), and the I/O thread is woken once per turn, not per event.

@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 from . import journal
 from .config import WorkerPaths, write_config
@@ -52,6 +52,7 @@ DURABILITY = ("process", "fsync")
 # it: 16 KiB cut every ~40 ms at 4k edits/s (a snapshot, a rename and an fsync each time, ~5 %
 # of the worker's time); 256 KiB replays in well under 0.1 s after a crash.
 JOURNAL_MIN_BYTES = 256 << 10
+SNAPSHOT_STEP = 20  # nodes a quiet snapshot serializes per loop turn (~1 ms)
 
 
 class JournalError(OSError):
@@ -77,6 +78,12 @@ class Store:
         self.paths = paths
         self.config = config
         self.state = state  # the graph's WorkerState, taken on the main loop
+        # The same in steps (a generator of SNAPSHOT_STEP nodes per step), and a number that
+        # changes with every graph event (node runs included): a quiet snapshot is taken a step
+        # per loop turn and started again later if the number or the journal moved meanwhile.
+        self.state_steps: Callable[[int], Generator[None, None, dict]] | None = None
+        self.activity: Callable[[], int] | None = None
+        self._steps: tuple | None = None  # (generator, mark) of the quiet snapshot being taken
         self.journal_path = paths.data / "nodespace.journal"
         durability = config.get("durability") or "process"
         if durability not in DURABILITY:
@@ -448,13 +455,55 @@ class Store:
         if now + 0.001 < due:
             self._timer = self.loop.call_at(due, self._on_timer)
             return
-        self.request_snapshot()
+        forced = self._first_unjournaled is not None and due < max(self._last_change, self._last_run) + delay
+        if forced or self.state_steps is None or self.activity is None:
+            self.request_snapshot()  # save_max_wait: at once, whatever runs
+        else:
+            self._quiet_snapshot()
+
+    def _quiet_snapshot(self) -> None:
+        """The snapshot of a still graph, taken SNAPSHOT_STEP nodes per loop turn: a node run or an
+        edit that starts meanwhile waits one step (~1 ms), not the whole graph's serialization,
+        and the snapshot starts over save_delay after it (compaction only: the journal holds every
+        edit, and the size trigger and save_max_wait still force one)."""
+        if not self.enabled or self._snap_task is not None or self._steps is not None:
+            return
+        if self._pending:
+            self._write_pending()
+        self._steps = (self.state_steps(SNAPSHOT_STEP), (self.seq, self._epoch, self.activity()))
+        self.loop.call_soon(self._quiet_step)
+
+    def _quiet_step(self) -> None:
+        if self._steps is None:
+            return  # a snapshot taken at once replaced it
+        steps, mark = self._steps
+        if not self.enabled or self._snap_task is not None or mark != (self.seq, self._epoch, self.activity()):
+            self._drop_steps()
+            if self.enabled:
+                self._changed()  # the graph moved: again once it is still
+            return
+        try:
+            next(steps)
+        except StopIteration as done:
+            self._steps = None
+            self._begin_snapshot(*self._finish_take(done.value))
+            return
+        self.loop.call_soon(self._quiet_step)
+
+    def _drop_steps(self) -> None:
+        if self._steps is not None:
+            self._steps[0].close()
+            self._steps = None
 
     def request_snapshot(self) -> None:
         """Write a snapshot in the background (the state is taken now, on the main loop)."""
         if not self.enabled or self._snap_task is not None or self.loop is None:
             return
+        self._drop_steps()
         seq, _state, text = self._take()
+        self._begin_snapshot(seq, _state, text)
+
+    def _begin_snapshot(self, seq: int, _state: dict, text: bytes) -> None:
         self._tail = []
         self._snap_task = self.loop.create_task(self._background(seq, text, self._epoch))
 
@@ -487,6 +536,7 @@ class Store:
     def snapshot(self) -> dict:
         """Write a snapshot now and cut the journal (save, whole-graph verbs, a clean stop).
         On a full disk the graph goes back to what the disk holds (JournalError)."""
+        self._drop_steps()
         try:
             if self._pending:
                 self._write_pending()
@@ -508,11 +558,13 @@ class Store:
         return state
 
     def _take(self) -> tuple[int, dict, bytes]:
-        from . import persistence
-
         if self._pending:
             self._write_pending()
-        state = self.state()
+        return self._finish_take(self.state())
+
+    def _finish_take(self, state: dict) -> tuple[int, dict, bytes]:
+        from . import persistence
+
         # journal_seq belongs to this file only: replies and exports get the state without it
         on_disk = dict(state, meta=dict(state.get("meta") or {}, journal_seq=self.seq))
         self._first_unjournaled = None
