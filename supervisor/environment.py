@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Protocol
 
 MARKER_NAME = "fn-supervise-env.json"
 MARKER_SCHEMA = 1
-CORE_PACKAGES = ("funcnodes-core", "aiohttp", "prometheus-client")  # the worker's runtime deps (/metrics)
+# The worker's runtime deps (/metrics; orjson speeds the edit path, and a venv without it works).
+CORE_PACKAGES = ("funcnodes-core", "aiohttp", "prometheus-client", "orjson")
 VERIFY_IMPORTS = "import worker, funcnodes_core, aiohttp, prometheus_client"
 BUILD_FILES = ("pyproject.toml", "setup.py")
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import codec
+
 VERSION = 1
 
 # Fault injection for the crash tests: "journal:N" kills this process (SIGKILL) halfway through
@@ -117,6 +119,11 @@ _RECORD = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=
 
 
 def encode(rec: dict) -> bytes:
+    # Records hold client JSON and json_safe values: orjson writes almost all of them (2.5 ->
+    # 0.2 us per edit); the same text but for float spelling (1e16, not 1e+16), read back equal.
+    out = codec.plain_dumps(rec)
+    if out is not None:
+        return out + b"\n"
     return _RECORD.encode(rec).encode() + b"\n"
 
 

@@ -20,6 +20,9 @@ from . import codec
 
 def json_safe(value: Any) -> bool:
     """True if value is plain JSON that comes back equal (no NaN, no custom objects)."""
+    text = codec.plain_dumps(value)  # orjson's round trip where it is the stdlib's (an edit's value)
+    if text is not None:
+        return codec.plain_loads(text) == value
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
