@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import random
 
 import funcnodes_core as fn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker import codec
 
@@ -158,3 +161,67 @@ def test_the_snapshots_backend_is_cores_serialize_nodespace_for_saving(tmp_path)
         assert ours["groups"] and ours["edges"] and ours["prop"].get("p")  # every part has content
         assert ours == core
         assert repr(ours) == repr(core)  # key order, NoValue as NoValue
+
+
+# What a client or a node can put in an edit: plain JSON and its edge cases (big ints, NaN,
+# lone surrogates, non-str keys, tuples) and types JSON has no word for.
+_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.sampled_from(["\ud800", "a\udfffb", "ünï", "<NoValue>", "0" * 25, "null", 2**64, -(2**63) - 1, 10**30]),
+)
+_value = st.recursive(
+    _leaf,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4), st.tuples(kids, kids),
+        st.dictionaries(st.text(max_size=4), kids, max_size=4),
+        st.dictionaries(st.integers(0, 3), kids, max_size=2),
+        st.builds(lambda v: {"when": datetime.datetime(2026, 1, 1), "v": v}, kids),
+    ),
+    max_leaves=12,
+)
+
+
+def _stdlib_value(fn, *args):
+    try:
+        return repr(fn(*args))
+    except (TypeError, ValueError, RecursionError) as e:
+        return type(e).__name__
+
+
+@settings(max_examples=400, deadline=None)
+@given(_value, st.booleans(), st.sampled_from([None, (",", ":")]), st.integers(0, 3))
+def test_the_c_codec_gives_the_stdlibs_value_or_steps_aside(value, ascii_only, separators, cut):
+    """orjson is used on the edit path only where it gives what the stdlib gives: a parsed text is
+    the same value (ints stay ints past 64 bits, NaN stays NaN), a record or a json_safe round trip
+    is the same JSON or is left to the stdlib, which refuses what it refused before."""
+    from worker import journal, persistence
+
+    try:
+        text = json.dumps(value, ensure_ascii=ascii_only, separators=separators)
+    except TypeError:
+        text = None
+    if text is not None:
+        text = text[: len(text) - cut] if cut and len(text) > cut else text  # a torn frame too
+        assert _stdlib_value(codec.plain_loads, text) == _stdlib_value(json.loads, text), text
+
+    out = codec.plain_dumps(value)
+    try:
+        strict = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        strict = None
+    if out is not None:  # orjson wrote it: the stdlib writes it too, and it reads back the same
+        assert strict is not None and repr(json.loads(out)) == repr(json.loads(strict))
+        assert b"null" not in out
+
+    def stdlib_safe(v):
+        try:
+            return json.loads(json.dumps(v, allow_nan=False)) == v
+        except (TypeError, ValueError):
+            return False
+
+    assert persistence.json_safe(value) == stdlib_safe(value)
+
+    rec = {"seq": 1, "op": "value", "value": value}
+    stdlib_rec = _stdlib_value(lambda r: json.loads(journal._RECORD.encode(r).encode()), rec)
+    assert _stdlib_value(lambda r: json.loads(journal.encode(r)), rec) == stdlib_rec

@@ -79,19 +79,26 @@ MAX_JSON_DEPTH = 128
 
 
 # orjson answers as the stdlib does for every text it accepts, but for integers past 64 bits,
-# which it turns into floats: a text with a run of 19 digits is left to the stdlib.
-_LONG_DIGITS = re.compile(r"\d{19}")
-_LONG_DIGITS_B = re.compile(rb"\d{19}")
+# which it turns into floats: a text with a run of 19 digits is left to the stdlib (found by
+# zeroing the digits and searching for 19 zeros: 0.2 us for an edit's frame, a regex takes 1.1).
+_ZEROED = bytes.maketrans(b"123456789", b"000000000")
+_NINETEEN_DIGITS = b"0" * 19
 
 
 def plain_loads(text: str | bytes) -> Any:
-    """json.loads's value, through orjson where that is the same value (3-4x faster on an edit's
-    frame). What orjson refuses (NaN, lone surrogates, 1e400, deep nesting) the stdlib decides."""
-    if _orjson is not None and (_LONG_DIGITS if type(text) is str else _LONG_DIGITS_B).search(text) is None:
+    """json.loads's value, through orjson where that is the same value (0.6 instead of 1.5 us for
+    an edit's frame). What orjson refuses (NaN, 1e400, deep nesting, a lone surrogate, UTF-16)
+    the stdlib decides."""
+    if _orjson is not None:
         try:
-            return _orjson.loads(text)
-        except _orjson.JSONDecodeError:
-            pass
+            raw = text.encode() if type(text) is str else text
+        except UnicodeEncodeError:
+            raw = None
+        if raw is not None and raw.translate(_ZEROED).find(_NINETEEN_DIGITS) < 0:
+            try:
+                return _orjson.loads(raw)
+            except _orjson.JSONDecodeError:
+                pass
     return json.loads(text)
 
 
