@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "worker"
 
 LAYERS = [
-    {"channel", "codec", "errors", "external", "fsutil", "journal", "listener", "metrics", "packages", "peers",
+    {"channel", "codec", "errors", "external", "fsutil", "listener", "metrics", "packages", "peers",
      "plugins", "wakeup", "nodeio", "wsread", "deferred", "__init__"},
-    {"config", "control", "install", "modules", "pyproject", "stallwatch"},
+    {"config", "control", "install", "journal", "modules", "pyproject", "stallwatch"},  # journal: codec's plain_dumps
     {"tls", "separate"},  # separate: separate_process=True nodes run in a forked child
     {"persistence", "health", "transfer"},
     {"effects", "store", "localworkers", "server", "quarantine"},
