@@ -21,7 +21,8 @@ of ../shared/bench/bench_worker.py (imported from there), on the demo nodes:
   on it (no event makes it ready): time from that RPC to the node's triggerstart event
   (issue 16, defect 5; stock's NodeSpaceLoop polls for these, ours starts them from the edit)
 
-and prints a table with both figures, the ratio ours/stock and the targets of issue 2.
+and prints a table with both figures, the ratio ours/stock and the targets of issue 2 (issue 14's
+for the chain's per-node overhead and full_state).
 """
 
 from __future__ import annotations
@@ -300,9 +301,10 @@ ROWS = [
     ("200-node chain build (599 RPCs)", "s", lambda r: r["graph"]["build"]["total_s"], None),
     ("200-node chain: first input -> last output (median)", "s", lambda r: r["graph"]["exec_latency_s_median"], None),
     ("  per node", "ms", lambda r: r["graph"]["exec_latency_s_median"] / r["graph"]["nodes"] * 1000, None),
-    ("  per-node overhead beyond pretrigger delay", "ms", chain_overhead_ms, ("<=", 1 / 3)),
+    # Issue 14 set 0.5x for this row (issue 2 had asked 0.33x) and 0.2x for full_state (issue 2: 0.33x).
+    ("  per-node overhead beyond pretrigger delay", "ms", chain_overhead_ms, ("<=", 0.5)),
     ("  chain runs correct", "", lambda r: sum(1 for x in r["graph"]["exec_runs"] if x.get("ok")), None),
-    ("full_state (200 nodes) p50", "ms", lambda r: r["full_state"]["p50_ms"], ("<=", 1 / 3)),
+    ("full_state (200 nodes) p50", "ms", lambda r: r["full_state"]["p50_ms"], ("<=", 0.2)),
     ("full_state size", "bytes", lambda r: r["full_state"]["bytes"], None),
     ("5 MB POST /message/ -> stub -> GET (median)", "s", lambda r: r["large_payload"]["roundtrip_s_median"], None),
     ("pending trigger: set_default_value -> triggerstart p50", "ms", lambda r: r["pending_trigger"]["p50_ms"], None),
