@@ -106,8 +106,10 @@ def _refuse(obj: Any) -> Any:
     raise TypeError
 
 
-# Types orjson would write itself where the stdlib calls default(): handed to _refuse instead.
-_PLAIN_OPTIONS = (_orjson.OPT_PASSTHROUGH_DATACLASS | _orjson.OPT_PASSTHROUGH_DATETIME) if _orjson else 0
+# Types orjson would write itself where the stdlib calls default() (or, for a subclass of dict,
+# str, int or list, its own methods): handed to _refuse instead, so the stdlib decides.
+_PLAIN_OPTIONS = (_orjson.OPT_PASSTHROUGH_DATACLASS | _orjson.OPT_PASSTHROUGH_DATETIME
+                  | _orjson.OPT_PASSTHROUGH_SUBCLASS) if _orjson else 0
 
 
 def plain_dumps(obj: Any) -> bytes | None:
