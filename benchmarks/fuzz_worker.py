@@ -38,7 +38,7 @@ def main() -> int:
     t0 = time.monotonic()
     while time.monotonic() < end:
         rounds += 1
-        cmd = [sys.executable, "-m", "pytest", "tests/test_worker_fuzz.py", "-q", "-s", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", "tests/test_worker_fuzz.py", "-q", "-s", "-n0", "-p", "no:cacheprovider",  # -n0: its stats line
                f"--hypothesis-seed={seed}", "--timeout=3600"]
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         out = r.stdout + r.stderr
