@@ -153,6 +153,11 @@ class Client:
         # A main-loop client: the server's deferred events (WorkerServer.send_later) are put
         # ahead of anything else this client gets, so frames keep the order they happened in.
         self.events_first: Callable[[], None] | None = None
+        # Moving to the main loop (an I/O-thread connection, once the loop is free): the upgrade
+        # request to replay there; the new Client's writes wait (gate) until the old one drained.
+        self.request_head: bytes | None = None
+        self.migrating = False
+        self.gate: asyncio.Event | None = None
 
     def put(self, item: str | bytes | list[bytes] | None) -> None:
         if self.events_first is not None:
@@ -261,6 +266,8 @@ class Client:
     async def write_loop(self) -> None:
         while True:
             item = await self.queue.get()
+            if self.gate is not None and not self.gate.is_set():
+                await self.gate.wait()  # an adopted connection: the old one's frames go first
             if item is None:
                 return
             self.sending = True
@@ -292,6 +299,66 @@ class Client:
 # The main loop counts as stalled after a turn this long: new connections stay on the I/O thread.
 STALL_AFTER = 0.2
 WATCH_EVERY = 0.05  # how often the I/O thread looks for sockets handed over just before a stall
+MIGRATE_EVERY = 0.1  # how often the I/O thread looks for its connections the main loop could take
+
+
+def request_head(request: web.Request) -> bytes:
+    """The upgrade request as the client sent it (method, target, headers), to replay it."""
+    v = request.version
+    lines = [f"{request.method} {request.raw_path} HTTP/{v.major}.{v.minor}".encode("latin-1")]
+    lines += [k + b": " + val for k, val in request.raw_headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class _SkipHandshake:
+    """An adopted connection's socket while aiohttp answers the replayed upgrade: the client had
+    its 101 long ago, so that reply is dropped and the plain socket put back; any other status
+    (the token or origin no longer allowed) is dropped too and ends the adoption (fail)."""
+
+    __slots__ = ("_sock", "_transport", "_head", "_fail")
+
+    def __init__(self, sock: socket.socket, transport: Any, fail: Callable[[], None]):
+        self._sock, self._transport, self._head, self._fail = sock, transport, b"", fail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def send(self, data: Any) -> int:
+        if self._head is None:  # failed: nothing more reaches the client from here
+            return len(data)
+        self._head += bytes(data)
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            return len(data)
+        if not self._head.startswith(b"HTTP/1.1 101"):
+            self._head = None
+            asyncio.get_running_loop().call_soon(self._fail)
+            return len(data)
+        rest = self._head[end + 4:]
+        self._head = None
+        self._transport._sock = self._sock  # from here on the plain socket
+        if not rest:
+            return len(data)
+        try:
+            return len(data) - len(rest) + self._sock.send(rest)
+        except (BlockingIOError, InterruptedError):
+            return len(data) - len(rest)
+
+
+class _Adopted(asyncio.Protocol):
+    """aiohttp's handler for a connection moved from the I/O thread, for one call: in
+    connection_made (before the socket is read) the upgrade request is replayed and reading waits
+    until the new Client is in place (handle_ws)."""
+
+    def __init__(self, inner: Any, head: bytes, made: Callable[[Any], None]):
+        self.inner, self.head, self.made = inner, head, made
+
+    def connection_made(self, transport: Any) -> None:
+        transport.set_protocol(self.inner)
+        self.inner.connection_made(transport)
+        transport.pause_reading()  # until handle_ws has the new Client (or the adoption failed)
+        self.made(transport)
+        self.inner.data_received(self.head)
 
 
 def _log_failure(fut: asyncio.Future) -> None:
@@ -367,6 +434,9 @@ class WorkerServer:
         self._watch_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None  # the I/O thread's stall watch
         self._reclaim_posted = False
+        self._migrate_timer: asyncio.TimerHandle | None = None  # the I/O thread's
+        self._adopting: dict[Any, Client] = {}  # main loop: new transport -> the I/O-thread Client it replaces
+        self.migrated = 0  # connections moved from the I/O thread to the main loop
         self._large_lock = threading.RLock()  # both loops stage and fetch large messages
         self.host = ""
         self.port = 0
@@ -515,6 +585,107 @@ class WorkerServer:
             return
         self._serve(self.backend.loop, self.main_runner, conn)
 
+    # A connection the I/O thread serves (it came while the graph loaded, node code ran or the
+    # loop was held) moves to the main loop once that loop is free and the connection is at
+    # rest: nothing in flight, queued, half read or half written. The I/O thread pauses it and
+    # hands a dup of its socket over; the main loop replays the upgrade request into its own
+    # aiohttp (the 101 it writes is dropped: _SkipHandshake), then takes the client's place:
+    # the old Client leaves after every frame posted for it, the new one writes after that.
+    def _arm_migrate(self) -> None:  # the I/O thread
+        if self._migrate_timer is None and self.io is not None and self._accept_sock is not None:
+            self._migrate_timer = self.io.loop.call_later(MIGRATE_EVERY, self._migrate_tick)
+
+    def _migrate_tick(self) -> None:  # the I/O thread
+        self._migrate_timer = None
+        mine = [c for c in list(self.clients.values()) if not c.main and c.request_head is not None]
+        if not mine:
+            return
+        if self.main_runner is not None and self._main_takes_new():
+            for c in mine:
+                if self._at_rest(c):
+                    self._begin_migration(c)
+        self._arm_migrate()
+
+    def _at_rest(self, c: Client) -> bool:  # the I/O thread
+        t = c.transport
+        if (c.migrating or c.closing or c.in_flight or c.sending or not c.queue.empty() or c._held
+                or t is None or t.is_closing() or t.get_write_buffer_size()
+                or type(getattr(t, "_sock", None)) is not socket.socket):
+            return False
+        tap = self._tap_of(c)
+        return tap is not None and tap.idle and not tap._buf and not tap._owed and not tap.held()
+
+    def _begin_migration(self, c: Client) -> None:  # the I/O thread
+        c.transport.pause_reading()  # whatever the client sends next waits in the kernel
+        try:
+            sock = c.transport._sock.dup()
+        except OSError:
+            c.transport.resume_reading()
+            return
+        c.migrating = True
+        self.backend.loop.call_soon_threadsafe(self._adopt, c, sock)
+
+    def _adopt(self, c: Client, sock: socket.socket) -> None:  # the main loop
+        runner = self.main_runner
+        if runner is None or c.id not in self.clients:
+            sock.close()
+            self.io.loop.call_soon_threadsafe(self._migration_failed, c)
+            return
+        loop = self.backend.loop
+
+        def made(transport: Any) -> None:
+            self._adopting[transport] = c
+            transport._sock = _SkipHandshake(transport._sock, transport, lambda: fail(transport))
+
+        def fail(transport: Any) -> None:
+            if self._adopting.pop(transport, None) is not None or not transport.is_closing():
+                transport.abort()  # the dup only: the connection stays with the old Client
+                self.io.loop.call_soon_threadsafe(self._migration_failed, c)
+
+        fut = asyncio.ensure_future(
+            loop.connect_accepted_socket(lambda: _Adopted(runner.server(), c.request_head, made), sock), loop=loop)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                sock.close()
+                self.io.loop.call_soon_threadsafe(self._migration_failed, c)
+
+        fut.add_done_callback(done)
+
+    def _migration_failed(self, c: Client) -> None:  # the I/O thread: the old Client serves on
+        c.migrating = False
+        c.request_head = None  # not tried again
+        if c.transport is not None and not c.transport.is_closing():
+            c.transport.resume_reading()
+
+    def _retire(self, old: Client, new: Client) -> None:  # the I/O thread
+        self.clients.pop(old.id, None)
+        old.flush()
+        deadline = self.io.loop.time() + SEND_TIMEOUT
+
+        def drained() -> None:
+            t = old.transport
+            if not t.is_closing() and (old.sending or not old.queue.empty() or t.get_write_buffer_size()):
+                if self.io.loop.time() < deadline:
+                    self.io.loop.call_later(0.002, drained)
+                    return
+                log.warning("client %s too slow (its frames did not drain while it moved), closing", old.id)
+                self.backend.loop.call_soon_threadsafe(new.drop, 1013, b"client too slow")
+            old.closing = True
+            t.abort()  # closes the old descriptor only: the connection lives on in the new one's
+            self.backend.loop.call_soon_threadsafe(self._release, new)
+
+        drained()
+
+    def _release(self, new: Client) -> None:  # the main loop
+        new.direct = not new.ws.compress
+        if new.gate is not None:
+            new.gate.set()
+        if not new.closing:
+            self._watch_stall(new)
+    # endregion
+
+    # region stall watch
     # The main loop's own connections, while one of its turns runs long (a node blocking it): the
     # I/O thread borrows their plain sockets and answers pings and FAST_COMMANDS on them
     # (worker/stallwatch.py); the main loop takes them back before it reads again (_reclaim, at
@@ -770,15 +941,28 @@ class WorkerServer:
             log.debug("client %s hung up during the WebSocket handshake (%s)", request.remote, e)
             raise web.HTTPBadRequest() from None  # nobody to read it; aiohttp just closes
         client = Client(ws, request.transport, main=self._on_main())
+        old = self._adopting.pop(request.transport, None) if client.main and self._adopting else None
+        if old is not None:  # moved from the I/O thread: writes wait until the old Client drained
+            client.gate, client.direct = asyncio.Event(), False
         client.writer = asyncio.ensure_future(client.write_loop())
         if client.main:
             self.send_later()  # events from before it joined go to the clients of then
             client.events_first = self.send_later
+        elif self.ssl_context is None and client.direct:
+            client.request_head = request_head(request)  # moved to the main loop once it is free
+            self._arm_migrate()
         self.clients[client.id] = client
         # Text frames handled inside data_received (worker/wsread.py); the loop below then sees
         # only what aiohttp still reads: pings, close, binary, oversized or fragmented frames.
         if wsread.install(ws, request.protocol, lambda text: self.on_frame(client, text), self.max_msg) and client.main:
-            self._watch_stall(client)
+            if old is None:
+                self._watch_stall(client)
+        if old is not None:
+            # The old Client leaves after every frame queued for it (the I/O thread keeps the
+            # order of the outbox), then this one writes and reads.
+            self._post(("retire", old, client))
+            self.migrated += 1
+            request.transport.resume_reading()
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
@@ -1060,6 +1244,9 @@ class WorkerServer:
                 self._outbox.put(item)
 
     def _on_outgoing(self, item: str | list[bytes] | tuple) -> None:  # the I/O thread
+        if isinstance(item, tuple) and item[0] == "retire":
+            self._retire(item[1], item[2])
+            return
         if isinstance(item, tuple):  # ("reply", client, reply, msg_id): in order with the events
             _, client, out, msg_id = item
             client.in_flight -= 1
@@ -1146,7 +1333,9 @@ class WorkerServer:
         if (token_ok or not self.token()) and self.peers.verdict(request.transport, "/", token_ok).allowed:
             body.update(clients=len(self.clients), journal=journal,
                         staged_messages=len(self.large), staged_bytes=self.large_bytes,
-                        stall_watched=sum(1 for c in list(self.clients.values()) if c.watched is not None))
+                        stall_watched=sum(1 for c in list(self.clients.values()) if c.watched is not None),
+                        main_loop_clients=sum(1 for c in list(self.clients.values()) if c.main),
+                        migrated=self.migrated)
         return web.json_response(body)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
