@@ -437,6 +437,7 @@ class WorkerServer:
         self._migrate_timer: asyncio.TimerHandle | None = None  # the I/O thread's
         self._adopting: dict[Any, Client] = {}  # main loop: new transport -> the I/O-thread Client it replaces
         self.migrated = 0  # connections moved from the I/O thread to the main loop
+        self._moves = 0  # the I/O thread's: moves begun and not yet ended (retired or failed)
         self._large_lock = threading.RLock()  # both loops stage and fetch large messages
         self.host = ""
         self.port = 0
@@ -623,6 +624,7 @@ class WorkerServer:
             c.transport.resume_reading()
             return
         c.migrating = True
+        self._moves += 1
         self.backend.loop.call_soon_threadsafe(self._adopt, c, sock)
 
     def _adopt(self, c: Client, sock: socket.socket) -> None:  # the main loop
@@ -653,6 +655,9 @@ class WorkerServer:
         fut.add_done_callback(done)
 
     def _migration_failed(self, c: Client) -> None:  # the I/O thread: the old Client serves on
+        if not c.migrating:
+            return  # told twice (the dup's transport failed after its handshake did)
+        self._moves -= 1
         c.migrating = False
         c.request_head = None  # not tried again
         if c.transport is not None and not c.transport.is_closing():
@@ -673,6 +678,7 @@ class WorkerServer:
                 self.backend.loop.call_soon_threadsafe(new.drop, 1013, b"client too slow")
             old.closing = True
             t.abort()  # closes the old descriptor only: the connection lives on in the new one's
+            self._moves -= 1
             self.backend.loop.call_soon_threadsafe(self._release, new)
 
         drained()
@@ -1111,8 +1117,13 @@ class WorkerServer:
         """To every client, from either loop: each loop writes to its own clients only."""
         if not self.clients:
             return
-        text = self._stub_if_large(text, fetches=len(self.clients))
         main = self._on_main()
+        if not main and self._moves:
+            # A connection is moving to the main loop: there this broadcast falls on one side of
+            # the swap of its Clients, so the connection gets it once (from the old or the new).
+            self.backend.loop.call_soon_threadsafe(self.broadcast_text, text)
+            return
+        text = self._stub_if_large(text, fetches=len(self.clients))
         if self._put_all(text, main) < len(self.clients):
             if main:
                 self._post(text)
