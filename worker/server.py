@@ -344,6 +344,9 @@ class _SkipHandshake:
         except (BlockingIOError, InterruptedError):
             return len(data) - len(rest)
 
+    def sendmsg(self, buffers: Any, *args: Any) -> int:  # asyncio 3.12+ (writelines)
+        return self.send(b"".join(bytes(b) for b in buffers))
+
 
 class _Adopted(asyncio.Protocol):
     """aiohttp's handler for a connection moved from the I/O thread, for one call: in
