@@ -23,9 +23,14 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_SESSION_CFG = tempfile.mkdtemp(prefix="fn-supervise-tests-")
+# Made once, by the process that started the session; its xdist workers and any helper process
+# that imports this module reuse it (a helper killed by a test would never remove its own).
+_SESSION_CFG = os.environ.get("FN_SUPERVISE_TEST_SESSION_CFG", "")
+if not _SESSION_CFG or not os.path.isdir(_SESSION_CFG):
+    _SESSION_CFG = tempfile.mkdtemp(prefix="fn-supervise-tests-")
+    os.environ["FN_SUPERVISE_TEST_SESSION_CFG"] = _SESSION_CFG
+    atexit.register(shutil.rmtree, _SESSION_CFG, True)
 os.environ["FUNCNODES_CONFIG_DIR"] = _SESSION_CFG
-atexit.register(shutil.rmtree, _SESSION_CFG, True)
 
 
 def poll_until(cond, timeout: float, interval: float = 0.02, what: str = "condition"):
