@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("FUNCNODES_CONFIG_DIR", tempfile.mkdtemp(prefix="bench-separate-"))
+if "FUNCNODES_CONFIG_DIR" not in os.environ:  # funcnodes-core writes there at import: ours, removed at exit
+    os.environ["FUNCNODES_CONFIG_DIR"] = tempfile.mkdtemp(prefix="bench-separate-")
+    atexit.register(shutil.rmtree, os.environ["FUNCNODES_CONFIG_DIR"], True)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
