@@ -42,6 +42,17 @@ def events(c: RawWS) -> list[tuple]:
     return [(d["event"], json.dumps(d.get("data"), sort_keys=True)) for d in c.texts() if d.get("type") == "nsevent"]
 
 
+def added(uuid: str):
+    return lambda op, p: (op == 0x1 and json.loads(p).get("event") == "node_added"
+                          and uuid in json.dumps(json.loads(p).get("data")))
+
+
+def events_through(c: RawWS, marker: tuple) -> list[tuple]:
+    """c's events up to and including marker (events after it may still be on their way)."""
+    ev = events(c)
+    return ev[:ev.index(marker) + 1]
+
+
 def test_a_connection_from_a_block_moves_to_the_main_loop_and_keeps_its_stream(config_dir, port):
     write_config(config_dir, "mig")
     w = WorkerProc(config_dir, "mig", port).wait_ready()
@@ -71,10 +82,11 @@ def test_a_connection_from_a_block_moves_to_the_main_loop_and_keeps_its_stream(c
                     await b.send(b.text_frame({"type": "cmd", "cmd": "add_node", "id": "b-add",
                                                "kwargs": {"id": "demo.add", "uuid": "n1"}}))
                     await b.until(reply_to("b-add"), 10, "b's add_node")
-                    await a.until(lambda op, p: op == 0x1 and json.loads(p).get("event") == "node_added", 10, "a sees it")
                     assert ids(b, "b-")[1:] == [f"b-{i}" for i in range(30)] + ["b-add"]
-                    await b.until(lambda op, p: op == 0x1 and json.loads(p).get("event") == "node_added", 10, "b sees it")
-                    assert events(a)[n0a:] == events(b)[n0b:]
+                    await a.until(added("n1"), 10, "a sees the node")
+                    await b.until(added("n1"), 10, "b sees the node")
+                    marker = next(e for e in events(b)[n0b:] if e[0] == "node_added")
+                    assert events_through(a, marker)[n0a:] == events_through(b, marker)[n0b:]
                     await b.send(b.frame(0x9, b"still?"))
                     await b.until(lambda op, p: op == 0xA and p == b"still?", 5, "pong after the move")
         run(go())
@@ -133,11 +145,16 @@ def test_random_moves_under_a_stream_of_edits_lose_and_reorder_nothing(config_di
                         await c.until(reply_to(last), 15, f"{name}'s last reply")
                         got = ids(c, name + "-")
                         assert got == sent[name], (seed, name, len(got), len(sent[name]))
-                    # every client saw the events of the time all of them were connected alike
-                    await asyncio.sleep(0.3)
-                    tails = [events(c) for _, c in clients]
+                    # every client saw the events of the time all of them were connected alike:
+                    # up to a node added last, which every client must see after all the others
+                    await a.send(a.text_frame({"type": "cmd", "cmd": "add_node", "id": "end",
+                                               "kwargs": {"id": "demo.add", "uuid": "endmark"}}))
+                    for name, c in clients:
+                        await c.until(added("endmark"), 15, f"{name} sees the last node")
+                    marker = next(e for e in events(clients[0][1]) if e[0] == "node_added" and "endmark" in e[1])
+                    tails = [events_through(c, marker) for _, c in clients]
                     shortest = min(len(t) for t in tails)
-                    assert shortest > 0
+                    assert shortest > 1
                     assert all(t[-shortest:] == tails[0][-shortest:] for t in tails), seed
                 finally:
                     for _, c in clients:

@@ -313,14 +313,15 @@ def _encodable(s: str) -> bool:
 _HEADS: dict[tuple, str] = {}
 
 
-def binary_frames(header: dict[str, Any], payload: bytes, max_size: int) -> list[bytes]:
-    """Frames `chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<payload part>`."""
+def binary_frames(header: dict[str, Any], payload: bytes, max_size: int, repeats: bool = False) -> list[bytes]:
+    """Frames `chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<payload part>`. repeats: the header
+    comes again and again (a value frame's: node, io, mime), so its text is kept."""
     msgid = _msgid()
-    key = tuple(header.items()) if header.get("type") == "io_value" else None
-    head = _HEADS.get(key) if key is not None else None
+    key = tuple(header.items()) if repeats else None
+    head = _HEADS.get(key) if repeats else None
     if head is None:
         head = "; ".join([f"{k}={_header_value(v)}" for k, v in header.items()])
-        if key is not None:  # a value frame's header repeats per input: node, io, mime, type, preview
+        if repeats:
             if len(_HEADS) >= 4096:
                 _HEADS.clear()
             _HEADS[key] = head

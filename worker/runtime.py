@@ -476,7 +476,8 @@ class WorkerRuntime:
             log.exception("cannot encode value of %s/%s", nid, ioid)
             return None
         return codec.binary_frames(
-            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk()
+            {"node": nid, "io": ioid, "mime": mime, "type": "io_value", "preview": 1}, payload, self.binary_chunk(),
+            repeats=True,
         )
 
     def _track_trigger(self, nid: str | None) -> None:

@@ -643,9 +643,9 @@ class WorkerServer:
             transport._sock = _SkipHandshake(transport._sock, transport, lambda: fail(transport))
 
         def fail(transport: Any) -> None:
-            if self._adopting.pop(transport, None) is not None or not transport.is_closing():
-                transport.abort()  # the dup only: the connection stays with the old Client
-                self.io.loop.call_soon_threadsafe(self._migration_failed, c)
+            self._adopting.pop(transport, None)
+            transport.abort()  # the dup only: the connection stays with the old Client
+            self.io.loop.call_soon_threadsafe(self._migration_failed, c)
 
         fut = asyncio.ensure_future(
             loop.connect_accepted_socket(lambda: _Adopted(runner.server(), c.request_head, made), sock), loop=loop)
