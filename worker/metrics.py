@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker (prometheus_client), served at GET /metrics (server.py).
 
 Each worker has a registry of its own (never the library's global one: tests and the host run
-several in one process). Counting happens at three seams of the runtime: `rpc` from
+several in one process), built at the first scrape: until then every figure is a plain number
+here, so a start (the fork server's preload, a lone worker) does not import prometheus_client. Counting happens at three seams of the runtime: `rpc` from
 runtime.execute, `ns_event` from the nodespace event hook, `watch_store` once the journal
 exists (it times the Store's append and fdatasync here, so store.py stays as it is).
 
@@ -28,24 +29,14 @@ Names (base units, `_total` counters):
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from bisect import bisect_left
-from importlib import metadata
 from typing import Any
-
-try:  # a worker venv built before prometheus-client was a core package lacks it: no metrics, no failure
-    from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
-                                   generate_latest)
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-    from prometheus_client.utils import floatToGoString
-    from prometheus_client.gc_collector import GCCollector
-    from prometheus_client.platform_collector import PlatformCollector
-    from prometheus_client.process_collector import ProcessCollector
-except ImportError:  # pragma: no cover - depends on the environment
-    CollectorRegistry = None  # type: ignore[assignment,misc]
 
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 IO_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+NOT_INSTALLED = b"# prometheus_client is not installed in this worker's environment\n"
 
 
 class Tally:
@@ -67,6 +58,8 @@ class Tally:
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
+        from prometheus_client.utils import floatToGoString  # noqa: PLC0415 (scrape time only)
+
         out, total = [], 0
         for bound, n in zip(self.bounds, self.counts):
             total += n
@@ -76,6 +69,8 @@ class Tally:
 
 
 def version(dist: str) -> str:
+    from importlib import metadata  # noqa: PLC0415 (scrape time only)
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -83,34 +78,28 @@ def version(dist: str) -> str:
 
 
 class WorkerMetrics:
+    """Counts in plain numbers from the worker's start; prometheus_client is imported, and the
+    registry with its standard collectors built, at the first scrape. A worker that is never
+    scraped never pays for them: ~7 ms of import in every start (the fork server's preload or a
+    lone worker's) and ~2.5 ms building the collectors."""
+
     def __init__(self, rt: Any):
         self.rt = rt
         self.public = bool((getattr(rt, "config", None) or {}).get("metrics_public"))
-        self.enabled = CollectorRegistry is not None
-        self._rpc_children: dict[tuple[str, bool], tuple] = {}
-        if not self.enabled:
-            return
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
-        info = Gauge("fn_worker_build_info", "fn-supervise worker build (always 1)",
-                     ["version", "python", "funcnodes_core"], registry=r)
-        info.labels(version("fn-supervise"), sys.version.split()[0], version("funcnodes-core")).set(1)
+        self.registry: Any = None  # built by render()
+        self._build = threading.Lock()  # /metrics may be served by the I/O thread and the main loop
+        self.created = time.time()
         # RPCs and journal appends are counted per edit: plain numbers, exported by _Live.
+        self._rpc_children: dict[tuple[str, bool], tuple] = {}
         self.rpc_counts: dict[tuple[str, str], list] = {}  # (label, outcome) -> [count, created]
         self.rpc_seconds: dict[str, Tally] = {}  # label -> latency
         self.journal_write = Tally(IO_BUCKETS)
-        self.node_runs = Counter("fn_worker_node_runs", "node triggers started", registry=r)
-        self.node_errors = Counter("fn_worker_node_errors", "node errors", registry=r)
-        self.journal_fsync = Histogram("fn_worker_journal_fsync_seconds", "journal fdatasync time",
-                                       buckets=IO_BUCKETS, registry=r)
-        self.memory_warnings = Counter("fn_worker_memory_warnings", "times the worker's process group passed "
-                                       "80 % of its memory_max (the supervisor's watch)", registry=r)
-        self.memory_bytes = Gauge("fn_worker_memory_bytes", "the process group's memory at the supervisor's last "
-                                  "memory_max report", registry=r)
-        self.memory_limit = Gauge("fn_worker_memory_limit_bytes", "memory_max (0: no report yet)", registry=r)
-        r.register(_Live(rt, self))
+        self.journal_fsync = Tally(IO_BUCKETS)
+        self.node_runs = 0
+        self.node_errors = 0
+        self.memory_warnings = 0
+        self.memory_bytes = 0.0
+        self.memory_limit = 0.0
 
     # region counting seams
     def command_label(self, cmd: str) -> str:
@@ -118,8 +107,6 @@ class WorkerMetrics:
         return cmd if isinstance(known, dict) and cmd in known else "other"  # bounded label set
 
     def rpc(self, cmd: str, started: float, ok: bool) -> None:
-        if not self.enabled:
-            return
         children = self._rpc_children.get((cmd, ok))
         if children is None:
             label = self.command_label(cmd)
@@ -137,25 +124,19 @@ class WorkerMetrics:
         children[1].observe(time.perf_counter() - started)
 
     def ns_event(self, event: str) -> None:
-        if not self.enabled:
-            return
         if event in ("triggerstart", "triggerfast"):
-            self.node_runs.inc()
+            self.node_runs += 1
         elif event in ("node_trigger_error", "node_error"):
-            self.node_errors.inc()
+            self.node_errors += 1
 
     def memory(self, report: dict) -> None:
-        if not self.enabled:
-            return
         if report.get("level") == "warn":
-            self.memory_warnings.inc()
-        self.memory_bytes.set(float(report.get("rss") or 0))
-        self.memory_limit.set(float(report.get("limit") or 0))
+            self.memory_warnings += 1
+        self.memory_bytes = float(report.get("rss") or 0)
+        self.memory_limit = float(report.get("limit") or 0)
 
     def watch_store(self, store: Any) -> None:
         """Time the Store's journal append and fdatasync (instance wrappers, store.py unchanged)."""
-        if not self.enabled:
-            return
         write, sync = getattr(store, "_write_pending", None), getattr(store, "_sync_once", None)
         if write is not None:
             def timed_write(*a: Any, **kw: Any) -> Any:
@@ -176,9 +157,30 @@ class WorkerMetrics:
     # endregion
 
     def render(self) -> tuple[bytes, str]:
-        if not self.enabled:
-            return b"# prometheus_client is not installed in this worker's environment\n", "text/plain; charset=utf-8"
+        try:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+        except ImportError:  # a worker venv built before prometheus-client was a core package
+            return NOT_INSTALLED, "text/plain; charset=utf-8"
+        with self._build:
+            if self.registry is None:
+                self.registry = self._registry()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def _registry(self) -> Any:
+        from prometheus_client import CollectorRegistry, Gauge  # noqa: PLC0415
+        from prometheus_client.gc_collector import GCCollector  # noqa: PLC0415
+        from prometheus_client.platform_collector import PlatformCollector  # noqa: PLC0415
+        from prometheus_client.process_collector import ProcessCollector  # noqa: PLC0415
+
+        r = CollectorRegistry(auto_describe=True)  # the worker's own, never the library's global one
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        info = Gauge("fn_worker_build_info", "fn-supervise worker build (always 1)",
+                     ["version", "python", "funcnodes_core"], registry=r)
+        info.labels(version("fn-supervise"), sys.version.split()[0], version("funcnodes-core")).set(1)
+        r.register(_Live(self.rt, self))
+        return r
 
 
 class _Live:
@@ -192,6 +194,8 @@ class _Live:
         return []
 
     def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
         m = self.metrics
         rpcs = CounterMetricFamily("fn_worker_rpcs", "RPC commands handled", labels=["command", "outcome"])
         for (label, outcome), (n, created) in list(m.rpc_counts.items()):
@@ -200,6 +204,16 @@ class _Live:
         yield self._histogram("fn_worker_rpc_duration_seconds", "RPC command time, journal flush included",
                               list(m.rpc_seconds.items()), ["command"])
         yield self._histogram("fn_worker_journal_write_seconds", "journal append time", [(None, m.journal_write)])
+        yield self._histogram("fn_worker_journal_fsync_seconds", "journal fdatasync time", [(None, m.journal_fsync)])
+        yield CounterMetricFamily("fn_worker_node_runs", "node triggers started", value=float(m.node_runs),
+                                  created=m.created)
+        yield CounterMetricFamily("fn_worker_node_errors", "node errors", value=float(m.node_errors), created=m.created)
+        yield CounterMetricFamily("fn_worker_memory_warnings", "times the worker's process group passed 80 % of its "
+                                  "memory_max (the supervisor's watch)", value=float(m.memory_warnings),
+                                  created=m.created)
+        yield GaugeMetricFamily("fn_worker_memory_bytes", "the process group's memory at the supervisor's last "
+                                "memory_max report", value=m.memory_bytes)
+        yield GaugeMetricFamily("fn_worker_memory_limit_bytes", "memory_max (0: no report yet)", value=m.memory_limit)
         rt = self.rt
         yield GaugeMetricFamily("fn_worker_ready", "1 once the graph is loaded and served",
                                 value=1.0 if getattr(rt, "ready", False) else 0.0)
@@ -222,6 +236,8 @@ class _Live:
 
     @staticmethod
     def _histogram(name: str, doc: str, tallies: list, labels: list[str] | None = None):
+        from prometheus_client.core import HistogramMetricFamily  # noqa: PLC0415
+
         fam = HistogramMetricFamily(name, doc, labels=labels)
         for label, tally in tallies:
             fam.add_metric([label] if labels else [], tally.buckets(), tally.sum)
