@@ -194,7 +194,8 @@ def run_ours(mode: str, n: int, base: Path, marker: str, args) -> tuple[list[sub
     names = []
     for port in ports:
         p = create_worker(base, host="127.0.0.1", port=port, no_venv=True)
-        p.update_config(autostart="unless-stopped", heartbeat_interval=1.0)
+        extra = {"sidecars": {"discovery": False, "monitor": False}} if getattr(args, "no_sidecars", False) else {}
+        p.update_config(autostart="unless-stopped", heartbeat_interval=1.0, **extra)
         names.append(p.name)
     env = base_env(marker, base)
     out = open(base / f"{mode}.out", "ab")
@@ -322,13 +323,16 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=10.0, help="seconds after all answer, before measuring")
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds for all N to answer")
     ap.add_argument("--detail", action="store_true", help="print every process's memory")
+    ap.add_argument("--no-sidecars", action="store_true",
+                    help="per-worker units without their sidecar process (discovery and monitor off): what it costs")
     ap.add_argument("--no-bytecode", dest="bytecode", action="store_false",
                     help="keep PYTHONDONTWRITEBYTECODE if set: every start compiles every module it cannot find cached")
     args = ap.parse_args()
     ns = [int(x) for x in args.n.split(",") if x]
     modes = [m for m in args.modes.split(",") if m]
     print(f"bench_host: N={ns} modes={modes} idle={args.idle:g}s; {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+          f"load {os.getloadavg()[0]:.2f}{'; per-worker units without sidecars' if args.no_sidecars else ''}",
+          flush=True)
     if args.bytecode:
         # An installed package has its .pyc files; with PYTHONDONTWRITEBYTECODE (set on this host)
         # a source checkout compiles every module of ours at every start, N times per round, while
