@@ -2,9 +2,10 @@
 
 Each worker has a registry of its own (never the library's global one: tests and the host run
 several in one process), built at the first scrape: until then every figure is a plain number
-here, so a start (the fork server's preload, a lone worker) does not import prometheus_client. Counting happens at three seams of the runtime: `rpc` from
-runtime.execute, `ns_event` from the nodespace event hook, `watch_store` once the journal
-exists (it times the Store's append and fdatasync here, so store.py stays as it is).
+here, so a start (the fork server's preload, a lone worker) does not import prometheus_client.
+Counting happens at three seams of the runtime: `rpc` from runtime.execute, `ns_event` from the
+nodespace event hook, `watch_store` once the journal exists (it times the Store's append and
+fdatasync here, so store.py stays as it is).
 
 Names (base units, `_total` counters):
   fn_worker_build_info{version,python,funcnodes_core}       1
