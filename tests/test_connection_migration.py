@@ -63,8 +63,7 @@ def test_a_connection_from_a_block_moves_to_the_main_loop_and_keeps_its_stream(c
                                            "kwargs": {"id": "demo.block", "uuid": "blk"}}))
                 await a.until(reply_to("a"), 10, "add_node")
                 await a.until(event("triggerdone"), 10, "the first run")
-                await start_block(a, 3.0, "s")
-                await asyncio.sleep(0.4)  # the main loop counts as stalled: b goes to the I/O thread
+                await start_block(a, 3.0, "s")  # a node runs from its triggerstart: b goes to the I/O thread
                 async with RawWS(w.port) as b:
                     await b.send(b.text_frame({"type": "cmd", "cmd": "uuid", "id": "b-u"}))
                     await b.until(reply_to("b-u"), 5, "uuid during the block")
@@ -126,7 +125,7 @@ def test_random_moves_under_a_stream_of_edits_lose_and_reorder_nothing(config_di
                 clients, tasks, sent, stop = [], [], {}, asyncio.Event()
                 for rnd in range(3):
                     await start_block(a, rng.uniform(0.6, 1.2), f"s{rnd}")
-                    await asyncio.sleep(rng.uniform(0.25, 0.5))  # stalled: new ones go to the I/O thread
+                    await asyncio.sleep(rng.uniform(0.25, 0.5))  # join at a random moment of the block (I/O thread)
                     for k in range(rng.randint(1, 2)):
                         name = f"r{rnd}c{k}"
                         c = await RawWS(w.port).__aenter__()
@@ -136,7 +135,7 @@ def test_random_moves_under_a_stream_of_edits_lose_and_reorder_nothing(config_di
                     await a.until(event("triggerdone"), 10, "the block's end")
                     await asyncio.sleep(rng.uniform(0.05, 0.4))
                 await until_health(w, lambda h: h["migrated"] >= len(clients), 15, "every client moved")
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # pacing, not a wait: every client edits on the main loop a while too
                 stop.set()
                 await asyncio.gather(*tasks)
                 try:

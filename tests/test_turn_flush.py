@@ -164,7 +164,7 @@ def test_a_hooks_own_time_shortens_the_wait_instead_of_delaying_the_timer(monkey
     (a 3 ms flush before an 8 ms timer leaves a wait of <= 5 ms, not 8). Checked against the times
     each turn actually saw, so a loaded host that stretches the hook itself proves nothing wrong;
     a turn whose hook ended before the deadline must have waited, and only until it."""
-    cls = type(wakeup.selector_of(wakeup.new_loop()))
+    cls = wakeup.WakingSelector
     turns = []  # per sleeping turn: [entered, asked timeout, hook ended, wait asked or None]
     real_select, real_precise = cls.select, cls._select_precisely
 

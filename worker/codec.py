@@ -313,18 +313,23 @@ def _encodable(s: str) -> bool:
 _HEADS: dict[tuple, str] = {}
 
 
+def _head_text(header: dict[str, Any]) -> str:
+    return "; ".join([f"{k}={_header_value(v)}" for k, v in header.items()])
+
+
 def binary_frames(header: dict[str, Any], payload: bytes, max_size: int, repeats: bool = False) -> list[bytes]:
     """Frames `chunk=i/n;msgid=<uuid>;k=v; k=v\\r\\n\\r\\n<payload part>`. repeats: the header
     comes again and again (a value frame's: node, io, mime), so its text is kept."""
     msgid = _msgid()
-    key = tuple(header.items()) if repeats else None
-    head = _HEADS.get(key) if repeats else None
-    if head is None:
-        head = "; ".join([f"{k}={_header_value(v)}" for k, v in header.items()])
-        if repeats:
-            if len(_HEADS) >= 4096:
+    if repeats:
+        key = tuple(header.items())
+        head = _HEADS.get(key)
+        if head is None:
+            if len(_HEADS) >= 4096:  # bounded: a graph's (node, io, mime) triples, not a stream's
                 _HEADS.clear()
-            _HEADS[key] = head
+            head = _HEADS[key] = _head_text(header)
+    else:
+        head = _head_text(header)
     single = f"chunk=1/1;msgid={msgid};{head}\r\n\r\n".encode()
     chunk = max(1, max_size - len(single) - 6)  # room for the widest "chunk=0000/0000"
     if len(payload) <= chunk:  # one frame: every value under the chunk size (all, by default)
